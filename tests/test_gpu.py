@@ -1,0 +1,83 @@
+"""Fast paths against their references on the GPU in use. Skipped where there is no CUDA GPU (or no fla)."""
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _has_fla() -> bool:
+    try:
+        import fla  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+needs_fla = pytest.mark.skipif(not (torch.cuda.is_available() and _has_fla()), reason="needs CUDA and fla")
+
+
+def model_config(**kw) -> tg.ModelConfig:
+    cfg = tg.Config(**kw)
+    return tg.ModelConfig.from_config(cfg)
+
+
+@needs_fla
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("T", [2048, 333])
+def test_fla_matches_float64_reference(head_dim, T):
+    mc = model_config(gdn_heads=512 // head_dim, gdn_head_dim=head_dim)
+    errs, lifted = tg.guarded_gdn_kernel_errors(mc, T)
+    print(f"head_dim={head_dim} T={T} guard_lifted={lifted} " + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
+    assert all(v <= 2e-2 for v in errs.values()), errs
+
+
+@needs_fla
+def test_custom_op_registration_passes_opcheck():
+    mc = model_config(gdn_heads=4, gdn_head_dim=64)
+    q, k, v, g, beta = tg._gdn_check_inputs(mc, 1, 128, torch.device("cuda"), 0)
+    args = [t.requires_grad_(True) for t in (q, k, v, g, beta)] + [0.125]
+    with tg.fla_hopper_guard_lifted(True):
+        torch.library.opcheck(tg._gdn_fwd_op, args, test_utils=("test_schema", "test_faketensor",
+                                                                "test_autograd_registration"))
+
+
+@cuda
+@pytest.mark.parametrize("backend", ["varlen", "fa3"])
+def test_attention_backend_matches_reference(backend):
+    if backend == "varlen" and not tg._varlen_has_window():
+        pytest.skip("this torch has no windowed varlen_attn")
+    if backend == "fa3":
+        pytest.importorskip("flash_attn_interface")
+    mc = model_config()
+    errs = tg.attention_kernel_errors(mc, backend, 2048, torch.device("cuda"))
+    print(backend, errs)
+    assert all(v <= 2e-2 for v in errs.values()), errs
+
+
+@needs_fla
+def test_model_fla_path_matches_torch_path_and_compiles_without_breaks():
+    torch.manual_seed(0)
+    mc = model_config(layout="GGSGs", model_dim=256, gdn_heads=4, gdn_head_dim=64, num_heads=4, num_kv_heads=2,
+                      swa_window=64)
+    attn = "varlen" if tg._varlen_has_window() else "sdpa"
+    fast = tg.GPT(mc, tg.Backends("fla", attn)).cuda()
+    ref = tg.GPT(mc, tg.Backends("torch", "sdpa")).cuda()
+    for p in fast.parameters():  # non-zero output projections so every layer contributes
+        torch.nn.init.normal_(p, std=0.05)
+    ref.load_state_dict(fast.state_dict())
+    x = torch.randint(0, mc.vocab_size, (2, 256), device="cuda")
+    y = torch.randint(0, mc.vocab_size, (2, 256), device="cuda")
+    with tg.fla_hopper_guard_lifted(True), torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_fast = fast(x, y)
+        loss_ref = ref(x, y)
+        loss_fast.backward()
+        loss_ref.backward()
+        explanation = torch._dynamo.explain(fast)(x, y)
+    assert abs(loss_fast.item() - loss_ref.item()) < 2e-2 * loss_ref.item()
+    for (n, a), b in zip(fast.named_parameters(), ref.parameters()):
+        assert tg.rel_err(a.grad, b.grad) < 5e-2, n
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -1,0 +1,117 @@
+"""Sequence mixers: the chunked GDN against the step-by-step recurrence, causality, and the attention window."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+
+
+def gdn_inputs(B, T, H, K, V, seed=0, dtype=torch.float64, strong_decay=False):
+    gen = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=dtype), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=dtype), dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen, dtype=dtype))
+    g = -F.softplus(torch.randn(B, T, H, generator=gen, dtype=dtype)) * (8.0 if strong_decay else 0.3)
+    return q, k, v, g, beta
+
+
+@pytest.mark.parametrize("T,chunk", [(37, 16), (64, 16), (100, 64), (5, 64)])
+def test_chunked_matches_recurrence(T, chunk):
+    q, k, v, g, beta = gdn_inputs(2, T, 3, 8, 6)
+    o_ref, s_ref = tg.gdn_recurrent_reference(q, k, v, g, beta, 8 ** -0.5)
+    o, s = tg.gdn_chunked_reference(q, k, v, g, beta, 8 ** -0.5, chunk=chunk)
+    assert o.shape == o_ref.shape == (2, T, 3, 6)
+    assert torch.allclose(o, o_ref, atol=1e-10, rtol=1e-9)
+    assert torch.allclose(s, s_ref, atol=1e-10, rtol=1e-9)
+
+
+def test_chunked_matches_recurrence_with_strong_decay_and_initial_state():
+    q, k, v, g, beta = gdn_inputs(1, 50, 2, 8, 8, seed=3, strong_decay=True)
+    s0 = torch.randn(1, 2, 8, 8, dtype=torch.float64)
+    o_ref, s_ref = tg.gdn_recurrent_reference(q, k, v, g, beta, 0.5, initial_state=s0)
+    o, s = tg.gdn_chunked_reference(q, k, v, g, beta, 0.5, initial_state=s0, chunk=16)
+    assert torch.allclose(o, o_ref, atol=1e-10, rtol=1e-9)
+    assert torch.allclose(s, s_ref, atol=1e-10, rtol=1e-9)
+
+
+def test_chunked_gradients_match_recurrence():
+    inputs = gdn_inputs(1, 40, 2, 8, 4, seed=5)
+    grads = []
+    for fn in (tg.gdn_recurrent_reference, lambda *a: tg.gdn_chunked_reference(*a, chunk=16)):
+        xs = [t.clone().requires_grad_(True) for t in inputs]
+        o, _ = fn(*xs, 0.35)
+        (o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum().backward()
+        grads.append([x.grad for x in xs])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-9, rtol=1e-8)
+
+
+def test_splitting_the_sequence_and_carrying_state_is_exact():
+    q, k, v, g, beta = gdn_inputs(1, 70, 2, 8, 8, seed=7)
+    o_full, s_full = tg.gdn_chunked_reference(q, k, v, g, beta, 0.3, chunk=16)
+    o1, s1 = tg.gdn_chunked_reference(q[:, :29], k[:, :29], v[:, :29], g[:, :29], beta[:, :29], 0.3, chunk=16)
+    o2, s2 = tg.gdn_chunked_reference(q[:, 29:], k[:, 29:], v[:, 29:], g[:, 29:], beta[:, 29:], 0.3,
+                                      initial_state=s1, chunk=16)
+    assert torch.allclose(torch.cat([o1, o2], 1), o_full, atol=1e-10)
+    assert torch.allclose(s2, s_full, atol=1e-10)
+
+
+def _first_changed_position(fn, x, t):
+    """Runs fn on x and on x with position t (and everything after it) perturbed; returns the outputs' diff per position."""
+    y1 = fn(x)
+    x2 = x.clone()
+    x2[:, t:] = torch.randn_like(x2[:, t:])
+    y2 = fn(x2)
+    return (y1 - y2).abs().flatten(2).amax(-1).amax(0)  # (T,)
+
+
+@pytest.mark.parametrize("kind", ["gdn", "swa", "attn"])
+def test_mixers_are_causal(kind):
+    torch.manual_seed(0)
+    D, T, t = 32, 40, 17
+    if kind == "gdn":
+        mixer = tg.GatedDeltaNet(D, 2, 8, 1.0, 4, "torch")
+    else:
+        mixer = tg.Attention(D, 4, 2, 8 if kind == "swa" else 0, 0, 10000.0, "sdpa")
+    for p in mixer.parameters():  # the zero-initialized output projection would hide everything
+        torch.nn.init.normal_(p, std=0.3)
+    diff = _first_changed_position(mixer, torch.randn(2, T, D), t)
+    assert diff[:t].max() == 0, "an output before t depends on inputs at or after t"
+    assert diff[t:].min() > 0, "outputs from t on should change"
+
+
+def test_swa_window_limits_what_a_query_sees():
+    torch.manual_seed(1)
+    B, T, H, D, W = 1, 50, 2, 8, 7
+    q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
+    y = tg.attention_reference(q, k, v, W)
+    t = 30
+    k2, v2 = k.clone(), v.clone()
+    k2[:, : t - W + 1] = torch.randn_like(k2[:, : t - W + 1])  # everything the query at t must not see
+    v2[:, : t - W + 1] = torch.randn_like(v2[:, : t - W + 1])
+    assert torch.equal(tg.attention_reference(q, k2, v2, W)[:, t], y[:, t])
+    k3 = k.clone()
+    k3[:, t - W + 1] += 1.0  # the oldest token inside the window does matter
+    assert not torch.allclose(tg.attention_reference(q, k3, v, W)[:, t], y[:, t])
+
+
+def test_swa_reference_equals_explicit_softmax():
+    torch.manual_seed(2)
+    B, T, H, KV, D, W = 2, 20, 4, 2, 8, 5
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, KV, D), torch.randn(B, T, KV, D)
+    y = tg.attention_reference(q, k, v, W)
+    kr, vr = k.repeat_interleave(H // KV, 2), v.repeat_interleave(H // KV, 2)
+    for t in range(T):
+        lo = max(0, t - W + 1)
+        s = torch.einsum("bhd,bshd->bhs", q[:, t], kr[:, lo: t + 1]) / D ** 0.5
+        expect = torch.einsum("bhs,bshd->bhd", s.softmax(-1), vr[:, lo: t + 1])
+        assert torch.allclose(y[:, t], expect, atol=1e-5)
+
+
+def test_window_at_least_sequence_is_plain_causal():
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(1, 12, 2, 8) for _ in range(3))
+    assert torch.allclose(tg.attention(q, k, v, 12, "sdpa"), tg.attention_reference(q, k, v, 0), atol=1e-6)
+    assert torch.allclose(tg.attention(q, k, v, 5, "sdpa"), tg.attention_reference(q, k, v, 5), atol=1e-6)

@@ -1,0 +1,1777 @@
+"""Gated DeltaNet + sliding-window attention hybrid for the Parameter Golf challenge.
+
+One file trains the model under a wallclock cap, exports it as a compressed artifact, reads the artifact back into a
+fresh model and scores it in canonical bits per byte on the validation split. Every setting is an environment variable
+named after a field of `Config` (upper case); the defaults are the submitted configuration.
+
+Launch:
+    8 GPUs (record track):  torchrun --standalone --nproc_per_node=8 train_gpt.py
+    1 GPU:                  python train_gpt.py          (or torchrun --standalone --nproc_per_node=1 train_gpt.py)
+    CPU smoke test:         PRESET=tiny DATA_PATH=<shards> TOKENIZER_PATH=<model> python train_gpt.py
+    rescore an artifact:    EVAL_ONLY=1 ARTIFACT_PATH=artifacts/<run>.pgz python train_gpt.py
+
+Sections, in the order data flows:
+    1 config · 2 runtime and logging · 3 data and byte tables · 4 layers · 5 sequence mixers (GDN, attention; each
+    with a plain PyTorch reference) · 6 model · 7 optimizers · 8 quantization and artifact · 9 evaluation ·
+    10 kernel checks · 11 training · 12 main
+"""
+
+import contextlib
+import dataclasses
+import glob
+import io
+import json
+import math
+import os
+import platform
+import random
+import struct
+import sys
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ------------------------------------------------------------------------------------------------------------------
+# 1. Config
+# ------------------------------------------------------------------------------------------------------------------
+
+ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: counted code + compressed model
+GPU_COUNT_OF_RECORD = 8  # the global batch is defined for 8 GPUs; any world size dividing 8 accumulates to it
+
+
+@dataclass(frozen=True)
+class Config:
+    # data and run
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
+    run_id: str = ""  # "" -> a timestamp
+    seed: int = 1337
+    preset: str = ""  # "tiny": every code path on a CPU in seconds
+    # training
+    iterations: int = 20000
+    train_batch_tokens: int = 524_288
+    train_seq_len: int = 2048
+    grad_accum_steps: int = 0  # 0 -> 8 / world_size
+    max_wallclock_seconds: float = 600.0  # 0 = no cap
+    warmup_steps: int = 20  # compile/autotune steps before the timer, undone afterwards
+    lr_warmup_steps: int = 20
+    warmdown_frac: float = 0.35  # fraction of the run (steps or wallclock, whichever is further) spent decaying to 0
+    grad_clip_norm: float = 0.0  # 0 = off
+    val_loss_every: int = 0  # 0 = only at the end
+    train_log_every: int = 50
+    # model
+    layout: str = "GGGGGSGGGGGs"  # G = Gated DeltaNet, S = sliding-window attention, A = full attention; lower case
+    #                               reuses the mixer weights of the nearest earlier upper-case layer of that kind
+    model_dim: int = 512
+    mlp_mult: float = 3.0
+    num_heads: int = 8  # attention heads
+    num_kv_heads: int = 4
+    swa_window: int = 512  # tokens each query sees, itself included
+    rope_dims: int = 0  # 0 = the whole head dimension
+    rope_base: float = 10000.0
+    gdn_heads: int = 8
+    gdn_head_dim: int = 64  # key dimension per head
+    gdn_expand_v: float = 1.0  # value dimension = gdn_head_dim * gdn_expand_v
+    gdn_conv_size: int = 4
+    logit_softcap: float = 30.0
+    tied_embed_init_std: float = 0.005
+    # kernels
+    compile: str = "auto"  # auto (on for CUDA) | 1 | 0
+    gdn_backend: str = "auto"  # auto (fla on CUDA) | fla | torch
+    attn_backend: str = "auto"  # auto | fa3 | varlen | sdpa
+    kernel_check: bool = True
+    kernel_check_tol: float = 2e-2  # relative error allowed between a fast kernel and its float64 reference
+    # optimizers
+    matrix_lr: float = 0.04  # Muon
+    scalar_lr: float = 0.04  # Adam: vectors, gates, decay parameters, conv kernels
+    embed_lr: float = 0.05  # Adam: tied embedding
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_ns_steps: int = 5
+    muon_weight_decay: float = 0.0
+    embed_weight_decay: float = 0.0
+    ema_decay: float = 0.997  # 0 = evaluate the raw weights
+    # evaluation
+    eval_seq_len: int = 0  # 0 -> train_seq_len
+    eval_stride: int = 0  # 0 -> eval_seq_len (plain, non-overlapping windows)
+    eval_batch_tokens: int = 262_144  # tokens per forward pass per rank
+    val_max_tokens: int = 0  # 0 = the whole split; anything else is a partial, non-comparable score
+    eval_only: bool = False
+    artifact_path: str = ""  # "" -> artifacts/{run_id}.pgz
+    # export
+    matrix_bits: int = 6
+    embed_bits: int = 8
+    matrix_clip_sigmas: float = 12.85
+    embed_clip_sigmas: float = 20.0
+    compressor: str = "brotli"  # brotli | zstd
+    packing: str = "byte"  # byte (one quantized value per byte) | dense (bits-wide fields); see section 8
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_env(cls, env: dict | None = None) -> "Config":
+        env = os.environ if env is None else env
+        values = dict(PRESETS.get(env.get("PRESET", ""), {}))
+        if env.get("PRESET", "") not in PRESETS:
+            raise ValueError(f"PRESET={env['PRESET']!r} is unknown; choose one of {sorted(k for k in PRESETS if k)}")
+        for f in fields(cls):
+            if f.name.upper() in env:
+                values[f.name] = _parse_env_value(f.name.upper(), env[f.name.upper()], f.type)
+        cfg = cls(**values)
+        cfg.validate()
+        return cfg
+
+    @staticmethod
+    def explicit_fields(env: dict | None = None) -> set[str]:
+        env = os.environ if env is None else env
+        return {f.name for f in fields(Config) if f.name.upper() in env}
+
+    # ---- derived values -----------------------------------------------------------------------------------------
+    @property
+    def eval_len(self) -> int:
+        return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def stride(self) -> int:
+        return self.eval_stride or self.eval_len
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"invalid configuration: {msg}")
+
+        need(1 < self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} must be in 2..65536 (uint16 shards)")
+        need(self.train_seq_len > 0, f"TRAIN_SEQ_LEN={self.train_seq_len} must be positive")
+        need(self.train_batch_tokens > 0, f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be positive")
+        need(self.iterations > 0, f"ITERATIONS={self.iterations} must be positive")
+        need(self.max_wallclock_seconds >= 0, f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} must be >= 0")
+        need(0.0 <= self.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={self.warmdown_frac} must be in [0, 1]")
+        need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} not divisible by NUM_HEADS={self.num_heads}")
+        need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} not divisible by NUM_KV_HEADS={self.num_kv_heads}")
+        head_dim = self.model_dim // self.num_heads
+        need(self.rope_dims % 2 == 0 and 0 <= self.rope_dims <= head_dim,
+             f"ROPE_DIMS={self.rope_dims} must be even and at most the head dim {head_dim}")
+        need((head_dim % 2 == 0), f"attention head dim {head_dim} must be even for rotary embeddings")
+        need(self.swa_window >= 1, f"SWA_WINDOW={self.swa_window} must be >= 1")
+        need(self.gdn_heads > 0 and self.gdn_head_dim > 0, "GDN_HEADS and GDN_HEAD_DIM must be positive")
+        need(float(self.gdn_head_dim * self.gdn_expand_v).is_integer(),
+             f"GDN_HEAD_DIM*GDN_EXPAND_V={self.gdn_head_dim * self.gdn_expand_v} must be an integer")
+        need(self.gdn_conv_size >= 1, f"GDN_CONV_SIZE={self.gdn_conv_size} must be >= 1")
+        need(self.mlp_mult > 0 and float(self.mlp_mult * self.model_dim).is_integer(),
+             f"MLP_MULT*MODEL_DIM={self.mlp_mult * self.model_dim} must be a positive integer")
+        parse_layout(self.layout)  # raises with the offending character
+        need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r} must be auto, 0 or 1")
+        need(self.gdn_backend in ("auto", "fla", "torch"), f"GDN_BACKEND={self.gdn_backend!r} must be auto, fla or torch")
+        need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"),
+             f"ATTN_BACKEND={self.attn_backend!r} must be auto, fa3, varlen or sdpa")
+        need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay} must be in [0, 1)")
+        need(self.eval_len > 0 and 0 < self.stride <= self.eval_len,
+             f"EVAL_STRIDE={self.stride} must be in 1..EVAL_SEQ_LEN={self.eval_len}")
+        need(self.eval_batch_tokens >= self.eval_len,
+             f"EVAL_BATCH_TOKENS={self.eval_batch_tokens} must hold at least one window of {self.eval_len}")
+        need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must be in 2..8")
+        need(self.compressor in ("brotli", "zstd"), f"COMPRESSOR={self.compressor!r} must be brotli or zstd")
+        need(self.packing in ("byte", "dense"), f"PACKING={self.packing!r} must be byte or dense")
+        need(self.val_max_tokens == 0 or self.val_max_tokens > self.eval_len,
+             f"VAL_MAX_TOKENS={self.val_max_tokens} must be 0 or more than one window")
+        need(not self.eval_only or bool(self.artifact_path), "EVAL_ONLY=1 needs ARTIFACT_PATH")
+
+
+PRESETS: dict[str, dict] = {
+    "": {},
+    # Every code path (GDN, SWA, a shared mixer, export, round-trip) on a CPU in seconds.
+    "tiny": dict(
+        iterations=12, train_batch_tokens=1024, train_seq_len=64, max_wallclock_seconds=0.0, warmup_steps=2,
+        lr_warmup_steps=2, train_log_every=4, layout="GSGs", model_dim=64, mlp_mult=2.0, num_heads=4,
+        num_kv_heads=2, swa_window=16, gdn_heads=2, gdn_head_dim=16, compile="0", eval_batch_tokens=4096,
+        ema_decay=0.9, matrix_lr=0.02, scalar_lr=0.02, embed_lr=0.05,
+    ),
+}
+
+
+def _parse_env_value(key: str, raw: str, typ: type):
+    try:
+        if typ is bool:
+            low = raw.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError("expected 0/1/true/false")
+        return typ(raw)
+    except ValueError as e:
+        raise ValueError(f"environment variable {key}={raw!r} is not a valid {typ.__name__}: {e}") from None
+
+
+LAYER_KINDS = {"G": "gdn", "S": "swa", "A": "attn"}
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    kind: str  # gdn | swa | attn
+    mixer: int  # index into the model's unique mixers
+    shared: bool  # reuses an earlier layer's mixer weights
+
+
+def parse_layout(layout: str) -> list[LayerSpec]:
+    """'GGGGGSGGGGGs' -> one LayerSpec per layer. Spaces, '-' and '|' may separate groups for readability."""
+    specs: list[LayerSpec] = []
+    last_of_kind: dict[str, int] = {}
+    n_mixers = 0
+    chars = [c for c in layout if c not in " -|"]
+    if not chars:
+        raise ValueError(f"LAYOUT={layout!r} has no layers")
+    for pos, c in enumerate(chars):
+        if c.upper() not in LAYER_KINDS:
+            raise ValueError(f"LAYOUT={layout!r}: layer {pos} is {c!r}; use G (GDN), S (sliding window), A (attention),"
+                             " lower case to share the nearest earlier layer's weights")
+        kind = LAYER_KINDS[c.upper()]
+        if c.isupper():
+            last_of_kind[kind] = n_mixers
+            specs.append(LayerSpec(kind, n_mixers, False))
+            n_mixers += 1
+        elif kind not in last_of_kind:
+            raise ValueError(f"LAYOUT={layout!r}: layer {pos} ({c!r}) shares weights but no earlier {c.upper()!r} exists")
+        else:
+            specs.append(LayerSpec(kind, last_of_kind[kind], True))
+    return specs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 2. Runtime and logging
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    grad_accum_steps: int
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def init_runtime(cfg: Config) -> Runtime:
+    """Reads torchrun's environment, starts the process group, and fixes the gradient accumulation."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if GPU_COUNT_OF_RECORD % world_size != 0:
+        raise ValueError(f"WORLD_SIZE={world_size} must divide {GPU_COUNT_OF_RECORD}")
+    accum = cfg.grad_accum_steps or GPU_COUNT_OF_RECORD // world_size
+    micro = cfg.train_batch_tokens // (world_size * accum)
+    if cfg.train_batch_tokens % (world_size * accum * cfg.train_seq_len) != 0:
+        raise ValueError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must split into whole sequences of "
+                         f"TRAIN_SEQ_LEN={cfg.train_seq_len} over {world_size} ranks x {accum} accumulation steps")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    del micro
+    return Runtime(rank, world_size, local_rank, device, accum)
+
+
+class Logger:
+    """Prints on rank 0 and appends to logs/{run_id}.txt."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if self.path is None:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+
+def all_reduce_sum(values: list[float], rt: Runtime) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=rt.device)
+    if rt.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 3. Data: shards, loader, byte tables
+# ------------------------------------------------------------------------------------------------------------------
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """A challenge shard: 256 little-endian int32 (magic, version, count, 0...) then `count` little-endian uint16."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"shard {path} does not exist")
+    size = path.stat().st_size
+    if size < SHARD_HEADER_BYTES:
+        raise ValueError(f"shard {path} is {size} bytes, shorter than its {SHARD_HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise ValueError(f"shard {path} has magic {header[0]}, expected {SHARD_MAGIC}: not a challenge shard")
+    if header[1] != SHARD_VERSION:
+        raise ValueError(f"shard {path} has version {header[1]}, expected {SHARD_VERSION}")
+    count = int(header[2])
+    if size != SHARD_HEADER_BYTES + 2 * count:
+        raise ValueError(f"shard {path} header says {count} tokens ({SHARD_HEADER_BYTES + 2 * count} bytes) "
+                         f"but the file has {size} bytes: truncated or corrupt")
+    return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
+
+
+def shard_files(data_path: str, split: str) -> list[Path]:
+    if not Path(data_path).is_dir():
+        raise FileNotFoundError(f"DATA_PATH={data_path} is not a directory (download or build shards first; see README)")
+    files = sorted(Path(p) for p in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise FileNotFoundError(f"no fineweb_{split}_*.bin shards in DATA_PATH={data_path}")
+    return files
+
+
+def load_val_tokens(cfg: Config) -> torch.Tensor:
+    tokens = np.concatenate([np.asarray(read_shard(f)) for f in shard_files(cfg.data_path, "val")])
+    if cfg.val_max_tokens:
+        tokens = tokens[: cfg.val_max_tokens]
+    if tokens.size and int(tokens.max()) >= cfg.vocab_size:
+        raise ValueError(f"validation shards contain token id {int(tokens.max())} >= VOCAB_SIZE={cfg.vocab_size}: "
+                         "shards and tokenizer do not match")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+class TokenStream:
+    """Reads the train shards in a seeded order, end to end, wrapping around; `take(n)` returns the next n tokens."""
+
+    def __init__(self, files: list[Path], seed: int):
+        self.files = list(files)
+        random.Random(seed).shuffle(self.files)
+        self.file_idx, self.pos = 0, 0
+        self.tokens = read_shard(self.files[0])
+
+    def take(self, n: int) -> np.ndarray:
+        parts, left = [], n
+        while left > 0:
+            if self.pos >= len(self.tokens):
+                self.file_idx = (self.file_idx + 1) % len(self.files)
+                self.tokens, self.pos = read_shard(self.files[self.file_idx]), 0
+            k = min(left, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos: self.pos + k])
+            self.pos += k
+            left -= k
+        return np.concatenate(parts)
+
+
+class TrainLoader:
+    """Each micro-step takes one contiguous span per rank from the shared stream; the next batch is prefetched."""
+
+    def __init__(self, cfg: Config, rt: Runtime):
+        self.rt = rt
+        self.seq_len = cfg.train_seq_len
+        self.micro_tokens = cfg.train_batch_tokens // (rt.world_size * rt.grad_accum_steps)
+        self.stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.seed)
+        self.vocab_size = cfg.vocab_size
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending = self.pool.submit(self._build)
+
+    def _build(self) -> tuple[torch.Tensor, torch.Tensor]:
+        span = self.micro_tokens + 1
+        chunk = self.stream.take(span * self.rt.world_size)
+        mine = torch.from_numpy(chunk[self.rt.rank * span: (self.rt.rank + 1) * span].astype(np.int64))
+        if int(mine.max()) >= self.vocab_size:
+            raise ValueError(f"train shard token id {int(mine.max())} >= VOCAB_SIZE={self.vocab_size}")
+        if self.rt.cuda:
+            mine = mine.pin_memory()
+        return mine[:-1].view(-1, self.seq_len), mine[1:].view(-1, self.seq_len)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.pending.result()
+        self.pending = self.pool.submit(self._build)
+        return x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+
+    def close(self) -> None:
+        self.pending.cancel()
+        self.pool.shutdown(wait=True)
+
+
+@dataclass
+class ByteTables:
+    """Canonical byte counting (SPEC 3): bytes(y | prev x) = base[y] + (space[y] and not boundary[x])."""
+
+    base_bytes: torch.Tensor  # (V,) int64
+    has_leading_space: torch.Tensor  # (V,) bool
+    is_boundary: torch.Tensor  # (V,) bool
+
+    def to(self, device: torch.device) -> "ByteTables":
+        return ByteTables(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+
+    def count(self, prev: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.base_bytes[target] + (self.has_leading_space[target] & ~self.is_boundary[prev]).long()
+
+
+def load_tokenizer(cfg: Config):
+    import sentencepiece as spm
+
+    if not Path(cfg.tokenizer_path).is_file():
+        raise FileNotFoundError(f"TOKENIZER_PATH={cfg.tokenizer_path} does not exist")
+    sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer_path)
+    if sp.vocab_size() != cfg.vocab_size:
+        raise ValueError(f"tokenizer {cfg.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={cfg.vocab_size}")
+    return sp
+
+
+def build_byte_tables(sp) -> ByteTables:
+    n = sp.vocab_size()
+    base = np.zeros(n, dtype=np.int64)
+    space = np.zeros(n, dtype=bool)
+    boundary = np.zeros(n, dtype=bool)
+    for i in range(n):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True  # 0 bytes
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            if piece.startswith("\u2581"):
+                space[i] = True
+                piece = piece[1:]
+            base[i] = len(piece.encode("utf-8"))
+    return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 4. Layers
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+class Linear(nn.Linear):
+    """A bias-free linear layer with fp32 master weights (autocast computes in bf16 on the GPU)."""
+
+    def __init__(self, d_in: int, d_out: int, zero_init: bool = False):
+        super().__init__(d_in, d_out, bias=False)
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution over time, kernel `size` (the GDN 'short convolution')."""
+
+    def __init__(self, channels: int, size: int):
+        super().__init__()
+        self.size = size
+        self.weight = nn.Parameter(torch.empty(channels, 1, size))
+        nn.init.uniform_(self.weight, -size ** -0.5, size ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
+        xt = F.pad(x.transpose(1, 2), (self.size - 1, 0))
+        return F.conv1d(xt, self.weight.to(x.dtype), groups=x.shape[-1]).transpose(1, 2)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding on the first `dims` channels of each head; angles in float64 for long streams."""
+
+    def __init__(self, head_dim: int, dims: int, base: float):
+        super().__init__()
+        self.dims = dims or head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, self.dims, 2, dtype=torch.float64) / self.dims))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:  # (B, T, H, D)
+        T = x.shape[1]
+        pos = torch.arange(offset, offset + T, dtype=torch.float64, device=x.device)
+        ang = torch.outer(pos, self.inv_freq)  # (T, dims/2)
+        cos, sin = ang.cos().to(x.dtype)[None, :, None, :], ang.sin().to(x.dtype)[None, :, None, :]
+        rot, rest = x[..., : self.dims], x[..., self.dims:]
+        x1, x2 = rot[..., : self.dims // 2], rot[..., self.dims // 2:]
+        rot = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        return torch.cat([rot, rest], dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, mult: float):
+        super().__init__()
+        hidden = int(dim * mult)
+        self.fc = Linear(dim, hidden)
+        self.proj = Linear(hidden, dim, zero_init=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.relu(self.fc(x)).square())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 5. Sequence mixers
+# ------------------------------------------------------------------------------------------------------------------
+# Gated DeltaNet, per head (key dim K, value dim V), state S (K x V) starting at 0:
+#     S_t = exp(g_t) * S_{t-1} + beta_t * k_t (v_t - exp(g_t) S_{t-1}^T k_t)^T,     o_t = scale * S_t^T q_t
+# i.e. S_t = (I - beta_t k_t k_t^T) exp(g_t) S_{t-1} + beta_t k_t v_t^T. Three implementations of this one function:
+#   gdn_recurrent_reference  step by step, the oracle the tests use;
+#   gdn_chunked_reference    the chunked (WY) form in plain PyTorch, used on the CPU and as the kernel check's reference;
+#   gdn_fla                  flash-linear-attention's Triton kernels, wrapped as a torch custom op (CUDA only).
+# All take q, k (B, T, H, K), v (B, T, H, V), g, beta (B, T, H) and an optional initial state (B, H, K, V), and
+# return (o (B, T, H, V), final state).
+
+
+def gdn_recurrent_reference(q, k, v, g, beta, scale: float, initial_state=None):
+    B, T, H, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state
+    outs = []
+    for t in range(T):
+        S = S * g[:, t].exp()[..., None, None]
+        pred = torch.einsum("bhk,bhkv->bhv", k[:, t], S)
+        S = S + torch.einsum("bhk,bhv->bhkv", k[:, t], beta[:, t, :, None] * (v[:, t] - pred))
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+    return torch.stack(outs, dim=1), S
+
+
+def gdn_chunked_reference(q, k, v, g, beta, scale: float, initial_state=None, chunk: int = 64):
+    """Within a chunk with cumulative log-decay G and start state S0, the corrections d = beta (v - decayed S^T k) solve
+    (I + L) d = beta v - beta e^G K S0 with L_ij = beta_i e^(G_i - G_j) k_i.k_j (j < i); so d = U - W S0 with
+    U, W from one triangular solve each, o = scale (e^G Q S0 + (Q K^T * M) d), S_next = e^G_last S0 + (K e^(G_last-G))^T d.
+    """
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    pad = (-T) % chunk  # padded steps have g = 0, beta = 0: the state passes through unchanged
+    q, k, v = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (q, k, v))
+    g, beta = (F.pad(t, (0, 0, 0, pad)) for t in (g, beta))
+    n = (T + pad) // chunk
+    q, k, v = (t.reshape(B, n, chunk, H, -1).permute(0, 3, 1, 2, 4) for t in (q, k, v))  # (B, H, N, C, *)
+    g, beta = (t.reshape(B, n, chunk, H).permute(0, 3, 1, 2) for t in (g, beta))  # (B, H, N, C)
+    G = g.cumsum(-1)
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    decay = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # (B, H, N, C, C)
+    strict = decay * (~torch.eye(chunk, dtype=torch.bool, device=q.device))
+    L = beta[..., :, None] * (k @ k.transpose(-1, -2)) * strict
+    eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
+    solve = lambda rhs: torch.linalg.solve_triangular(eye + L, rhs, upper=False, unitriangular=True)  # noqa: E731
+    U = solve(beta[..., None] * v)
+    W = solve((beta * G.exp())[..., None] * k)
+    qk = (q @ k.transpose(-1, -2)) * decay
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state
+    outs = []
+    for i in range(n):
+        d = U[:, :, i] - W[:, :, i] @ S  # (B, H, C, V)
+        outs.append(scale * (G[:, :, i, :, None].exp() * (q[:, :, i] @ S) + qk[:, :, i] @ d))
+        g_last = G[:, :, i, -1:]  # (B, H, 1)
+        S = g_last[..., None].exp() * S + (k[:, :, i] * (g_last - G[:, :, i]).exp()[..., None]).transpose(-1, -2) @ d
+    o = torch.stack(outs, dim=2).reshape(B, H, n * chunk, V)[:, :, :T].transpose(1, 2)
+    return o, S
+
+
+_FLA = None  # fla.ops.gated_delta_rule.chunk, imported on first use on CUDA
+
+
+def _fla_chunk_module():
+    global _FLA
+    if _FLA is None:
+        import fla.ops.gated_delta_rule.chunk as chunk  # noqa: PLC0415 (CUDA only)
+
+        _FLA = chunk
+    return _FLA
+
+
+# fla's kernels as one custom op with its own backward: torch.compile then sees one opaque node per GDN layer instead
+# of a graph break, and nothing in the op depends on the layer, so there is no recompilation per layer.
+@torch.library.custom_op("pgolf::gdn_fwd", mutates_args=())
+def _gdn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g_cum, o, A, _, _, _ = _fla_chunk_module().chunk_gated_delta_rule_fwd(
+        q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=None, output_final_state=False)
+    return o.to(q.dtype), g_cum, A
+
+
+@_gdn_fwd_op.register_fake
+def _(q, k, v, g, beta, scale):
+    B, T, H, _ = q.shape
+    return v.new_empty(v.shape, dtype=q.dtype), g.new_empty(g.shape, dtype=torch.float32), k.new_empty(B, T, H, 64)
+
+
+@torch.library.custom_op("pgolf::gdn_bwd", mutates_args=())
+def _gdn_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cum: torch.Tensor, beta: torch.Tensor,
+                A: torch.Tensor, do: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor, torch.Tensor]:
+    dq, dk, dv, db, dg, _, _, _ = _fla_chunk_module().chunk_gated_delta_rule_bwd(
+        q=q, k=k, v=v, g=g_cum, beta=beta, A=A, scale=scale, initial_state=None, do=do.contiguous(), dht=None)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g_cum.dtype), db.to(beta.dtype)
+
+
+@_gdn_bwd_op.register_fake
+def _(q, k, v, g_cum, beta, A, do, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g_cum), torch.empty_like(beta)
+
+
+def _gdn_setup_context(ctx, inputs, output):
+    q, k, v, _, beta, scale = inputs
+    _, g_cum, A = output
+    ctx.save_for_backward(q, k, v, g_cum, beta, A)
+    ctx.scale = scale
+
+
+def _gdn_backward(ctx, do, _dg_cum, _dA):
+    q, k, v, g_cum, beta, A = ctx.saved_tensors
+    dq, dk, dv, dg, db = _gdn_bwd_op(q, k, v, g_cum, beta, A, do, ctx.scale)
+    return dq, dk, dv, dg, db, None
+
+
+_gdn_fwd_op.register_autograd(_gdn_backward, setup_context=_gdn_setup_context)
+
+
+def gdn_fla(q, k, v, g, beta, scale: float, initial_state=None):
+    """fla's chunked kernels: q, k, v, beta in bf16, g (log decay) in fp32. No carried state (training path)."""
+    if initial_state is not None:
+        raise NotImplementedError("gdn_fla carries no state; streaming evaluation uses another path")
+    bf = torch.bfloat16
+    o, _, _ = _gdn_fwd_op(q.to(bf).contiguous(), k.to(bf).contiguous(), v.to(bf).contiguous(),
+                          g.float().contiguous(), beta.to(bf).contiguous(), scale)
+    return o, None
+
+
+def gdn_core(backend: str, q, k, v, g, beta, scale: float, initial_state=None):
+    if backend == "fla":
+        return gdn_fla(q, k, v, g, beta, scale, initial_state)
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    o, state = gdn_chunked_reference(q.to(dt), k.to(dt), v.to(dt), g.to(dt), beta.to(dt), scale, initial_state)
+    return o.to(q.dtype), state
+
+
+class GatedDeltaNet(nn.Module):
+    """Gated DeltaNet mixer (SPEC 5): q, k, v projections -> short causal conv -> SiLU; q, k L2-normalized;
+    beta = sigmoid(W_b x); g = -exp(A_log) softplus(W_a x + dt_bias); delta rule; per-head RMSNorm gated by
+    silu(W_g x); output projection.
+
+    Parameters for dim D, H heads, key dim K, value dim V: 2*D*H*K (q, k) + 2*D*H*V (v, gate) + H*V*D (out)
+    + 2*D*H (a, b) + conv (2*H*K + H*V) * conv_size + 2*H (A_log, dt_bias) + V (norm weight).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, expand_v: float, conv_size: int, backend: str):
+        super().__init__()
+        self.heads, self.k_dim, self.v_dim = heads, head_dim, int(head_dim * expand_v)
+        self.backend = backend
+        hk, hv = heads * self.k_dim, heads * self.v_dim
+        self.q_proj, self.k_proj, self.v_proj = Linear(dim, hk), Linear(dim, hk), Linear(dim, hv)
+        self.q_conv, self.k_conv, self.v_conv = ShortConv(hk, conv_size), ShortConv(hk, conv_size), ShortConv(hv, conv_size)
+        self.a_proj, self.b_proj = Linear(dim, heads), Linear(dim, heads)
+        self.g_proj = Linear(dim, hv)
+        self.o_proj = Linear(hv, dim, zero_init=True)
+        self.o_norm_weight = nn.Parameter(torch.ones(self.v_dim))
+        # decay rates exp(A_log) in [1, 16], step sizes softplus(dt_bias) log-uniform in [1e-3, 1e-1] (Mamba-2 init)
+        self.A_log = nn.Parameter(torch.empty(heads).uniform_(1, 16).log())
+        dt = torch.exp(torch.empty(heads).uniform_(math.log(1e-3), math.log(1e-1)))
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        B, T, _ = x.shape
+        H = self.heads
+        q = F.silu(self.q_conv(self.q_proj(x))).view(B, T, H, self.k_dim)
+        k = F.silu(self.k_conv(self.k_proj(x))).view(B, T, H, self.k_dim)
+        v = F.silu(self.v_conv(self.v_proj(x))).view(B, T, H, self.v_dim)
+        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+        beta = torch.sigmoid(self.b_proj(x).float())
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        o, _ = gdn_core(self.backend, q, k, v, g, beta, self.k_dim ** -0.5)
+        gate = F.silu(self.g_proj(x).float()).view(B, T, H, self.v_dim)
+        o = rms_norm(o.float(), self.o_norm_weight.float()) * gate
+        return self.o_proj(o.reshape(B, T, H * self.v_dim).to(x.dtype))
+
+
+# Causal attention with an optional sliding window (each query sees itself and the window-1 tokens before it).
+# The backend is chosen once (select_attention_backend) and verified against attention_reference on the GPU.
+
+
+def attention_reference(q, k, v, window: int):
+    """Masked SDPA, the oracle. q (B, T, H, D), k, v (B, T, KV, D); window <= 0 means full causal."""
+    T = q.shape[1]
+    i = torch.arange(T, device=q.device)
+    allowed = i[None, :] <= i[:, None]
+    if window > 0:
+        allowed = allowed & (i[:, None] - i[None, :] < window)
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
+                                       enable_gqa=q.shape[2] != k.shape[2])
+    return y.transpose(1, 2)
+
+
+def attention(q, k, v, window: int, backend: str):
+    B, T, H, D = q.shape
+    if window <= 0 or window >= T:  # the band covers every earlier token: plain causal attention
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                           enable_gqa=H != k.shape[2])
+        return y.transpose(1, 2)
+    if backend == "fa3":
+        import flash_attn_interface  # noqa: PLC0415 (optional)
+
+        y = flash_attn_interface.flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
+        return y[0] if isinstance(y, tuple) else y
+    if backend == "varlen":
+        from torch.nn.attention.varlen import varlen_attn  # noqa: PLC0415
+
+        if k.shape[2] != H:
+            k, v = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (k, v))
+        cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
+        y = varlen_attn(q.reshape(B * T, H, D), k.reshape(B * T, H, D), v.reshape(B * T, H, D), cu, cu, T, T,
+                        window_size=(window - 1, 0))
+        return y.view(B, T, H, D)
+    return attention_reference(q, k, v, window)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal attention with QK RMSNorm and (partial) rotary embeddings; window 0 = full causal.
+    Parameters: D*(H*hd) (q) + 2*D*(KV*hd) (k, v) + (H*hd)*D (out)."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, window: int, rope_dims: int, rope_base: float, backend: str):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.window, self.backend = window, backend
+        self.q_proj = Linear(dim, heads * self.head_dim)
+        self.k_proj = Linear(dim, kv_heads * self.head_dim)
+        self.v_proj = Linear(dim, kv_heads * self.head_dim)
+        self.o_proj = Linear(heads * self.head_dim, dim, zero_init=True)
+        self.rotary = Rotary(self.head_dim, rope_dims, rope_base)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+        B, T, _ = x.shape
+        q = rms_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim))
+        k = rms_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim))
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        q, k = self.rotary(q).to(v.dtype), self.rotary(k).to(v.dtype)
+        y = attention(q, k, v, self.window, self.backend)
+        return self.o_proj(y.reshape(B, T, self.heads * self.head_dim))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 6. Model
+# ------------------------------------------------------------------------------------------------------------------
+
+MODEL_FIELDS = ("vocab_size", "layout", "model_dim", "mlp_mult", "num_heads", "num_kv_heads", "swa_window", "rope_dims",
+                "rope_base", "gdn_heads", "gdn_head_dim", "gdn_expand_v", "gdn_conv_size", "logit_softcap",
+                "tied_embed_init_std")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture: what an artifact must record to be rebuilt without the training environment."""
+
+    vocab_size: int
+    layout: str
+    model_dim: int
+    mlp_mult: float
+    num_heads: int
+    num_kv_heads: int
+    swa_window: int
+    rope_dims: int
+    rope_base: float
+    gdn_heads: int
+    gdn_head_dim: int
+    gdn_expand_v: float
+    gdn_conv_size: int
+    logit_softcap: float
+    tied_embed_init_std: float
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "ModelConfig":
+        return cls(**{name: getattr(cfg, name) for name in MODEL_FIELDS})
+
+
+@dataclass(frozen=True)
+class Backends:
+    gdn: str  # fla | torch
+    attn: str  # fa3 | varlen | sdpa
+
+
+class GPT(nn.Module):
+    """Token embedding -> layers (pre-norm mixer + pre-norm ReLU^2 MLP, residual) -> RMSNorm -> tied head with a tanh
+    logit softcap. Mixers live once in `self.mixers`; `self.layer_mixer[i]` says which one layer i uses, so shared
+    weights are stored, optimized and exported once."""
+
+    def __init__(self, mc: ModelConfig, backends: Backends):
+        super().__init__()
+        self.mc = mc
+        specs = parse_layout(mc.layout)
+        self.layer_mixer = [s.mixer for s in specs]
+        self.layer_kinds = [s.kind for s in specs]
+        self.tok_emb = nn.Embedding(mc.vocab_size, mc.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=mc.tied_embed_init_std)
+        self.mixers = nn.ModuleList([self._make_mixer(s.kind, backends) for s in specs if not s.shared])
+        self.mlps = nn.ModuleList([MLP(mc.model_dim, mc.mlp_mult) for _ in specs])
+
+    def _make_mixer(self, kind: str, backends: Backends) -> nn.Module:
+        mc = self.mc
+        if kind == "gdn":
+            return GatedDeltaNet(mc.model_dim, mc.gdn_heads, mc.gdn_head_dim, mc.gdn_expand_v, mc.gdn_conv_size, backends.gdn)
+        window = mc.swa_window if kind == "swa" else 0
+        return Attention(mc.model_dim, mc.num_heads, mc.num_kv_heads, window, mc.rope_dims, mc.rope_base, backends.attn)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        """input_ids (B, T) -> logits (B, T, V) if no targets, else the cross-entropy ('mean' or per token (B, T))."""
+        x = rms_norm(self.tok_emb(input_ids))
+        for i, m in enumerate(self.layer_mixer):
+            x = x + self.mixers[m](rms_norm(x))
+            x = x + self.mlps[i](rms_norm(x))
+        logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
+        logits = self.mc.logit_softcap * torch.tanh(logits / self.mc.logit_softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+        return loss if reduction == "mean" else loss.view(targets.shape)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 7. Optimizers: Muon for matrices, Adam for the rest, one routing table, EMA
+# ------------------------------------------------------------------------------------------------------------------
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz iteration tuned for speed of convergence near 0
+
+
+def newton_schulz(G: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately orthogonalize G (the U V^T of its SVD) with a quintic Newton-Schulz iteration."""
+    a, b, c = NS_COEFFS
+    X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    X = X / (X.norm() + eps)
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then the update orthogonalized by Newton-Schulz and scaled by sqrt(max(1, rows/cols)).
+    With several ranks each orthogonalizes every world_size-th matrix and one all-reduce shares the results."""
+
+    def __init__(self, params, lr: float, momentum: float, ns_steps: int, weight_decay: float, rt: Runtime):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay))
+        self.rt = rt
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % self.rt.world_size == self.rt.rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]), group["ns_steps"])
+                    update *= max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+                    flat[offset: offset + p.numel()] = update.flatten().float()
+                offset += p.numel()
+            if self.rt.distributed:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                if group["weight_decay"]:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offset: offset + p.numel()].view_as(p), alpha=-group["lr"])
+                offset += p.numel()
+
+
+# First matching rule wins. Every parameter must match one rule (checked by route_parameters).
+PARAM_ROUTES = (
+    ("embed", "token embedding (tied with the head)", lambda name, p: name == "tok_emb.weight"),
+    ("scalar", "GDN gate projections a_proj, b_proj (one output per head)",
+     lambda name, p: name.endswith(("a_proj.weight", "b_proj.weight"))),
+    ("muon", "2-D weight matrices", lambda name, p: p.ndim == 2),
+    ("scalar", "vectors and conv kernels: norm weights, A_log, dt_bias, short convs", lambda name, p: p.ndim != 2),
+)
+
+
+def route_parameters(model: nn.Module) -> list[tuple[int, str, nn.Parameter]]:
+    """(index of the first matching PARAM_ROUTES rule, name, parameter) for every parameter."""
+    routed = []
+    for name, p in model.named_parameters():
+        idx = next((i for i, (_, _, rule) in enumerate(PARAM_ROUTES) if rule(name, p)), None)
+        if idx is None:
+            raise RuntimeError(f"parameter {name} {tuple(p.shape)} matches no optimizer route")
+        routed.append((idx, name, p))
+    return routed
+
+
+def params_of_group(routed: list, group: str) -> list[nn.Parameter]:
+    return [p for i, _, p in routed if PARAM_ROUTES[i][0] == group]
+
+
+def describe_routes(model: nn.Module) -> list[str]:
+    routed = route_parameters(model)
+    lines = []
+    for i, (group, desc, _) in enumerate(PARAM_ROUTES):
+        members = [p for j, _, p in routed if j == i]
+        lines.append(f"  {group:6s} {desc}: {len(members)} tensors, {sum(p.numel() for p in members):,} params")
+    return lines
+
+
+@dataclass
+class Optimizers:
+    muon: Muon
+    adam: torch.optim.Optimizer
+
+    def all(self) -> list[torch.optim.Optimizer]:
+        return [self.muon, self.adam]
+
+    def state_dict(self) -> list[dict]:
+        return [o.state_dict() for o in self.all()]
+
+    def load_state_dict(self, states: list[dict]) -> None:
+        for o, s in zip(self.all(), states):
+            o.load_state_dict(s)
+
+
+def build_optimizers(model: nn.Module, cfg: Config, rt: Runtime) -> Optimizers:
+    routed = route_parameters(model)
+    muon = Muon(params_of_group(routed, "muon"), cfg.matrix_lr, cfg.muon_momentum, cfg.muon_ns_steps,
+                cfg.muon_weight_decay, rt)
+    adam = torch.optim.AdamW(
+        [dict(params=params_of_group(routed, "embed"), lr=cfg.embed_lr, weight_decay=cfg.embed_weight_decay),
+         dict(params=params_of_group(routed, "scalar"), lr=cfg.scalar_lr, weight_decay=0.0)],
+        betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=rt.cuda)
+    opts = Optimizers(muon, adam)
+    for o in opts.all():
+        for g in o.param_groups:
+            g["base_lr"] = g["lr"]
+    check_optimizer_coverage(model, opts)
+    return opts
+
+
+def check_optimizer_coverage(model: nn.Module, opts: Optimizers) -> None:
+    """Every parameter in exactly one optimizer group (one earlier submission never trained its conv kernels)."""
+    owned = [id(p) for o in opts.all() for g in o.param_groups for p in g["params"]]
+    dup = len(owned) - len(set(owned))
+    missing = [n for n, p in model.named_parameters() if id(p) not in set(owned)]
+    if dup or missing or len(owned) != len(list(model.parameters())):
+        raise RuntimeError(f"optimizer groups are wrong: {dup} parameters in two groups, missing {missing}")
+
+
+class EMA:
+    """Exponential moving average of the (fp32) weights; evaluation and export use it. The decay warms up as
+    min(EMA_DECAY, (1 + t) / (10 + t)) so a short run is not dominated by its initialization."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay, self.updates = decay, 0
+        self.params = [p for p in model.parameters()]
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 8. Quantization and the artifact
+# ------------------------------------------------------------------------------------------------------------------
+# File: MAGIC | version u16 | compressor u8 | crc32 u32 | frame count u32 | frame lengths u64 each | frames.
+# The crc covers everything after the header. Frame 0 decompresses to the json metadata: the ModelConfig (so the
+# artifact rebuilds its model alone), the packing and one record per tensor (name, shape, kind, bits, bytes). The
+# other frames decompress to the tensor blobs, concatenated in record order; they are grouped into frames of at
+# least FRAME_MIN_BYTES and compressed on parallel threads (the compressors release the GIL; splitting the stream
+# this way cost nothing measurable in size).
+# Quantized values are stored one per byte by default (PACKING=byte): measured with brotli-11 on int6 Gaussian
+# weights, 3.38 bits/value against 4.03 for dense 6-bit packing (PACKING=dense), whose bit boundaries defeat the
+# compressor's byte-wise modelling; the entropy of the values was 3.33 bits.
+
+ARTIFACT_MAGIC = b"PGOLFGDN"
+ARTIFACT_VERSION = 1
+ARTIFACT_HEADER = struct.Struct("<8sHBII")
+COMPRESSOR_IDS = {"brotli": 1, "zstd": 2}
+BROTLI_QUALITY = 11
+ZSTD_LEVEL = 22
+FRAME_MIN_BYTES = 1 << 20
+MIN_SCALE = 1e-7  # keeps an all-zero row's fp16 scale positive
+
+
+def quant_plan(name: str, t: torch.Tensor, cfg: Config) -> tuple[str, int, float]:
+    """(kind, bits, clip_sigmas) for one tensor, following the optimizer's routing table: the embedding gets
+    EMBED_BITS, Muon's matrices MATRIX_BITS, everything small (gates, norms, decay parameters, convs) fp16."""
+    group = next(g for g, _, rule in PARAM_ROUTES if rule(name, t))
+    if group == "embed":
+        return "int", cfg.embed_bits, cfg.embed_clip_sigmas
+    if group == "muon":
+        return "int", cfg.matrix_bits, cfg.matrix_clip_sigmas
+    return "fp16", 16, 0.0
+
+
+def row_scales(w: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
+    """Per-row symmetric scale = clip_sigmas * std(row) / qmax, rounded to fp16 (as stored)."""
+    qmax = 2 ** (bits - 1) - 1
+    return (clip_sigmas * w.float().std(dim=1, unbiased=False) / qmax).clamp_min(MIN_SCALE).half()
+
+
+def quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest per-row quantization: (q int8 in [-qmax, qmax], scale fp16)."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = row_scales(w, bits, clip_sigmas)
+    q = torch.round(w.float() / scale.float()[:, None]).clamp_(-qmax, qmax).to(torch.int8)
+    return q, scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Unsigned values < 2**bits, densely packed, most significant bit first (int6: 4 values in 3 bytes)."""
+    v = np.ascontiguousarray(values, dtype=np.uint8).reshape(-1)
+    if v.size and int(v.max()) >= 1 << bits:
+        raise ValueError(f"value {int(v.max())} does not fit in {bits} bits")
+    if bits == 8:
+        return v.tobytes()
+    return np.packbits(np.unpackbits(v[:, None], axis=1)[:, 8 - bits:].reshape(-1)).tobytes()
+
+
+def unpack_bits(data: bytes, bits: int, n: int) -> np.ndarray:
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if bits == 8:
+        return raw[:n].copy()
+    b = np.unpackbits(raw)[: n * bits].reshape(n, bits)
+    return np.packbits(np.pad(b, ((0, 0), (8 - bits, 0))), axis=1).reshape(-1)
+
+
+def int_nbytes(bits: int, n: int, packing: str) -> int:
+    return n if packing == "byte" else (n * bits + 7) // 8
+
+
+def encode_ints(q: torch.Tensor, bits: int, packing: str) -> bytes:
+    if packing == "byte":
+        return q.numpy().astype(np.int8).tobytes()
+    return pack_bits((q.numpy().astype(np.int16) + 2 ** (bits - 1) - 1).astype(np.uint8), bits)
+
+
+def decode_ints(data: bytes, bits: int, n: int, packing: str) -> np.ndarray:
+    if packing == "byte":
+        return np.frombuffer(data, dtype=np.int8, count=n).copy()
+    return (unpack_bits(data, bits, n).astype(np.int16) - (2 ** (bits - 1) - 1)).astype(np.int8)
+
+
+def serialize_state(state: dict[str, torch.Tensor], mc: ModelConfig, cfg: Config) -> tuple[list[bytes], list[dict]]:
+    """Quantize and pack a state dict: returns the raw frames (metadata, then tensor blobs) and the records."""
+    records, blobs = [], []
+    for name in sorted(state):
+        t = state[name].detach().cpu()
+        kind, bits, clip = quant_plan(name, t, cfg)
+        if kind == "int":
+            q, scale = quantize_rows(t.reshape(t.shape[0], -1), bits, clip)
+            blob = encode_ints(q, bits, cfg.packing) + scale.numpy().tobytes()
+        else:
+            blob = t.half().numpy().tobytes()
+        records.append(dict(name=name, shape=list(t.shape), kind=kind, bits=bits, clip_sigmas=clip, nbytes=len(blob)))
+        blobs.append(blob)
+    meta = json.dumps(dict(model=dataclasses.asdict(mc), packing=cfg.packing, tensors=records), sort_keys=True)
+    frames, current = [meta.encode()], b""
+    for blob in blobs:
+        current += blob
+        if len(current) >= FRAME_MIN_BYTES:
+            frames.append(current)
+            current = b""
+    return frames + ([current] if current else []), records
+
+
+def deserialize_state(frames: list[bytes], source: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    try:
+        meta = json.loads(frames[0])
+        mc, packing = ModelConfig(**meta["model"]), meta["packing"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"artifact {source}: unreadable metadata ({e})") from None
+    body = b"".join(frames[1:])
+    state, offset = {}, 0
+    for rec in meta["tensors"]:
+        blob = body[offset: offset + rec["nbytes"]]
+        if len(blob) != rec["nbytes"]:
+            raise ValueError(f"artifact {source}: tensor {rec['name']} is cut short")
+        offset += rec["nbytes"]
+        state[rec["name"]] = _decode_tensor(rec, blob, packing, source)
+    if offset != len(body):
+        raise ValueError(f"artifact {source}: {len(body) - offset} bytes after the last tensor")
+    return mc, state
+
+
+def _decode_tensor(rec: dict, blob: bytes, packing: str, source: str) -> torch.Tensor:
+    shape, n = rec["shape"], math.prod(rec["shape"])
+    if rec["kind"] == "fp16":
+        if len(blob) != 2 * n:
+            raise ValueError(f"artifact {source}: tensor {rec['name']} has {len(blob)} bytes, expected {2 * n}")
+        return torch.from_numpy(np.frombuffer(blob, dtype=np.float16).copy()).float().view(shape)
+    if rec["kind"] != "int":
+        raise ValueError(f"artifact {source}: tensor {rec['name']} has unknown kind {rec['kind']!r}")
+    bits, rows = rec["bits"], shape[0]
+    qbytes = int_nbytes(bits, n, packing)
+    if len(blob) != qbytes + 2 * rows:
+        raise ValueError(f"artifact {source}: tensor {rec['name']} has {len(blob)} bytes, expected {qbytes + 2 * rows}")
+    q = torch.from_numpy(decode_ints(blob[:qbytes], bits, n, packing)).view(rows, -1)
+    scale = torch.from_numpy(np.frombuffer(blob[qbytes:], dtype=np.float16).copy())
+    return dequantize_rows(q, scale).view(shape)
+
+
+def compress(data: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        import brotli  # noqa: PLC0415
+
+        return brotli.compress(data, quality=BROTLI_QUALITY)
+    import zstandard  # noqa: PLC0415
+
+    return zstandard.ZstdCompressor(level=ZSTD_LEVEL).compress(data)
+
+
+def decompress(data: bytes, compressor: str) -> bytes:
+    if compressor == "brotli":
+        import brotli  # noqa: PLC0415
+
+        return brotli.decompress(data)
+    import zstandard  # noqa: PLC0415
+
+    return zstandard.ZstdDecompressor().decompress(data)
+
+
+def _parallel(fn, items: list) -> list:
+    with ThreadPoolExecutor(max_workers=max(1, min(len(items), os.cpu_count() or 1))) as pool:
+        return list(pool.map(fn, items))
+
+
+def write_artifact(path: Path, frames: list[bytes], compressor: str) -> int:
+    """Compress the frames in parallel and write atomically (temp file, fsync, rename). Returns the file size."""
+    packed = _parallel(lambda f: compress(f, compressor), frames)
+    rest = struct.pack(f"<{len(packed)}Q", *(len(p) for p in packed)) + b"".join(packed)
+    header = ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSOR_IDS[compressor], zlib.crc32(rest),
+                                  len(packed))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(header + rest)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return len(header) + len(rest)
+
+
+def read_artifact(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"artifact {path} does not exist")
+    data = path.read_bytes()
+    if len(data) < ARTIFACT_HEADER.size:
+        raise ValueError(f"artifact {path} is {len(data)} bytes, shorter than its header: truncated")
+    magic, version, comp_id, crc, n_frames = ARTIFACT_HEADER.unpack_from(data)
+    if magic != ARTIFACT_MAGIC:
+        raise ValueError(f"artifact {path} starts with {magic!r}, expected {ARTIFACT_MAGIC!r}: not an artifact of this script")
+    if version != ARTIFACT_VERSION:
+        raise ValueError(f"artifact {path} has format version {version}; this script reads version {ARTIFACT_VERSION}")
+    names = {v: k for k, v in COMPRESSOR_IDS.items()}
+    if comp_id not in names:
+        raise ValueError(f"artifact {path} names unknown compressor id {comp_id}")
+    rest = data[ARTIFACT_HEADER.size:]
+    if zlib.crc32(rest) != crc:
+        raise ValueError(f"artifact {path} fails its checksum: truncated or corrupted")
+    lengths = struct.unpack_from(f"<{n_frames}Q", rest)
+    offsets = np.cumsum([8 * n_frames, *lengths]).tolist()
+    if offsets[-1] != len(rest) or n_frames < 1:
+        raise ValueError(f"artifact {path}: frame table does not match the file size")
+    frames = [rest[offsets[i]: offsets[i + 1]] for i in range(n_frames)]
+    return deserialize_state(_parallel(lambda f: decompress(f, names[comp_id]), frames), str(path))
+
+
+def load_exported_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"artifact {source} does not fit the model: missing {missing}, unexpected {unexpected}")
+    for name, t in state.items():
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ValueError(f"artifact {source}: tensor {name} has shape {tuple(t.shape)}, "
+                             f"the model expects {tuple(expected[name].shape)}")
+    model.load_state_dict(state, strict=True)
+
+
+def code_bytes() -> int:
+    return len(Path(__file__).read_bytes())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 9. Evaluation
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Window:
+    start: int  # first input token
+    length: int  # inputs tokens[start : start+length], targets tokens[start+1 : start+length+1]
+    score_from: int  # positions >= score_from are scored
+
+
+def make_windows(n_tokens: int, seq_len: int, stride: int) -> list[Window]:
+    """Windows start at 0, stride, 2*stride, ...; each scores only targets no earlier window scored, so every target
+    (token 1 .. n-1) is scored exactly once, with at least seq_len - stride tokens of context after the first window.
+    stride == seq_len is plain evaluation (the last window may be shorter)."""
+    n_targets, scored, start, windows = n_tokens - 1, 0, 0, []
+    while scored < n_targets:
+        length = min(seq_len, n_targets - start)
+        windows.append(Window(start, length, scored - start))
+        scored, start = start + length, start + stride
+    return windows
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    bpb: float
+    tokens: int
+    bytes: int
+    seconds: float
+
+    def line(self, tag: str) -> str:
+        return (f"{tag} val_loss:{self.loss:.4f} val_bpb:{self.bpb:.4f} val_tokens:{self.tokens} "
+                f"val_bytes:{self.bytes} eval_time:{1000 * self.seconds:.0f}ms")
+
+    def exact_line(self, tag: str) -> str:
+        return f"{tag}_exact val_loss:{self.loss:.8f} val_bpb:{self.bpb:.8f}"
+
+
+def autocast(rt: Runtime):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if rt.cuda else contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Config, rt: Runtime) -> EvalResult:
+    """Scores every target of `tokens` once (windows of EVAL_SEQ_LEN, stride EVAL_STRIDE), split over ranks."""
+    t0 = time.perf_counter()
+    seq_len = cfg.eval_len
+    windows = make_windows(len(tokens), seq_len, cfg.stride)
+    lo, hi = len(windows) * rt.rank // rt.world_size, len(windows) * (rt.rank + 1) // rt.world_size
+    batch = cfg.eval_batch_tokens // seq_len
+    nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    byte_sum = torch.zeros((), dtype=torch.int64, device=rt.device)
+    count = torch.zeros((), dtype=torch.int64, device=rt.device)
+    was_training = model.training
+    model.eval()
+    for b in range(lo, hi, batch):
+        x, y, mask = _window_batch(tokens, windows[b: min(b + batch, hi)], batch, seq_len)
+        x, y, mask = x.to(rt.device), y.to(rt.device), mask.to(rt.device)
+        with autocast(rt):
+            nll = model(x, y, reduction="none")
+        nll_sum += nll[mask].double().sum()
+        byte_sum += tables.count(x[mask], y[mask]).sum()
+        count += mask.sum()
+    model.train(was_training)
+    nll, nbytes, n = all_reduce_sum([nll_sum.item(), float(byte_sum.item()), float(count.item())], rt)
+    if int(n) != len(tokens) - 1:
+        raise RuntimeError(f"evaluation scored {int(n)} targets, expected {len(tokens) - 1}")
+    return EvalResult(nll / n, nll / (math.log(2) * nbytes), int(n), int(nbytes), time.perf_counter() - t0)
+
+
+def _window_batch(tokens: torch.Tensor, ws: list[Window], batch: int, seq_len: int):
+    """Pads to a fixed (batch, seq_len) shape so a compiled model sees one shape; padding is never scored."""
+    x = torch.zeros(batch, seq_len, dtype=torch.int64)
+    y = torch.zeros(batch, seq_len, dtype=torch.int64)
+    mask = torch.zeros(batch, seq_len, dtype=torch.bool)
+    for j, w in enumerate(ws):
+        seg = tokens[w.start: w.start + w.length + 1]
+        x[j, : w.length], y[j, : w.length] = seg[:-1], seg[1:]
+        mask[j, w.score_from: w.length] = True
+    return x, y, mask
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 10. Backends and kernel checks: a fast kernel is used only after it matches its reference on this GPU
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _gdn_check_inputs(mc: ModelConfig, B: int, T: int, device: torch.device, seed: int) -> list[torch.Tensor]:
+    """Inputs distributed like the layer's at initialization: unit q, k; decays from the A_log/dt_bias init ranges."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    H, K, V = mc.gdn_heads, mc.gdn_head_dim, int(mc.gdn_head_dim * mc.gdn_expand_v)
+    q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, V, generator=gen)
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen))
+    A = torch.empty(H).uniform_(1, 16, generator=gen)
+    g = -A * F.softplus(torch.randn(B, T, H, generator=gen) - 3.0)
+    bf = torch.bfloat16
+    return [q.to(device, bf), k.to(device, bf), v.to(device, bf), g.to(device), beta.to(device, bf)]
+
+
+def gdn_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed: int = 0) -> dict[str, float]:
+    """Relative errors of fla's output and gradients against the float64 chunked reference on the same inputs."""
+    inputs = _gdn_check_inputs(mc, 2, T, device, seed)
+    scale = mc.gdn_head_dim ** -0.5
+    fast_in = [t.clone().requires_grad_(True) for t in inputs]
+    ref_in = [t.double().requires_grad_(True) for t in inputs]
+    o_fast, _ = gdn_fla(*fast_in, scale=scale)
+    o_ref, _ = gdn_chunked_reference(*ref_in, scale=scale)
+    do = torch.randn(o_ref.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    o_fast.backward(do.to(o_fast.dtype))
+    o_ref.backward(do.double())
+    errs = {"o": rel_err(o_fast, o_ref)}
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta"), (t.grad for t in fast_in), (t.grad for t in ref_in)):
+        errs[name] = rel_err(a, b)
+    return errs
+
+
+@contextlib.contextmanager
+def fla_hopper_guard_lifted(lift: bool):
+    """fla 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (fla #640, wrong gradients seen on another
+    Hopper part). Inside this context that refusal is switched off; callers must verify the kernel themselves."""
+    import fla.ops.common.chunk_o as chunk_o  # noqa: PLC0415
+
+    saved = chunk_o.TRITON_ABOVE_3_7_1
+    chunk_o.TRITON_ABOVE_3_7_1 = saved or lift
+    try:
+        yield
+    finally:
+        chunk_o.TRITON_ABOVE_3_7_1 = saved
+
+
+def guarded_gdn_kernel_errors(mc: ModelConfig, T: int) -> tuple[dict[str, float], bool]:
+    """The kernel's errors, and whether fla's Hopper guard had to be lifted to measure them."""
+    try:
+        return gdn_kernel_errors(mc, T, torch.device("cuda")), False
+    except RuntimeError as e:
+        if "#640" not in str(e):
+            raise
+    with fla_hopper_guard_lifted(True):
+        return gdn_kernel_errors(mc, T, torch.device("cuda")), True
+
+
+def check_gdn_kernel(mc: ModelConfig, cfg: Config, log: Logger) -> None:
+    """Refuses to train unless fla's forward and backward match the float64 reference at the configured shapes. If
+    fla's Hopper guard blocked the backward (and tilelang is absent), the guard is lifted only after the check passes."""
+    errs, needs_lift = guarded_gdn_kernel_errors(mc, cfg.train_seq_len)
+    if needs_lift:
+        log("kernel_check: fla refused the gated backward on this GPU (Hopper guard, fla #640); "
+            "checked the Triton kernel against the float64 reference with the guard lifted")
+    log("kernel_check gdn(fla) vs float64 reference: " + " ".join(f"{k}:{v:.2e}" for k, v in errs.items())
+        + f" tol:{cfg.kernel_check_tol:.0e}")
+    bad = {k: v for k, v in errs.items() if not v <= cfg.kernel_check_tol}
+    if bad:
+        raise RuntimeError(f"GDN kernel check failed on {torch.cuda.get_device_name()}: {bad} exceed "
+                           f"{cfg.kernel_check_tol}; refusing to train (GDN_BACKEND=torch runs the slow reference)")
+    if needs_lift:
+        import fla.ops.common.chunk_o as chunk_o  # noqa: PLC0415
+
+        chunk_o.TRITON_ABOVE_3_7_1 = True
+        log("kernel_check: passed; fla's Hopper guard is lifted for this run")
+
+
+def attention_kernel_errors(mc: ModelConfig, backend: str, T: int, device: torch.device, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    hd = mc.model_dim // mc.num_heads
+    shapes = [(2, T, mc.num_heads, hd), (2, T, mc.num_kv_heads, hd), (2, T, mc.num_kv_heads, hd)]
+    inputs = [torch.randn(s, generator=gen).to(device, torch.bfloat16) for s in shapes]
+    fast_in = [t.clone().requires_grad_(True) for t in inputs]
+    ref_in = [t.float().requires_grad_(True) for t in inputs]
+    y_fast = attention(*fast_in, mc.swa_window, backend)
+    y_ref = attention_reference(*ref_in, mc.swa_window)
+    dy = torch.randn(y_ref.shape, generator=gen).to(device)
+    y_fast.backward(dy.to(y_fast.dtype))
+    y_ref.backward(dy)
+    errs = {"o": rel_err(y_fast, y_ref)}
+    errs.update({n: rel_err(a.grad, b.grad) for n, a, b in zip(("dq", "dk", "dv"), fast_in, ref_in)})
+    return errs
+
+
+def _varlen_has_window() -> bool:
+    try:
+        import inspect  # noqa: PLC0415
+
+        from torch.nn.attention.varlen import varlen_attn  # noqa: PLC0415
+
+        return "window_size" in inspect.signature(varlen_attn).parameters
+    except ImportError:
+        return False
+
+
+def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, check: bool) -> Backends:
+    """Chooses the GDN and attention implementations in one place, checks them on this GPU, and logs the choice."""
+    gdn = cfg.gdn_backend if cfg.gdn_backend != "auto" else ("fla" if rt.cuda else "torch")
+    if gdn == "fla" and not rt.cuda:
+        raise ValueError("GDN_BACKEND=fla needs a CUDA GPU")
+    attn = cfg.attn_backend
+    if attn == "auto":
+        attn = "sdpa"
+        if rt.cuda:
+            try:
+                import flash_attn_interface  # noqa: F401, PLC0415
+
+                attn = "fa3"
+            except ImportError:
+                attn = "varlen" if _varlen_has_window() else "sdpa"
+    if attn in ("fa3", "varlen") and not rt.cuda:
+        raise ValueError(f"ATTN_BACKEND={attn} needs a CUDA GPU")
+    has_gdn, has_swa = "G" in mc.layout.upper(), "S" in mc.layout.upper()
+    if check and cfg.kernel_check and rt.cuda:
+        if gdn == "fla" and has_gdn:
+            check_gdn_kernel(mc, cfg, log)
+        if attn != "sdpa" and has_swa and mc.swa_window < cfg.train_seq_len:
+            errs = attention_kernel_errors(mc, attn, cfg.train_seq_len, rt.device)
+            log(f"kernel_check swa({attn}) vs fp32 masked SDPA: " + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
+            if not all(v <= cfg.kernel_check_tol for v in errs.values()):
+                raise RuntimeError(f"attention backend {attn} disagrees with the reference: {errs}; set ATTN_BACKEND=sdpa")
+    log(f"backends: gdn:{gdn} attention:{attn} (window {mc.swa_window})")
+    return Backends(gdn, attn)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 11. Training
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def lr_multiplier(step: int, elapsed_s: float, cfg: Config) -> float:
+    """Linear warmup over LR_WARMUP_STEPS, then flat, then linear decay to 0 over the last WARMDOWN_FRAC of the run;
+    progress is the larger of steps done / ITERATIONS and wallclock used / MAX_WALLCLOCK_SECONDS."""
+    if step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    progress = step / cfg.iterations
+    if cfg.max_wallclock_seconds > 0:
+        progress = max(progress, elapsed_s / cfg.max_wallclock_seconds)
+    if cfg.warmdown_frac <= 0 or progress < 1.0 - cfg.warmdown_frac:
+        return 1.0
+    return max(0.0, (1.0 - progress) / cfg.warmdown_frac)
+
+
+def muon_momentum(step: int, cfg: Config) -> float:
+    frac = min(1.0, step / cfg.muon_momentum_warmup_steps) if cfg.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - frac) * cfg.muon_momentum_warmup_start + frac * cfg.muon_momentum
+
+
+def train_step(model: nn.Module, opts: Optimizers, loader: TrainLoader, cfg: Config, rt: Runtime, step: int,
+               lr_mult: float) -> torch.Tensor:
+    """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (a tensor, not synced)."""
+    total = torch.zeros((), device=rt.device)
+    for micro in range(rt.grad_accum_steps):
+        x, y = loader.next_batch()
+        sync = micro == rt.grad_accum_steps - 1
+        with (contextlib.nullcontext() if sync or not rt.distributed else model.no_sync()):
+            with autocast(rt):
+                loss = model(x, y)
+            (loss / rt.grad_accum_steps).backward()
+        total += loss.detach()
+    for o in opts.all():
+        for g in o.param_groups:
+            g["lr"] = g["base_lr"] * lr_mult
+    for g in opts.muon.param_groups:
+        g["momentum"] = muon_momentum(step, cfg)
+    if cfg.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+    for o in opts.all():
+        o.step()
+        o.zero_grad(set_to_none=True)
+    return total / rt.grad_accum_steps
+
+
+def sync(rt: Runtime) -> None:
+    if rt.cuda:
+        torch.cuda.synchronize()
+
+
+def warmup_then_restore(base: nn.Module, model: nn.Module, opts: Optimizers, cfg: Config, rt: Runtime,
+                        log: Logger) -> None:
+    """Runs WARMUP_STEPS real steps so compilation and autotuning happen before the timer, then puts the weights,
+    the optimizer state and the data position back as they were."""
+    if cfg.warmup_steps <= 0:
+        return
+    t0 = time.perf_counter()
+    weights = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    opt_state = [_clone_state(s) for s in opts.state_dict()]
+    loader = TrainLoader(cfg, rt)
+    for step in range(cfg.warmup_steps):
+        train_step(model, opts, loader, cfg, rt, step, lr_multiplier(step, 0.0, cfg))
+    sync(rt)
+    loader.close()
+    base.load_state_dict(weights)
+    opts.load_state_dict(opt_state)
+    log(f"warmup: {cfg.warmup_steps} steps in {time.perf_counter() - t0:.1f}s (compile/autotune), then restored "
+        "weights, optimizer state and data position")
+
+
+def _clone_state(state: dict) -> dict:
+    return {k: (_clone_state(v) if isinstance(v, dict) else
+                [_clone_state(x) if isinstance(x, dict) else x for x in v] if isinstance(v, list) else
+                v.clone() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+
+
+@dataclass
+class TrainStats:
+    steps: int = 0
+    train_ms: float = 0.0
+    tokens: int = 0
+    stopped_by_cap: bool = False
+
+    @property
+    def step_avg_ms(self) -> float:
+        return self.train_ms / max(self.steps, 1)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / max(self.train_ms / 1000, 1e-9)
+
+
+def train(base: nn.Module, model: nn.Module, opts: Optimizers, ema: EMA | None, cfg: Config, rt: Runtime,
+          log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> TrainStats:
+    """The timed loop. The timer excludes validation; the cap is agreed across ranks and checked before each step
+    so that training stops before the next step would cross MAX_WALLCLOCK_SECONDS."""
+    stats, loader = TrainStats(), TrainLoader(cfg, rt)
+    cap_ms = 1000 * cfg.max_wallclock_seconds
+    loss_sum = torch.zeros((), device=rt.device)
+    sync(rt)
+    t_start, paused_ms = time.perf_counter(), 0.0
+
+    def elapsed_ms() -> float:
+        return 1000 * (time.perf_counter() - t_start) - paused_ms
+
+    while stats.steps < cfg.iterations:
+        if cfg.val_loss_every and stats.steps and stats.steps % cfg.val_loss_every == 0:
+            sync(rt)
+            p0 = time.perf_counter()
+            log(evaluate(base, val_tokens, tables, cfg, rt).line(f"step:{stats.steps}/{cfg.iterations}"))
+            paused_ms += 1000 * (time.perf_counter() - p0)
+        step_avg = elapsed_ms() / stats.steps if stats.steps else 0.0
+        if cap_ms and _agree_stop(elapsed_ms() + step_avg > cap_ms, rt):
+            stats.stopped_by_cap = True
+            break
+        loss_sum += train_step(model, opts, loader, cfg, rt, stats.steps, lr_multiplier(stats.steps, elapsed_ms() / 1000, cfg))
+        if ema is not None:
+            ema.update()
+        stats.steps += 1
+        stats.tokens += cfg.train_batch_tokens
+        sync(rt)
+        if stats.steps % cfg.train_log_every == 0 or stats.steps == cfg.iterations:
+            now = elapsed_ms()
+            n = (stats.steps - 1) % cfg.train_log_every + 1
+            log(f"step:{stats.steps}/{cfg.iterations} train_loss:{loss_sum.item() / n:.4f} train_time:{now:.0f}ms "
+                f"step_avg:{now / stats.steps:.2f}ms tok/s:{stats.tokens / (now / 1000):.0f}")
+            loss_sum.zero_()
+    stats.train_ms = elapsed_ms()
+    loader.close()
+    return stats
+
+
+def _agree_stop(flag: bool, rt: Runtime) -> bool:
+    if not rt.distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# 12. Main
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def resolve_run_id(cfg: Config, rt: Runtime) -> str:
+    """RUN_ID, or a timestamp chosen on rank 0 and shared, so every rank names the same artifact."""
+    ids = [cfg.run_id or time.strftime("%Y%m%d_%H%M%S")]
+    if rt.distributed:
+        dist.broadcast_object_list(ids, src=0)
+    return ids[0]
+
+
+def log_header(cfg: Config, rt: Runtime, log: Logger, run_id: str) -> None:
+    log(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log("=" * 100, console=False)
+    log(f"run_id:{run_id}")
+    for f in sorted(fields(cfg), key=lambda f: f.name):
+        log(f"config {f.name.upper()}={getattr(cfg, f.name)}")
+    versions = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
+    for mod in ("triton", "fla"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            pass
+    device = torch.cuda.get_device_name(rt.device) if rt.cuda else "cpu"
+    log(f"runtime: world_size:{rt.world_size} grad_accum_steps:{rt.grad_accum_steps} device:{device} "
+        + " ".join(versions))
+    if cfg.val_max_tokens:
+        log(f"WARNING: VAL_MAX_TOKENS={cfg.val_max_tokens}: partial validation, not a challenge score")
+
+
+def maybe_compile(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
+    if cfg.compile == "1" or (cfg.compile == "auto" and rt.cuda):
+        return torch.compile(model, dynamic=False)
+    return model
+
+
+def build_model(mc: ModelConfig, backends: Backends, rt: Runtime) -> nn.Module:
+    return GPT(mc, backends).to(rt.device)
+
+
+def export_artifact(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, path: Path) -> dict:
+    """Rank 0 quantizes, compresses and writes the artifact atomically; every rank gets the sizes."""
+    sizes = [None]
+    if rt.is_main:
+        t0 = time.perf_counter()
+        frames, records = serialize_state(base.state_dict(), base.mc, cfg)
+        model_bytes = write_artifact(path, frames, cfg.compressor)
+        for r in records:
+            log(f"export {r['name']} {tuple(r['shape'])} {r['kind']} bits:{r['bits']} clip:{r['clip_sigmas']} "
+                f"bytes:{r['nbytes']}", console=False)
+        label = lambda r: "fp16" if r["kind"] == "fp16" else f"int{r['bits']}"  # noqa: E731
+        log("export routing: " + ", ".join(
+            f"{k}: {sum(1 for r in records if label(r) == k)} tensors "
+            f"{sum(math.prod(r['shape']) for r in records if label(r) == k):,} params"
+            for k in sorted({label(r) for r in records})))
+        total = model_bytes + code_bytes()
+        sizes[0] = dict(model_bytes=model_bytes, code_bytes=code_bytes(), total_bytes=total,
+                        export_seconds=time.perf_counter() - t0)
+        label = f"int{cfg.matrix_bits}+{cfg.compressor}"
+        log(f"Serialized model {label}: {model_bytes} bytes (raw {sum(map(len, frames))} bytes in {len(frames)} frames) to {path} "
+            f"in {sizes[0]['export_seconds']:.1f}s")
+        log(f"Code size: {code_bytes()} bytes")
+        log(f"Total submission size {label}: {total} bytes (limit {ARTIFACT_LIMIT_BYTES})")
+        if total > ARTIFACT_LIMIT_BYTES:
+            log(f"WARNING: ARTIFACT OVER THE LIMIT by {total - ARTIFACT_LIMIT_BYTES} bytes: this run is NOT COMPLIANT")
+    if rt.distributed:
+        dist.broadcast_object_list(sizes, src=0)
+    return sizes[0]
+
+
+def score_artifact(path: Path, cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables,
+                   tag: str) -> EvalResult:
+    """Reads the artifact from disk into a fresh model and scores it."""
+    mc, state = read_artifact(path)
+    backends = resolve_backends(cfg, rt, mc, log, check=False)
+    model = build_model(mc, backends, rt)
+    load_exported_state(model, state, str(path))
+    result = evaluate(maybe_compile(model, cfg, rt), val_tokens, tables, cfg, rt)
+    log(result.line(tag))
+    log(result.exact_line(tag))
+    return result
+
+
+def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> dict:
+    path = Path(cfg.artifact_path)
+    mc, _ = read_artifact(path)
+    conflicts = {n: (getattr(cfg, n), getattr(mc, n)) for n in Config.explicit_fields() & set(MODEL_FIELDS)
+                 if getattr(cfg, n) != getattr(mc, n)}
+    if conflicts:
+        raise ValueError(f"EVAL_ONLY: settings {conflicts} (environment, artifact) contradict the artifact {path}")
+    if cfg.kernel_check and rt.cuda:
+        resolve_backends(cfg, rt, mc, log, check=True)
+    size = path.stat().st_size
+    log(f"eval_only: artifact {path} {size} bytes + code {code_bytes()} bytes = {size + code_bytes()} bytes")
+    result = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg))
+    return dict(final=dataclasses.asdict(result), artifact_bytes=size)
+
+
+def _final_tag(cfg: Config) -> str:
+    mode = "" if cfg.stride == cfg.eval_len else f"_sliding{cfg.stride}"
+    return f"final_int{cfg.matrix_bits}_{cfg.compressor}_roundtrip{mode}"
+
+
+def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_tokens: torch.Tensor,
+                   tables: ByteTables) -> dict:
+    mc = ModelConfig.from_config(cfg)
+    backends = resolve_backends(cfg, rt, mc, log, check=True)
+    base = build_model(mc, backends, rt)
+    opts = build_optimizers(base, cfg, rt)
+    log(f"model: {count_parameters(base):,} parameters, layout {mc.layout} ({len(base.layer_mixer)} layers, "
+        f"{len(base.mixers)} distinct mixers); optimizer routing:")
+    for line in describe_routes(base):
+        log(line)
+    compiled = maybe_compile(base, cfg, rt)
+    model = nn.parallel.DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.cuda else None,
+                                                broadcast_buffers=False) if rt.distributed else compiled
+    warmup_then_restore(base, model, opts, cfg, rt, log)
+    ema = EMA(base, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    stats = train(base, model, opts, ema, cfg, rt, log, val_tokens, tables)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if rt.cuda else 0.0
+    log(f"train_done steps:{stats.steps} train_time:{stats.train_ms:.0f}ms step_avg:{stats.step_avg_ms:.2f}ms "
+        f"tok/s:{stats.tokens_per_s:.0f} stopped_by_cap:{stats.stopped_by_cap} peak_mem:{peak:.0f}MiB")
+    if ema is not None:
+        ema.copy_to_model()
+    pre = evaluate(compiled, val_tokens, tables, cfg, rt)
+    log(pre.line("pre_quant_ema" if ema is not None else "pre_quant"))
+    path = Path(cfg.artifact_path or f"artifacts/{run_id}.pgz")
+    sizes = export_artifact(base, cfg, rt, log, path)
+    if rt.distributed:
+        dist.barrier()
+    final = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg))
+    return dict(steps=stats.steps, train_time_ms=round(stats.train_ms), step_avg_ms=round(stats.step_avg_ms, 2),
+                tokens_per_s=round(stats.tokens_per_s), stopped_by_cap=stats.stopped_by_cap, peak_mem_mib=round(peak),
+                params=count_parameters(base), pre_quant=dataclasses.asdict(pre), final=dataclasses.asdict(final),
+                artifact_path=str(path), **sizes)
+
+
+def main() -> None:
+    cfg = Config.from_env()
+    rt = init_runtime(cfg)
+    run_id = resolve_run_id(cfg, rt)
+    log = Logger(Path("logs") / f"{run_id}.txt" if rt.is_main else None)
+    log_header(cfg, rt, log, run_id)
+    seed_everything(cfg.seed)
+    tables = build_byte_tables(load_tokenizer(cfg)).to(rt.device)
+    val_tokens = load_val_tokens(cfg)
+    log(f"val_tokens:{len(val_tokens)} from {cfg.data_path}")
+    t0 = time.perf_counter()
+    if cfg.eval_only:
+        summary = eval_only(cfg, rt, log, val_tokens, tables)
+    else:
+        summary = train_and_eval(cfg, rt, log, run_id, val_tokens, tables)
+    total = summary.get("total_bytes")
+    summary.update(run_id=run_id, seed=cfg.seed, world_size=rt.world_size, eval_only=cfg.eval_only,
+                   device=torch.cuda.get_device_name(rt.device) if rt.cuda else "cpu", torch=torch.__version__,
+                   partial_validation=bool(cfg.val_max_tokens), wall_seconds=round(time.perf_counter() - t0, 1),
+                   artifact_under_limit=None if total is None else total <= ARTIFACT_LIMIT_BYTES)
+    log("summary " + json.dumps(summary, sort_keys=True))
+    if rt.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
