@@ -1,5 +1,9 @@
-"""Shared fixtures: the script imported as a module, and where the shared challenge data lives (if present)."""
+"""Shared fixtures: the script imported as a module, a tokenizer trained here, and shards made from synthetic text,
+so every test runs without ../shared/data; tests that use the shared tokenizers skip where it is absent."""
 
+import importlib.util
+import json
+import random
 import sys
 from pathlib import Path
 
@@ -9,9 +13,59 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
+WORDS = ("the of and to in a is was for on that with as by at from his he it an were are which this be "
+         "city river 1984 2,500 3.14 café naïve Zürich 東京 — data model golf byte token shard").split()
+
+
+def synthetic_text(seed: int, n_docs: int, words_per_doc: int = 120) -> list[str]:
+    """Documents of English-like text with digits, punctuation and non-ASCII characters."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n_docs):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(words_per_doc // 2, words_per_doc))]
+        sentences = [" ".join(words[i: i + 9]).capitalize() + rng.choice([".", "!", "?", ","])
+                     for i in range(0, len(words), 9)]
+        docs.append(" ".join(sentences))
+    return docs
+
+
+def load_data_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "tokenizers").is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Path:
+    """A 320-piece SentencePiece BPE model with the challenge's special ids and byte fallback."""
+    import sentencepiece as spm
+
+    folder = tmp_path_factory.mktemp("tok")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(synthetic_text(0, 300)), model_prefix=str(folder / "tiny"), model_type="bpe",
+        vocab_size=320, pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True, character_coverage=1.0,
+        minloglevel=2)
+    return folder / "tiny.model"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory, tiny_tokenizer) -> dict:
+    """Challenge-format shards (one val, two train) from synthetic text, written by data/make_shards.py."""
+    folder = tmp_path_factory.mktemp("data")
+    val, train = folder / "val.jsonl", folder / "train.jsonl"
+    val.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_text(1, 60)))
+    train.write_text("".join(json.dumps({"text": t}) + "\n" for t in synthetic_text(2, 900)))
+    out = folder / "shards"
+    make_shards = load_data_tool("make_shards")
+    assert make_shards.main(["--tokenizer", str(tiny_tokenizer), "--out-dir", str(out), "--val", str(val),
+                             "--train", str(train), "--shard-tokens", "40000"]) == 0
+    return dict(data_path=str(out), tokenizer_path=str(tiny_tokenizer), vocab_size=320)

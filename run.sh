@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up and run the main job on this machine's GPUs: install, download the sp1024 data, train, export, score.
+#   bash run.sh                 all GPUs (8 for a record run)
+#   NPROC=1 bash run.sh         one GPU
+# Any train_gpt.py setting can be passed through the environment, e.g. SEED=42 RUN_ID=seed42 bash run.sh
+set -euo pipefail
+cd "$(dirname "$0")"
+NPROC="${NPROC:-$(nvidia-smi -L | wc -l)}"
+python3 -m pip install -q -r requirements.txt
+python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards "${TRAIN_SHARDS:-80}"
+torchrun --standalone --nproc_per_node="$NPROC" train_gpt.py

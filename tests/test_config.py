@@ -1,0 +1,66 @@
+"""Configuration: environment parsing, validation and the layout string."""
+
+import pytest
+
+import train_gpt as tg
+
+
+def test_defaults_are_valid_and_env_overrides_them():
+    cfg = tg.Config.from_env({})
+    assert cfg == tg.Config()
+    cfg = tg.Config.from_env({"MODEL_DIM": "256", "EMA_DECAY": "0.99", "KERNEL_CHECK": "false", "LAYOUT": "GGA"})
+    assert (cfg.model_dim, cfg.ema_decay, cfg.kernel_check, cfg.layout) == (256, 0.99, False, "GGA")
+
+
+def test_preset_sets_values_and_env_still_wins():
+    cfg = tg.Config.from_env({"PRESET": "tiny", "ITERATIONS": "3"})
+    assert cfg.model_dim == tg.PRESETS["tiny"]["model_dim"] and cfg.iterations == 3
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"PRESET": "huge"}, "PRESET='huge'"),
+    ({"MODEL_DIM": "5x"}, "MODEL_DIM='5x'"),
+    ({"KERNEL_CHECK": "maybe"}, "KERNEL_CHECK"),
+    ({"NUM_HEADS": "3"}, "MODEL_DIM=512 not divisible by NUM_HEADS=3"),
+    ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS=3"),
+    ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096"),
+    ({"COMPRESSOR": "zip"}, "COMPRESSOR='zip'"),
+    ({"ATTN_BACKEND": "flash"}, "ATTN_BACKEND='flash'"),
+    ({"LAYOUT": "GGXG"}, "layer 2 is 'X'"),
+    ({"EVAL_ONLY": "1"}, "ARTIFACT_PATH"),
+    ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE=70000"),
+])
+def test_bad_settings_raise_with_the_name(env, needle):
+    with pytest.raises(ValueError, match=None) as err:
+        tg.Config.from_env(env)
+    assert needle in str(err.value)
+
+
+def test_layout_parsing_and_sharing():
+    specs = tg.parse_layout("GGGGGSGGGGGs")
+    assert [s.kind for s in specs] == ["gdn"] * 5 + ["swa"] + ["gdn"] * 5 + ["swa"]
+    assert specs[11].shared and specs[11].mixer == specs[5].mixer
+    assert len({s.mixer for s in specs}) == 11
+    specs = tg.parse_layout("GGG S | GGG S-GG")  # separators are ignored
+    assert len(specs) == 10 and not any(s.shared for s in specs)
+    specs = tg.parse_layout("SGsGg")
+    assert specs[2].mixer == specs[0].mixer and specs[4].mixer == specs[3].mixer
+
+
+@pytest.mark.parametrize("layout,needle", [("", "no layers"), ("sG", "no earlier 'S'"), ("GGQ", "'Q'")])
+def test_invalid_layouts_name_the_problem(layout, needle):
+    with pytest.raises(ValueError) as err:
+        tg.parse_layout(layout)
+    assert needle in str(err.value)
+
+
+def test_world_size_must_divide_eight(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="WORLD_SIZE=3 must divide 8"):
+        tg.init_runtime(tg.Config())
+
+
+def test_batch_must_split_into_whole_sequences(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="TRAIN_BATCH_TOKENS=1000"):
+        tg.init_runtime(tg.Config(train_batch_tokens=1000))

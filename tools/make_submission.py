@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Write a challenge submission.json from the logs that train_gpt.py wrote (one log per seed), never by hand.
+
+    python3 tools/make_submission.py logs/seed1337.txt logs/seed42.txt logs/seed7.txt \
+        --author "Name" --github-id handle --name "GDN hybrid" --blurb "..." --out submission.json
+
+Each log must end with train_gpt.py's `summary {...}` line (a finished training run on the full validation split).
+The track is 10min_16mb only if every run used 8 GPUs and trained within 600 s; otherwise non_record_16mb.
+"""
+
+import argparse
+import datetime as dt
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+LIMIT_BYTES = 16_000_000
+TRAIN_LIMIT_MS = 600_000
+EVAL_LIMIT_S = 600.0
+RECORD_GPUS = 8
+
+
+def read_run(path: Path) -> dict:
+    """The summary and the config of one log; errors name the log and what is wrong with it."""
+    text = path.read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.startswith("summary {")]
+    if not lines:
+        raise ValueError(f"{path}: no 'summary {{...}}' line; did the run finish?")
+    summary = json.loads(lines[-1][len("summary "):])
+    if summary.get("eval_only"):
+        raise ValueError(f"{path}: an EVAL_ONLY rescoring log, not a training run")
+    if summary.get("partial_validation"):
+        raise ValueError(f"{path}: scored on part of the validation split (VAL_MAX_TOKENS); not a submission score")
+    summary["config"] = dict(re.findall(r"^config (\w+)=(.*)$", text, flags=re.M))
+    summary["log"] = str(path)
+    return summary
+
+
+def eval_seconds(run: dict) -> float:
+    return float(run["final"]["seconds"])
+
+
+def build(runs: list[dict], args: argparse.Namespace) -> dict:
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"two logs share a seed: {seeds}")
+    bpbs = [r["final"]["bpb"] for r in runs]
+    record = all(r["world_size"] == RECORD_GPUS and r["train_time_ms"] <= TRAIN_LIMIT_MS for r in runs)
+    compliance = dict(
+        train_under_600s=all(r["train_time_ms"] <= TRAIN_LIMIT_MS for r in runs),
+        artifact_under_16mb=all(r["total_bytes"] <= LIMIT_BYTES for r in runs),
+        eval_under_600s=all(eval_seconds(r) <= EVAL_LIMIT_S for r in runs),
+        score_first_ttt=True,  # train_gpt.py never adapts before scoring
+        full_validation_split=True,
+        scored_from_artifact_on_disk=True,
+    )
+    return dict(
+        author=args.author, github_id=args.github_id, name=args.name, blurb=args.blurb,
+        date=args.date or dt.date.today().isoformat(),
+        track="10min_16mb" if record else "non_record_16mb",
+        val_loss=round(statistics.mean(r["final"]["loss"] for r in runs), 8),
+        val_bpb=round(statistics.mean(bpbs), 8),
+        val_bpb_std=round(statistics.stdev(bpbs), 8) if len(bpbs) > 1 else 0.0,
+        seeds=seeds,
+        seed_results={str(r["seed"]): dict(val_loss=r["final"]["loss"], val_bpb=r["final"]["bpb"],
+                                           artifact_bytes=r["total_bytes"], steps=r["steps"],
+                                           step_avg_ms=r["step_avg_ms"], eval_time_s=round(eval_seconds(r), 2),
+                                           log=r["log"]) for r in runs},
+        bytes_total=max(r["total_bytes"] for r in runs),
+        bytes_code=max(r["code_bytes"] for r in runs),
+        hardware=f"{runs[0]['world_size']}x {runs[0]['device']}",
+        pytorch_version=runs[0]["torch"],
+        technique_summary=args.technique or technique_summary(runs[0]["config"]),
+        compliance=compliance,
+    )
+
+
+def technique_summary(config: dict) -> str:
+    c = config
+    return (f"Gated DeltaNet + sliding-window attention hybrid, layout {c.get('LAYOUT')}, d{c.get('MODEL_DIM')}, "
+            f"SWA window {c.get('SWA_WINDOW')}, vocab {c.get('VOCAB_SIZE')}; Muon + Adam, EMA {c.get('EMA_DECAY')}; "
+            f"int{c.get('MATRIX_BITS')} matrices / int{c.get('EMBED_BITS')} embedding + {c.get('COMPRESSOR')}; "
+            f"eval seq {c.get('EVAL_SEQ_LEN')} stride {c.get('EVAL_STRIDE')} (0 = defaults)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("logs", nargs="+", type=Path)
+    p.add_argument("--author", required=True)
+    p.add_argument("--github-id", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--blurb", default="")
+    p.add_argument("--technique", default="", help="technique_summary; default: derived from the config")
+    p.add_argument("--date", default="", help="YYYY-MM-DD; default: today")
+    p.add_argument("--out", type=Path, default=Path("submission.json"))
+    args = p.parse_args(argv)
+    try:
+        runs = [read_run(path) for path in args.logs]
+        sub = build(runs, args)
+    except (ValueError, OSError) as e:
+        print(f"make_submission: {e}", file=sys.stderr)
+        return 1
+    args.out.write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {args.out}: {sub['track']} val_bpb {sub['val_bpb']:.4f} ± {sub['val_bpb_std']:.4f} "
+          f"over seeds {sub['seeds']}, {sub['bytes_total']} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
