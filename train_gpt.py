@@ -107,11 +107,31 @@ class Config:
     # evaluation
     eval_seq_len: int = 0  # 0 -> train_seq_len
     eval_stride: int = 0  # 0 -> eval_seq_len (plain, non-overlapping windows)
-    eval_batch_tokens: int = 262_144  # tokens per forward pass per rank
+    eval_mode: str = "window"  # window (plain, or sliding with EVAL_STRIDE) | stream (carried state, see section 9)
+    eval_batch_tokens: int = 262_144  # tokens per forward pass per rank (window mode)
+    stream_segment: int = 2048  # tokens per lane per forward pass (stream mode)
+    stream_lanes: int = 64  # lanes per rank (stream mode without TTT)
+    stream_reset: bool = False  # restart every layer's state at each BOS (document start)
+    ttt_enabled: bool = False  # score-first test-time training on the validation stream
+    ttt_chunk_tokens: int = 32768
+    ttt_epochs: int = 3
+    ttt_optimizer: str = "sgd"  # sgd | adamw
+    ttt_lr: float = 0.002
+    ttt_momentum: float = 0.9
+    ttt_params: str = "all"  # all | mlp | scalar (norms, gates, decay parameters, convs) | gdn (GDN mixers)
+    ttt_seq_len: int = 0  # 0 -> EVAL_SEQ_LEN
+    ttt_batch_seqs: int = 8  # sequences per rank per step
+    eval_max_seconds: float = 0.0  # 0 = no limit; otherwise TTT adaptation stops when it would run past this
     val_max_tokens: int = 0  # 0 = the whole split; anything else is a partial, non-comparable score
     eval_only: bool = False
     artifact_path: str = ""  # "" -> artifacts/{run_id}.pgz
     # export
+    quant_method: str = "gptq"  # gptq (full-Hessian, calibrated on training batches) | rtn (round to nearest)
+    gptq_calib_tokens: int = 262_144  # training tokens (all ranks together) for the input statistics H = X^T X
+    gptq_reserve_seconds: float = 10.0  # wallclock kept for calibration, which must happen inside the cap
+    gptq_block: int = 128
+    gptq_damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    quant_compare: bool = False  # also export round-to-nearest and score it, to report the GPTQ gain
     matrix_bits: int = 6
     embed_bits: int = 8
     matrix_clip_sigmas: float = 12.85
@@ -146,6 +166,13 @@ class Config:
     @property
     def stride(self) -> int:
         return self.eval_stride or self.eval_len
+
+    @property
+    def train_budget_seconds(self) -> float:
+        """Wallclock for the training loop: the cap less the time reserved for GPTQ calibration (0 = no cap)."""
+        if self.max_wallclock_seconds == 0:
+            return 0.0
+        return self.max_wallclock_seconds - (self.gptq_reserve_seconds if self.quant_method == "gptq" else 0.0)
 
     def validate(self) -> None:
         def need(ok: bool, msg: str) -> None:
@@ -184,6 +211,17 @@ class Config:
         need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must be in 2..8")
         need(self.compressor in ("brotli", "zstd"), f"COMPRESSOR={self.compressor!r} must be brotli or zstd")
         need(self.packing in ("byte", "dense"), f"PACKING={self.packing!r} must be byte or dense")
+        need(self.quant_method in ("gptq", "rtn"), f"QUANT_METHOD={self.quant_method!r} must be gptq or rtn")
+        need(self.gptq_calib_tokens >= self.train_seq_len, f"GPTQ_CALIB_TOKENS={self.gptq_calib_tokens} is below one sequence")
+        need(self.max_wallclock_seconds == 0 or self.train_budget_seconds > 0,
+             f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time in {self.max_wallclock_seconds}s")
+        need(self.eval_mode in ("window", "stream"), f"EVAL_MODE={self.eval_mode!r} must be window or stream")
+        need(self.stream_segment > 0 and self.stream_lanes > 0, "STREAM_SEGMENT and STREAM_LANES must be positive")
+        need(self.ttt_optimizer in ("sgd", "adamw"), f"TTT_OPTIMIZER={self.ttt_optimizer!r} must be sgd or adamw")
+        need(self.ttt_params in ("all", "mlp", "scalar", "gdn"),
+             f"TTT_PARAMS={self.ttt_params!r} must be all, mlp, scalar or gdn")
+        need(self.ttt_chunk_tokens > 0 and self.ttt_epochs >= 0 and self.ttt_batch_seqs > 0,
+             "TTT_CHUNK_TOKENS, TTT_BATCH_SEQS must be positive and TTT_EPOCHS >= 0")
         need(self.val_max_tokens == 0 or self.val_max_tokens > self.eval_len,
              f"VAL_MAX_TOKENS={self.val_max_tokens} must be 0 or more than one window")
         need(not self.eval_only or bool(self.artifact_path), "EVAL_ONLY=1 needs ARTIFACT_PATH")
@@ -196,7 +234,8 @@ PRESETS: dict[str, dict] = {
         iterations=12, train_batch_tokens=1024, train_seq_len=64, max_wallclock_seconds=0.0, warmup_steps=2,
         lr_warmup_steps=2, train_log_every=4, layout="GSGs", model_dim=64, mlp_mult=2.0, num_heads=4,
         num_kv_heads=2, swa_window=16, gdn_heads=2, gdn_head_dim=16, compile="0", eval_batch_tokens=4096,
-        ema_decay=0.9, matrix_lr=0.02, scalar_lr=0.02, embed_lr=0.05,
+        ema_decay=0.9, matrix_lr=0.02, scalar_lr=0.02, embed_lr=0.05, gptq_calib_tokens=2048, stream_segment=64,
+        stream_lanes=4, ttt_chunk_tokens=2048, ttt_batch_seqs=4,
     ),
 }
 
@@ -432,9 +471,11 @@ class ByteTables:
     base_bytes: torch.Tensor  # (V,) int64
     has_leading_space: torch.Tensor  # (V,) bool
     is_boundary: torch.Tensor  # (V,) bool
+    bos_id: int = 1  # the document separator (streaming resets and lane cuts use it)
 
     def to(self, device: torch.device) -> "ByteTables":
-        return ByteTables(*(t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary)))
+        tensors = (t.to(device) for t in (self.base_bytes, self.has_leading_space, self.is_boundary))
+        return ByteTables(*tensors, bos_id=self.bos_id)
 
     def count(self, prev: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.base_bytes[target] + (self.has_leading_space[target] & ~self.is_boundary[prev]).long()
@@ -467,7 +508,7 @@ def build_byte_tables(sp) -> ByteTables:
                 space[i] = True
                 piece = piece[1:]
             base[i] = len(piece.encode("utf-8"))
-    return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary))
+    return ByteTables(torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary), sp.bos_id())
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -489,17 +530,33 @@ class Linear(nn.Linear):
 
 
 class ShortConv(nn.Module):
-    """Causal depthwise convolution over time, kernel `size` (the GDN 'short convolution')."""
+    """Causal depthwise convolution over time, kernel `size` (the GDN 'short convolution'), written as `size` shifted
+    multiply-adds (torch.compile fuses them) so that streaming can pass the previous inputs and mask document starts."""
 
     def __init__(self, channels: int, size: int):
         super().__init__()
         self.size = size
-        self.weight = nn.Parameter(torch.empty(channels, 1, size))
+        self.weight = nn.Parameter(torch.empty(channels, size))
         nn.init.uniform_(self.weight, -size ** -0.5, size ** -0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C) -> (B, T, C)
-        xt = F.pad(x.transpose(1, 2), (self.size - 1, 0))
-        return F.conv1d(xt, self.weight.to(x.dtype), groups=x.shape[-1]).transpose(1, 2)
+    def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None, since_bos: torch.Tensor | None = None):
+        """x (B, T, C) -> (B, T, C). tail (B, size-1, C): the inputs just before x (None: zeros, a sequence start).
+        since_bos (B, T): tokens since the latest BOS; tap j is dropped where it would reach into the previous
+        document."""
+        K, T = self.size, x.shape[1]
+        xe = F.pad(x, (0, 0, K - 1, 0)) if tail is None else torch.cat([tail.to(x.dtype), x], dim=1)
+        w = self.weight.to(x.dtype)
+        out = xe[:, K - 1:] * w[:, K - 1]
+        for j in range(1, K):  # tap j looks j steps back
+            term = xe[:, K - 1 - j: K - 1 - j + T] * w[:, K - 1 - j]
+            out = out + (term if since_bos is None else term * (since_bos >= j)[..., None].to(x.dtype))
+        return out
+
+
+def next_tail(tail: torch.Tensor | None, x: torch.Tensor, size: int) -> torch.Tensor:
+    """The last size-1 inputs after appending x (B, T, C) to tail."""
+    xe = F.pad(x, (0, 0, size - 1, 0)) if tail is None else torch.cat([tail.to(x.dtype), x], dim=1)
+    return xe[:, -(size - 1):] if size > 1 else xe[:, :0]
 
 
 class Rotary(nn.Module):
@@ -668,6 +725,53 @@ def gdn_core(backend: str, q, k, v, g, beta, scale: float, initial_state=None):
     return o.to(q.dtype), state
 
 
+@dataclass
+class StreamContext:
+    """What the layers need to continue B parallel lanes of the validation stream across segments (streaming
+    evaluation). layers[i] is layer i's carried state (a dict the layer fills): GDN keeps its short-conv tails and
+    its recurrent state S, sliding-window attention its last SWA_WINDOW - 1 keys and values."""
+
+    layers: list[dict]
+    offset: int = 0  # lane-local position of the current segment's first token (rotary positions)
+    since_bos: torch.Tensor | None = None  # (B, T) tokens since the latest BOS; None = never reset at documents
+
+
+def gdn_stream(backend: str, q, k, v, g, beta, scale: float, S: torch.Tensor | None, restarts: torch.Tensor | None):
+    """The delta rule over a segment of B lanes, continuing each lane from its state S (B, H, K, V), restarting
+    from zero where `restarts` (B, T) is True (a BOS when documents reset). Returns o (B, T, H, V) and the new S."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    S = q.new_zeros(B, H, K, V, dtype=dt) if S is None else S.to(dt)
+    seqs = [(b, 0) for b in range(B)]
+    if restarts is not None:
+        seqs = [(b, t) for b in range(B) for t in [0] + [int(i) for i in restarts[b].nonzero().flatten() if i > 0]]
+    ends = [t2 if b2 == b else T for (b, _), (b2, t2) in zip(seqs, seqs[1:] + [(B, 0)])]
+    fresh = [t > 0 or (restarts is not None and bool(restarts[b, 0])) for b, t in seqs]
+    init = torch.stack([torch.zeros_like(S[b]) if f else S[b] for (b, _), f in zip(seqs, fresh)])
+    if backend == "fla":
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: PLC0415 (CUDA only)
+
+        flat = [t.reshape(1, B * T, *t.shape[2:]).contiguous() for t in (q, k, v, g, beta)]
+        cu = torch.tensor([b * T + t for b, t in seqs] + [B * T], dtype=torch.long, device=q.device)
+        bf = torch.bfloat16
+        o, final = chunk_gated_delta_rule(flat[0].to(bf), flat[1].to(bf), flat[2].to(bf), flat[3].float(),
+                                          flat[4].to(bf), scale=scale, initial_state=init.float(),
+                                          output_final_state=True, cu_seqlens=cu)
+        o = o.view(B, T, H, V)
+    else:
+        o = q.new_zeros(B, T, H, V, dtype=dt)
+        finals = []
+        for (b, t0), t1, s0 in zip(seqs, ends, init):
+            piece = [x[b: b + 1, t0:t1].to(dt) for x in (q, k, v, g, beta)]
+            o_piece, s1 = gdn_chunked_reference(*piece, scale=scale, initial_state=s0[None])
+            o[b, t0:t1] = o_piece[0]
+            finals.append(s1[0])
+        final = torch.stack(finals)
+    last = [max(i for i, (b2, _) in enumerate(seqs) if b2 == b) for b in range(B)]
+    return o, final[last].to(dt)
+
+
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet mixer (SPEC 5): q, k, v projections -> short causal conv -> SiLU; q, k L2-normalized;
     beta = sigmoid(W_b x); g = -exp(A_log) softplus(W_a x + dt_bias); delta rule; per-head RMSNorm gated by
@@ -693,16 +797,28 @@ class GatedDeltaNet(nn.Module):
         dt = torch.exp(torch.empty(heads).uniform_(math.log(1e-3), math.log(1e-1)))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+    def forward(self, x: torch.Tensor, state: dict | None = None, stream: StreamContext | None = None):
+        """x (B, T, D) -> (B, T, D). With `state` (streaming), continues from and updates the carried state."""
         B, T, _ = x.shape
         H = self.heads
-        q = F.silu(self.q_conv(self.q_proj(x))).view(B, T, H, self.k_dim)
-        k = F.silu(self.k_conv(self.k_proj(x))).view(B, T, H, self.k_dim)
-        v = F.silu(self.v_conv(self.v_proj(x))).view(B, T, H, self.v_dim)
-        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+        since = stream.since_bos if stream is not None else None
+        qkv = []
+        for name, proj, conv, dim in (("q", self.q_proj, self.q_conv, self.k_dim), ("k", self.k_proj, self.k_conv,
+                                      self.k_dim), ("v", self.v_proj, self.v_conv, self.v_dim)):
+            pre = proj(x)
+            tail = None if state is None else state.get(name)
+            qkv.append(F.silu(conv(pre, tail, since)).view(B, T, H, dim))
+            if state is not None:
+                state[name] = next_tail(tail, pre, conv.size)
+        q, k = F.normalize(qkv[0].float(), dim=-1), F.normalize(qkv[1].float(), dim=-1)
+        v = qkv[2]
         beta = torch.sigmoid(self.b_proj(x).float())
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        o, _ = gdn_core(self.backend, q, k, v, g, beta, self.k_dim ** -0.5)
+        if state is None:
+            o, _ = gdn_core(self.backend, q, k, v, g, beta, self.k_dim ** -0.5)
+        else:
+            restarts = None if since is None else since == 0
+            o, state["S"] = gdn_stream(self.backend, q, k, v, g, beta, self.k_dim ** -0.5, state.get("S"), restarts)
         gate = F.silu(self.g_proj(x).float()).view(B, T, H, self.v_dim)
         o = rms_norm(o.float(), self.o_norm_weight.float()) * gate
         return self.o_proj(o.reshape(B, T, H * self.v_dim).to(x.dtype))
@@ -761,14 +877,39 @@ class Attention(nn.Module):
         self.o_proj = Linear(heads * self.head_dim, dim, zero_init=True)
         self.rotary = Rotary(self.head_dim, rope_dims, rope_base)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+    def forward(self, x: torch.Tensor, state: dict | None = None, stream: StreamContext | None = None):
+        """x (B, T, D) -> (B, T, D). With `state` (streaming), attends over the carried keys too and updates them."""
         B, T, _ = x.shape
+        offset = 0 if stream is None else stream.offset
         q = rms_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim))
         k = rms_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim))
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        q, k = self.rotary(q).to(v.dtype), self.rotary(k).to(v.dtype)
-        y = attention(q, k, v, self.window, self.backend)
+        q, k = self.rotary(q, offset).to(v.dtype), self.rotary(k, offset).to(v.dtype)
+        if state is None:
+            y = attention(q, k, v, self.window, self.backend)
+        else:
+            y = self._attend_with_cache(q, k, v, state, stream)
         return self.o_proj(y.reshape(B, T, self.heads * self.head_dim))
+
+    def _attend_with_cache(self, q, k, v, state: dict, stream: StreamContext) -> torch.Tensor:
+        """Keys are the last window-1 carried ones, then this segment's; the band mask (and, when documents reset,
+        the document start) decides what each query sees."""
+        if self.window <= 0:
+            raise ValueError("streaming evaluation needs layers with bounded state; full attention (A) has none")
+        B, T = q.shape[:2]
+        C = self.window - 1
+        keys = torch.cat([state.get("k", k.new_zeros(B, C, *k.shape[2:])), k], dim=1)
+        vals = torch.cat([state.get("v", v.new_zeros(B, C, *v.shape[2:])), v], dim=1)
+        pq = stream.offset + torch.arange(T, device=q.device)
+        pk = stream.offset - C + torch.arange(C + T, device=q.device)
+        allowed = (pk[None] <= pq[:, None]) & (pq[:, None] - pk[None] < self.window) & (pk[None] >= 0)  # (T, C+T)
+        allowed = allowed.expand(B, T, C + T)
+        if stream.since_bos is not None:
+            allowed = allowed & (pk[None, None] >= (pq[None] - stream.since_bos)[..., None])
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
+                                           attn_mask=allowed[:, None], enable_gqa=self.heads != self.kv_heads)
+        state["k"], state["v"] = keys[:, -C:], vals[:, -C:]
+        return y.transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -834,11 +975,13 @@ class GPT(nn.Module):
         window = mc.swa_window if kind == "swa" else 0
         return Attention(mc.model_dim, mc.num_heads, mc.num_kv_heads, window, mc.rope_dims, mc.rope_base, backends.attn)
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
-        """input_ids (B, T) -> logits (B, T, V) if no targets, else the cross-entropy ('mean' or per token (B, T))."""
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                stream: StreamContext | None = None):
+        """input_ids (B, T) -> logits (B, T, V) if no targets, else the cross-entropy ('mean' or per token (B, T)).
+        With `stream`, every layer continues from (and updates) its carried state."""
         x = rms_norm(self.tok_emb(input_ids))
         for i, m in enumerate(self.layer_mixer):
-            x = x + self.mixers[m](rms_norm(x))
+            x = x + self.mixers[m](rms_norm(x), None if stream is None else stream.layers[i], stream)
             x = x + self.mlps[i](rms_norm(x))
         logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
         logits = self.mc.logit_softcap * torch.tanh(logits / self.mc.logit_softcap)
@@ -912,8 +1055,9 @@ PARAM_ROUTES = (
     ("embed", "token embedding (tied with the head)", lambda name, p: name == "tok_emb.weight"),
     ("scalar", "GDN gate projections a_proj, b_proj (one output per head)",
      lambda name, p: name.endswith(("a_proj.weight", "b_proj.weight"))),
+    ("scalar", "GDN short-convolution kernels", lambda name, p: name.endswith("_conv.weight")),
     ("muon", "2-D weight matrices", lambda name, p: p.ndim == 2),
-    ("scalar", "vectors and conv kernels: norm weights, A_log, dt_bias, short convs", lambda name, p: p.ndim != 2),
+    ("scalar", "vectors: norm weights, A_log, dt_bias", lambda name, p: p.ndim != 2),
 )
 
 
@@ -1055,6 +1199,69 @@ def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
 
 
+def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float, block: int = 128,
+                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full-Hessian GPTQ (Frantar et al. 2022) with the same per-row scales as quantize_rows. w (rows, cols) acts on
+    inputs x as w @ x; H = sum x x^T (cols, cols). Columns go in descending diag(H) order; each one is rounded and its
+    error, weighted by the inverse Hessian's Cholesky factor, is spread over the columns not yet quantized (inside a
+    block of `block` columns at once, then onto the rest). Dead inputs (H_ii = 0) get H_ii = 1 and a zero column."""
+    qmax = 2 ** (bits - 1) - 1
+    W, H = w.detach().float().clone(), H.detach().float().clone()
+    scale = row_scales(W, bits, clip_sigmas)
+    s = scale.float()[:, None]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    perm = torch.argsort(torch.diag(H), descending=True)
+    W, H = W[:, perm], H[perm][:, perm]
+    H.diagonal().add_(damp * H.diagonal().mean())
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    cols = W.shape[1]
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        err = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            q = torch.round(W1[:, i: i + 1] / s).clamp_(-qmax, qmax)
+            Q[:, i1 + i: i1 + i + 1] = q
+            e = (W1[:, i: i + 1] - q * s) / Hinv1[i, i]
+            W1[:, i:] -= e * Hinv1[i: i + 1, i:]
+            err[:, i: i + 1] = e
+        W[:, i2:] -= err @ Hinv[i1:i2, i2:]
+    return Q[:, torch.argsort(perm)].to(torch.int8), scale
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, batches, cfg: Config, rt: Runtime) -> tuple[dict[str, torch.Tensor], int]:
+    """H = sum of x x^T over the inputs of every Linear that GPTQ will quantize, from training batches (never
+    validation data). A shared mixer's layers see both of their uses. Summed over ranks. Returns (H by weight name,
+    tokens seen on all ranks)."""
+    names = {id(mod.weight): f"{name}.weight" for name, mod in model.named_modules() if isinstance(mod, Linear)}
+    targets = {mod: names[id(mod.weight)] for mod in model.modules() if isinstance(mod, Linear)
+               and quant_plan(names[id(mod.weight)], mod.weight, cfg)[0] == "int"}
+    H = {name: torch.zeros(mod.in_features, mod.in_features, device=rt.device) for mod, name in targets.items()}
+
+    def hook(mod, inputs, _output):
+        x = inputs[0].reshape(-1, mod.in_features).float()
+        H[targets[mod]].addmm_(x.T, x)
+
+    handles = [mod.register_forward_hook(hook) for mod in targets]
+    seen = 0
+    try:
+        for x, _ in batches:
+            with autocast(rt):
+                model(x)
+            seen += x.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    if rt.distributed:
+        for t in H.values():
+            dist.all_reduce(t)
+    return H, int(all_reduce_sum([seen], rt)[0])
+
+
 def pack_bits(values: np.ndarray, bits: int) -> bytes:
     """Unsigned values < 2**bits, densely packed, most significant bit first (int6: 4 values in 3 bytes)."""
     v = np.ascontiguousarray(values, dtype=np.uint8).reshape(-1)
@@ -1089,18 +1296,28 @@ def decode_ints(data: bytes, bits: int, n: int, packing: str) -> np.ndarray:
     return (unpack_bits(data, bits, n).astype(np.int16) - (2 ** (bits - 1) - 1)).astype(np.int8)
 
 
-def serialize_state(state: dict[str, torch.Tensor], mc: ModelConfig, cfg: Config) -> tuple[list[bytes], list[dict]]:
-    """Quantize and pack a state dict: returns the raw frames (metadata, then tensor blobs) and the records."""
+def serialize_state(state: dict[str, torch.Tensor], mc: ModelConfig, cfg: Config,
+                    hessians: dict[str, torch.Tensor] | None = None) -> tuple[list[bytes], list[dict]]:
+    """Quantize and pack a state dict: returns the raw frames (metadata, then tensor blobs) and the records. With
+    `hessians`, matrices that have one are quantized by GPTQ, the rest by rounding to nearest."""
     records, blobs = [], []
     for name in sorted(state):
-        t = state[name].detach().cpu()
+        t = state[name].detach()
         kind, bits, clip = quant_plan(name, t, cfg)
+        method = "fp16"
         if kind == "int":
-            q, scale = quantize_rows(t.reshape(t.shape[0], -1), bits, clip)
-            blob = encode_ints(q, bits, cfg.packing) + scale.numpy().tobytes()
+            if hessians is not None and name in hessians:
+                q, scale = gptq_quantize(t.reshape(t.shape[0], -1), hessians[name], bits, clip, cfg.gptq_block,
+                                         cfg.gptq_damp)
+                method = "gptq"
+            else:
+                q, scale = quantize_rows(t.reshape(t.shape[0], -1), bits, clip)
+                method = "rtn"
+            blob = encode_ints(q.cpu(), bits, cfg.packing) + scale.cpu().numpy().tobytes()
         else:
-            blob = t.half().numpy().tobytes()
-        records.append(dict(name=name, shape=list(t.shape), kind=kind, bits=bits, clip_sigmas=clip, nbytes=len(blob)))
+            blob = t.cpu().half().numpy().tobytes()
+        records.append(dict(name=name, shape=list(t.shape), kind=kind, bits=bits, clip_sigmas=clip, nbytes=len(blob),
+                            method=method))
         blobs.append(blob)
     meta = json.dumps(dict(model=dataclasses.asdict(mc), packing=cfg.packing, tensors=records), sort_keys=True)
     frames, current = [meta.encode()], b""
@@ -1277,32 +1494,59 @@ def autocast(rt: Runtime):
     return torch.autocast("cuda", dtype=torch.bfloat16) if rt.cuda else contextlib.nullcontext()
 
 
+class Tally:
+    """Running sums of one rank's scored targets; `result` adds them over ranks. With `track=n` it also keeps, per
+    target position, how often it was scored and its loss (tests use this to prove the scoring rules)."""
+
+    def __init__(self, device: torch.device, track: int = 0):
+        self.nll = torch.zeros((), dtype=torch.float64, device=device)
+        self.bytes = torch.zeros((), dtype=torch.int64, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.hits = torch.zeros(track, dtype=torch.int64) if track else None
+        self.nll_at = torch.zeros(track, dtype=torch.float64) if track else None
+
+    def add(self, nll: torch.Tensor, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, tables: ByteTables,
+            pos: torch.Tensor) -> None:
+        """nll, x, y, mask, pos (B, T); pos is each target's index in the token stream."""
+        self.nll += nll[mask].double().sum()
+        self.bytes += tables.count(x[mask], y[mask]).sum()
+        self.count += mask.sum()
+        if self.hits is not None:
+            where = pos[mask].cpu()
+            self.hits.index_add_(0, where, torch.ones_like(where))
+            self.nll_at.index_add_(0, where, nll[mask].double().cpu())
+
+    def result(self, rt: Runtime, expected: int, seconds: float) -> EvalResult:
+        nll, nbytes, n = all_reduce_sum([self.nll.item(), float(self.bytes.item()), float(self.count.item())], rt)
+        if int(n) != expected:
+            raise RuntimeError(f"evaluation scored {int(n)} targets, expected {expected}")
+        return EvalResult(nll / n, nll / (math.log(2) * nbytes), int(n), int(nbytes), seconds)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Config, rt: Runtime) -> EvalResult:
+def evaluate(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Config, rt: Runtime,
+             tally: Tally | None = None) -> EvalResult:
     """Scores every target of `tokens` once (windows of EVAL_SEQ_LEN, stride EVAL_STRIDE), split over ranks."""
     t0 = time.perf_counter()
-    seq_len = cfg.eval_len
-    windows = make_windows(len(tokens), seq_len, cfg.stride)
-    lo, hi = len(windows) * rt.rank // rt.world_size, len(windows) * (rt.rank + 1) // rt.world_size
-    batch = cfg.eval_batch_tokens // seq_len
-    nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-    byte_sum = torch.zeros((), dtype=torch.int64, device=rt.device)
-    count = torch.zeros((), dtype=torch.int64, device=rt.device)
+    tally = tally or Tally(rt.device)
+    windows = make_windows(len(tokens), cfg.eval_len, cfg.stride)
+    score_windows(model, tokens, windows[len(windows) * rt.rank // rt.world_size:
+                                         len(windows) * (rt.rank + 1) // rt.world_size], tables, cfg, rt, tally)
+    return tally.result(rt, len(tokens) - 1, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def score_windows(model: nn.Module, tokens: torch.Tensor, windows: list[Window], tables: ByteTables, cfg: Config,
+                  rt: Runtime, tally: Tally) -> None:
+    batch = min(cfg.eval_batch_tokens // cfg.eval_len, len(windows))  # every batch padded to this one shape
     was_training = model.training
     model.eval()
-    for b in range(lo, hi, batch):
-        x, y, mask = _window_batch(tokens, windows[b: min(b + batch, hi)], batch, seq_len)
-        x, y, mask = x.to(rt.device), y.to(rt.device), mask.to(rt.device)
+    for b in range(0, len(windows), batch):
+        x, y, mask, pos = (t.to(rt.device) for t in _window_batch(tokens, windows[b: b + batch], batch, cfg.eval_len))
         with autocast(rt):
             nll = model(x, y, reduction="none")
-        nll_sum += nll[mask].double().sum()
-        byte_sum += tables.count(x[mask], y[mask]).sum()
-        count += mask.sum()
+        tally.add(nll, x, y, mask, tables, pos)
     model.train(was_training)
-    nll, nbytes, n = all_reduce_sum([nll_sum.item(), float(byte_sum.item()), float(count.item())], rt)
-    if int(n) != len(tokens) - 1:
-        raise RuntimeError(f"evaluation scored {int(n)} targets, expected {len(tokens) - 1}")
-    return EvalResult(nll / n, nll / (math.log(2) * nbytes), int(n), int(nbytes), time.perf_counter() - t0)
 
 
 def _window_batch(tokens: torch.Tensor, ws: list[Window], batch: int, seq_len: int):
@@ -1310,11 +1554,224 @@ def _window_batch(tokens: torch.Tensor, ws: list[Window], batch: int, seq_len: i
     x = torch.zeros(batch, seq_len, dtype=torch.int64)
     y = torch.zeros(batch, seq_len, dtype=torch.int64)
     mask = torch.zeros(batch, seq_len, dtype=torch.bool)
+    pos = torch.zeros(batch, seq_len, dtype=torch.int64)
     for j, w in enumerate(ws):
         seg = tokens[w.start: w.start + w.length + 1]
         x[j, : w.length], y[j, : w.length] = seg[:-1], seg[1:]
         mask[j, w.score_from: w.length] = True
-    return x, y, mask
+        pos[j] = w.start + 1 + torch.arange(seq_len)
+    return x, y, mask, pos
+
+
+# Streaming: the validation stream is cut into equal lanes; each lane is walked once,
+# segment by segment, carrying every layer's state, so every target is scored once with all of its lane's earlier
+# tokens as GDN context, for about one forward pass per token.
+
+NO_BOS_YET = 1 << 40  # "tokens since the latest BOS" before any BOS was seen
+
+
+def stream_lanes(n_tokens: int, n_lanes: int) -> list[tuple[int, int]]:
+    """Cuts the inputs [0, n-1) into at most n_lanes equal contiguous (start, end) lanes. The cuts must not depend on
+    the tokens: moving a cut to the next document start would make the context of the tokens before it depend on
+    where a later document begins (a future token), which the legality test catches."""
+    n_in = n_tokens - 1
+    cuts = sorted({i * n_in // n_lanes for i in range(n_lanes)})
+    return list(zip(cuts, cuts[1:] + [n_in]))
+
+
+class StreamScorer:
+    """Walks lanes segment by segment with a StreamContext; `run` may be called again to continue the same lanes."""
+
+    def __init__(self, model: nn.Module, n_lanes: int, cfg: Config, rt: Runtime, bos_id: int):
+        if "attn" in model.layer_kinds:
+            raise ValueError(f"EVAL_MODE=stream needs bounded-state layers; LAYOUT={model.mc.layout} has full attention")
+        self.model, self.cfg, self.rt, self.bos_id = model, cfg, rt, bos_id
+        self.ctx = StreamContext(layers=[{} for _ in model.layer_mixer])
+        self.since = torch.full((n_lanes,), NO_BOS_YET, dtype=torch.long, device=rt.device)
+
+    @torch.no_grad()
+    def run(self, tokens: torch.Tensor, lanes: list[tuple[int, int]], tables: ByteTables, tally: Tally | None) -> None:
+        T = self.cfg.stream_segment
+        self.model.eval()
+        for off in range(0, max(e - s for s, e in lanes), T):
+            x = torch.zeros(len(lanes), T, dtype=torch.int64)
+            y = torch.zeros(len(lanes), T, dtype=torch.int64)
+            mask = torch.zeros(len(lanes), T, dtype=torch.bool)
+            pos = torch.tensor([s + off + 1 for s, _ in lanes])[:, None] + torch.arange(T)
+            for i, (s, e) in enumerate(lanes):
+                n = max(0, min(T, e - s - off))
+                x[i, :n], y[i, :n] = tokens[s + off: s + off + n], tokens[s + off + 1: s + off + n + 1]
+                mask[i, :n] = True
+            x, y, mask, pos = (t.to(self.rt.device) for t in (x, y, mask, pos))
+            self.ctx.since_bos = self._since_bos(x) if self.cfg.stream_reset else None
+            with autocast(self.rt):
+                nll = self.model(x, y, reduction="none", stream=self.ctx)
+            self.ctx.offset += T
+            if tally is not None:
+                tally.add(nll, x, y, mask, tables, pos)
+
+    def _since_bos(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T) tokens since the latest BOS at or before each position, carried across segments."""
+        idx = torch.arange(x.shape[1], device=x.device).expand_as(x)
+        last = torch.where(x == self.bos_id, idx, torch.full_like(idx, -1)).cummax(dim=1).values
+        since = torch.where(last >= 0, idx - last, self.since[:, None] + 1 + idx)
+        self.since = since[:, -1].clone()
+        return since
+
+
+def evaluate_stream(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Config, rt: Runtime,
+                    tally: Tally | None = None) -> EvalResult:
+    t0 = time.perf_counter()
+    lanes = stream_lanes(len(tokens), cfg.stream_lanes * rt.world_size)
+    mine = lanes[len(lanes) * rt.rank // rt.world_size: len(lanes) * (rt.rank + 1) // rt.world_size]
+    tally = tally or Tally(rt.device)
+    if mine:
+        StreamScorer(model, len(mine), cfg, rt, tables.bos_id).run(tokens, mine, tables, tally)
+    return tally.result(rt, len(tokens) - 1, time.perf_counter() - t0)
+
+
+# Score-first test-time training: the stream is split into chunks in order; each chunk is scored completely with no
+# gradient, then (except the last) the model trains on that chunk's tokens, every rank in step; so every token is
+# scored once, by a model that has only trained on tokens before it.
+
+
+@dataclass
+class TTTChunk:
+    lo: int  # the chunk scores targets lo+1 .. hi
+    hi: int
+    windows: list[Window] = field(default_factory=list)  # window mode: the windows that score those targets
+
+
+def ttt_chunks(n_tokens: int, cfg: Config) -> list[TTTChunk]:
+    """Window mode: consecutive windows grouped until they score TTT_CHUNK_TOKENS targets. Stream mode: spans of
+    TTT_CHUNK_TOKENS inputs."""
+    if cfg.eval_mode == "stream":
+        C = cfg.ttt_chunk_tokens
+        return [TTTChunk(a, min(a + C, n_tokens - 1)) for a in range(0, n_tokens - 1, C)]
+    chunks, current = [], []
+    for w in make_windows(n_tokens, cfg.eval_len, cfg.stride):
+        current.append(w)
+        if sum(v.length - v.score_from for v in current) >= cfg.ttt_chunk_tokens:
+            chunks.append(current)
+            current = []
+    chunks += [current] if current else []
+    return [TTTChunk(ws[0].start + ws[0].score_from, ws[-1].start + ws[-1].length, ws) for ws in chunks]
+
+
+def ttt_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
+    routed = route_parameters(model)
+    chosen = {
+        "all": lambda i, n: True,
+        "mlp": lambda i, n: n.startswith("mlps."),
+        "scalar": lambda i, n: PARAM_ROUTES[i][0] == "scalar",
+        "gdn": lambda i, n: n.startswith("mixers.") and isinstance(model.mixers[int(n.split(".")[1])], GatedDeltaNet),
+    }[which]
+    return [p for i, n, p in routed if chosen(i, n)]
+
+
+def ttt_adapt(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], span: torch.Tensor,
+              cfg: Config, rt: Runtime) -> None:
+    """TTT_EPOCHS passes over the chunk's sequences; each step, every rank takes its share of TTT_BATCH_SEQS * world
+    sequences and the gradients are summed over ranks, so all ranks take identical steps."""
+    L = cfg.ttt_seq_len or cfg.eval_len
+    rows = [(a, min(a + L, len(span) - 1)) for a in range(0, len(span) - 1, L)]
+    per_step = cfg.ttt_batch_seqs * rt.world_size
+    model.train()
+    for _ in range(cfg.ttt_epochs):
+        for b in range(0, len(rows), per_step):
+            step_rows = rows[b: b + per_step]
+            total = sum(e - a for a, e in step_rows)
+            x = torch.zeros(cfg.ttt_batch_seqs, L, dtype=torch.int64)
+            y = torch.full((cfg.ttt_batch_seqs, L), -100, dtype=torch.int64)  # -100: ignored by cross-entropy
+            for j, (a, e) in enumerate(step_rows[rt.rank * cfg.ttt_batch_seqs: (rt.rank + 1) * cfg.ttt_batch_seqs]):
+                x[j, : e - a], y[j, : e - a] = span[a:e], span[a + 1: e + 1]
+            x, y = x.to(rt.device), y.to(rt.device)
+            with autocast(rt):
+                nll = model(x, y.clamp_min(0), reduction="none")
+            ((nll * (y >= 0)).sum() / total).backward()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                if rt.distributed:
+                    dist.all_reduce(p.grad)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    model.eval()
+
+
+def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Config, rt: Runtime, log: Logger,
+                 observer=None, tally: Tally | None = None) -> EvalResult:
+    """Score-first TTT over chunks in stream order. Window mode: each chunk's windows are split over ranks. Stream
+    mode: one lane carries its state across chunks (more lanes would let later tokens train the model before earlier
+    ones are scored); every rank computes it and rank 0 counts it. EVAL_MAX_SECONDS stops adaptation, never scoring.
+    `observer(event, lo, hi)` sees every 'score' and 'train' of a chunk (for tests)."""
+    t0 = time.perf_counter()
+    params = ttt_parameters(model, cfg.ttt_params)
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in params))
+    opt = (torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if cfg.ttt_optimizer == "sgd"
+           else torch.optim.AdamW(params, lr=cfg.ttt_lr, weight_decay=0.0))
+    chunks = ttt_chunks(len(tokens), cfg)
+    tally = tally or Tally(rt.device)
+    scorer = StreamScorer(model, 1, cfg, rt, tables.bos_id) if cfg.eval_mode == "stream" else None
+    score_s, adapt_s, adapted, adapting = 0.0, 0.0, 0, True
+    for c, chunk in enumerate(chunks):
+        ts = time.perf_counter()
+        if scorer is not None:
+            scorer.run(tokens, [(chunk.lo, chunk.hi)], tables, tally if rt.is_main else None)
+        else:
+            ws = chunk.windows
+            score_windows(model, tokens, ws[len(ws) * rt.rank // rt.world_size:
+                                            len(ws) * (rt.rank + 1) // rt.world_size], tables, cfg, rt, tally)
+        score_s += time.perf_counter() - ts
+        if observer:
+            observer("score", chunk.lo, chunk.hi)
+        if c == len(chunks) - 1:
+            break
+        if adapting and cfg.eval_max_seconds:
+            remaining = score_s / (c + 1) * (len(chunks) - c - 1)
+            next_adapt = adapt_s / adapted if adapted else 0.0
+            over = time.perf_counter() - t0 + remaining + next_adapt > cfg.eval_max_seconds
+            if _agree_stop(over, rt):
+                adapting = False
+                log(f"ttt: EVAL_MAX_SECONDS={cfg.eval_max_seconds:.0f} would be exceeded; adaptation stops after "
+                    f"{adapted}/{len(chunks) - 1} chunks, scoring continues")
+        if adapting:
+            ta = time.perf_counter()
+            if observer:
+                observer("train", chunk.lo, chunk.hi)
+            ttt_adapt(model, opt, params, tokens[chunk.lo: chunk.hi + 1], cfg, rt)
+            adapt_s += time.perf_counter() - ta
+            adapted += 1
+    log(f"ttt: {cfg.eval_mode} mode, {len(chunks)} chunks of {cfg.ttt_chunk_tokens} tokens, adapted on {adapted} "
+        f"({sum(p.numel() for p in params):,} parameters, {cfg.ttt_params}); scoring {score_s:.1f}s, "
+        f"adaptation {adapt_s:.1f}s")
+    return tally.result(rt, len(tokens) - 1, time.perf_counter() - t0)
+
+
+def evaluate_base(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Config, rt: Runtime,
+                  tally: Tally | None = None) -> EvalResult:
+    """The configured evaluation without TTT: windows (plain or sliding) or streaming."""
+    if cfg.eval_mode == "stream":
+        return evaluate_stream(model, tokens, tables, cfg, rt, tally)
+    return evaluate(model, tokens, tables, cfg, rt, tally)
+
+
+def evaluate_final(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Config, rt: Runtime,
+                   log: Logger) -> EvalResult:
+    """The configured evaluation, with score-first TTT when TTT_ENABLED."""
+    if cfg.ttt_enabled:
+        return evaluate_ttt(model, tokens, tables, cfg, rt, log)
+    return evaluate_base(model, tokens, tables, cfg, rt)
+
+
+def eval_tag(cfg: Config) -> str:
+    """How the score was computed, for the log lines: '', '_sliding64', '_stream', '_stream_reset', plus '_ttt'."""
+    if cfg.eval_mode == "stream":
+        mode = "_stream_reset" if cfg.stream_reset else "_stream"
+    else:
+        mode = "" if cfg.stride == cfg.eval_len else f"_sliding{cfg.stride}"
+    return mode + ("_ttt" if cfg.ttt_enabled else "")
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1356,6 +1813,20 @@ def gdn_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed: int =
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta"), (t.grad for t in fast_in), (t.grad for t in ref_in)):
         errs[name] = rel_err(a, b)
     return errs
+
+
+@torch.no_grad()
+def gdn_stream_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed: int = 0) -> dict[str, float]:
+    """Streaming's fla path (carried initial state, restarts through cu_seqlens) against the float64 reference."""
+    q, k, v, g, beta = _gdn_check_inputs(mc, 3, T, device, seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    S = 0.3 * torch.randn(3, mc.gdn_heads, q.shape[-1], v.shape[-1], generator=gen).to(device)
+    restarts = torch.zeros(3, T, dtype=torch.bool, device=device)
+    restarts[0, T // 3], restarts[1, 0], restarts[1, T // 2], restarts[1, T // 2 + 1] = True, True, True, True
+    scale = mc.gdn_head_dim ** -0.5
+    o, s1 = gdn_stream("fla", q, k, v, g, beta, scale, S, restarts)
+    o_ref, s_ref = gdn_stream("torch", *(t.double() for t in (q, k, v, g, beta)), scale, S.double(), restarts)
+    return {"o": rel_err(o, o_ref), "state": rel_err(s1, s_ref)}
 
 
 @contextlib.contextmanager
@@ -1452,6 +1923,12 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
     if check and cfg.kernel_check and rt.cuda:
         if gdn == "fla" and has_gdn:
             check_gdn_kernel(mc, cfg, log)
+            if cfg.eval_mode == "stream":
+                errs = gdn_stream_kernel_errors(mc, cfg.stream_segment, rt.device)
+                log("kernel_check gdn_stream(fla, state + restarts) vs float64 reference: "
+                    + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
+                if not all(v <= cfg.kernel_check_tol for v in errs.values()):
+                    raise RuntimeError(f"fla's streaming path disagrees with the reference: {errs}")
         if attn != "sdpa" and has_swa and mc.swa_window < cfg.train_seq_len:
             errs = attention_kernel_errors(mc, attn, cfg.train_seq_len, rt.device)
             log(f"kernel_check swa({attn}) vs fp32 masked SDPA: " + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
@@ -1468,12 +1945,13 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
 
 def lr_multiplier(step: int, elapsed_s: float, cfg: Config) -> float:
     """Linear warmup over LR_WARMUP_STEPS, then flat, then linear decay to 0 over the last WARMDOWN_FRAC of the run;
-    progress is the larger of steps done / ITERATIONS and wallclock used / MAX_WALLCLOCK_SECONDS."""
+    progress is the larger of steps done / ITERATIONS and wallclock used / the training budget (the cap less
+    GPTQ_RESERVE_SECONDS)."""
     if step < cfg.lr_warmup_steps:
         return (step + 1) / cfg.lr_warmup_steps
     progress = step / cfg.iterations
-    if cfg.max_wallclock_seconds > 0:
-        progress = max(progress, elapsed_s / cfg.max_wallclock_seconds)
+    if cfg.train_budget_seconds > 0:
+        progress = max(progress, elapsed_s / cfg.train_budget_seconds)
     if cfg.warmdown_frac <= 0 or progress < 1.0 - cfg.warmdown_frac:
         return 1.0
     return max(0.0, (1.0 - progress) / cfg.warmdown_frac)
@@ -1558,10 +2036,10 @@ class TrainStats:
 
 def train(base: nn.Module, model: nn.Module, opts: Optimizers, ema: EMA | None, cfg: Config, rt: Runtime,
           log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> TrainStats:
-    """The timed loop. The timer excludes validation; the cap is agreed across ranks and checked before each step
-    so that training stops before the next step would cross MAX_WALLCLOCK_SECONDS."""
+    """The timed loop. The timer excludes validation; the budget (MAX_WALLCLOCK_SECONDS less the GPTQ reserve) is
+    agreed across ranks and checked before each step, so training stops before the next step would cross it."""
     stats, loader = TrainStats(), TrainLoader(cfg, rt)
-    cap_ms = 1000 * cfg.max_wallclock_seconds
+    cap_ms = 1000 * cfg.train_budget_seconds
     loss_sum = torch.zeros((), device=rt.device)
     sync(rt)
     t_start, paused_ms = time.perf_counter(), 0.0
@@ -1653,29 +2131,54 @@ def build_model(mc: ModelConfig, backends: Backends, rt: Runtime) -> nn.Module:
     return GPT(mc, backends).to(rt.device)
 
 
-def export_artifact(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, path: Path) -> dict:
-    """Rank 0 quantizes, compresses and writes the artifact atomically; every rank gets the sizes."""
+def calibrate(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, train_ms: float) -> tuple[dict, float]:
+    """GPTQ's input statistics from fresh training batches, timed: this is part of the wallclock budget."""
+    sync(rt)
+    t0 = time.perf_counter()
+    loader = TrainLoader(cfg, rt)
+    per_step = loader.micro_tokens * rt.world_size
+    batches = (loader.next_batch() for _ in range(max(1, math.ceil(cfg.gptq_calib_tokens / per_step))))
+    hessians, seen = collect_hessians(base, batches, cfg, rt)
+    loader.close()
+    sync(rt)
+    calib_ms = 1000 * (time.perf_counter() - t0)
+    log(f"calibration: {seen} training tokens, {len(hessians)} matrices in {calib_ms:.0f}ms; train_time + "
+        f"calibration = {train_ms + calib_ms:.0f}ms (cap {1000 * cfg.max_wallclock_seconds:.0f}ms)")
+    if cfg.max_wallclock_seconds and train_ms + calib_ms > 1000 * cfg.max_wallclock_seconds:
+        log("WARNING: calibration ran past MAX_WALLCLOCK_SECONDS; raise GPTQ_RESERVE_SECONDS")
+    return hessians, calib_ms
+
+
+def export_artifact(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, path: Path,
+                    hessians: dict | None) -> dict:
+    """Rank 0 quantizes (GPTQ where there are Hessians), compresses and writes the artifact atomically; every rank
+    gets the sizes and timings."""
     sizes = [None]
     if rt.is_main:
         t0 = time.perf_counter()
-        frames, records = serialize_state(base.state_dict(), base.mc, cfg)
+        frames, records = serialize_state(base.state_dict(), base.mc, cfg, hessians)
+        sync(rt)
+        t1 = time.perf_counter()
         model_bytes = write_artifact(path, frames, cfg.compressor)
+        t2 = time.perf_counter()
         for r in records:
-            log(f"export {r['name']} {tuple(r['shape'])} {r['kind']} bits:{r['bits']} clip:{r['clip_sigmas']} "
-                f"bytes:{r['nbytes']}", console=False)
-        label = lambda r: "fp16" if r["kind"] == "fp16" else f"int{r['bits']}"  # noqa: E731
+            log(f"export {r['name']} {tuple(r['shape'])} {r['kind']} bits:{r['bits']} method:{r['method']} "
+                f"clip:{r['clip_sigmas']} bytes:{r['nbytes']}", console=False)
+        label = lambda r: "fp16" if r["kind"] == "fp16" else f"int{r['bits']}-{r['method']}"  # noqa: E731
         log("export routing: " + ", ".join(
             f"{k}: {sum(1 for r in records if label(r) == k)} tensors "
             f"{sum(math.prod(r['shape']) for r in records if label(r) == k):,} params"
             for k in sorted({label(r) for r in records})))
         total = model_bytes + code_bytes()
+        n_params = sum(math.prod(r["shape"]) for r in records)
         sizes[0] = dict(model_bytes=model_bytes, code_bytes=code_bytes(), total_bytes=total,
-                        export_seconds=time.perf_counter() - t0)
-        label = f"int{cfg.matrix_bits}+{cfg.compressor}"
-        log(f"Serialized model {label}: {model_bytes} bytes (raw {sum(map(len, frames))} bytes in {len(frames)} frames) to {path} "
-            f"in {sizes[0]['export_seconds']:.1f}s")
+                        quantize_seconds=round(t1 - t0, 2), compress_seconds=round(t2 - t1, 2))
+        tag = f"int{cfg.matrix_bits}+{cfg.compressor}"
+        log(f"Serialized model {tag}: {model_bytes} bytes (raw {sum(map(len, frames))} bytes in {len(frames)} frames, "
+            f"{8 * model_bytes / n_params:.3f} bits/param) to {path}; quantize {t1 - t0:.1f}s, compress+write "
+            f"{t2 - t1:.1f}s")
         log(f"Code size: {code_bytes()} bytes")
-        log(f"Total submission size {label}: {total} bytes (limit {ARTIFACT_LIMIT_BYTES})")
+        log(f"Total submission size {tag}: {total} bytes (limit {ARTIFACT_LIMIT_BYTES})")
         if total > ARTIFACT_LIMIT_BYTES:
             log(f"WARNING: ARTIFACT OVER THE LIMIT by {total - ARTIFACT_LIMIT_BYTES} bytes: this run is NOT COMPLIANT")
     if rt.distributed:
@@ -1685,12 +2188,14 @@ def export_artifact(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, path
 
 def score_artifact(path: Path, cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables,
                    tag: str) -> EvalResult:
-    """Reads the artifact from disk into a fresh model and scores it."""
+    """Reads the artifact from disk into a fresh model and scores it (window mode compiled; streaming and TTT, whose
+    shapes and state vary, eagerly)."""
     mc, state = read_artifact(path)
     backends = resolve_backends(cfg, rt, mc, log, check=False)
     model = build_model(mc, backends, rt)
     load_exported_state(model, state, str(path))
-    result = evaluate(maybe_compile(model, cfg, rt), val_tokens, tables, cfg, rt)
+    plain_windows = cfg.eval_mode == "window" and not cfg.ttt_enabled
+    result = evaluate_final(maybe_compile(model, cfg, rt) if plain_windows else model, val_tokens, tables, cfg, rt, log)
     log(result.line(tag))
     log(result.exact_line(tag))
     return result
@@ -1712,8 +2217,7 @@ def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, t
 
 
 def _final_tag(cfg: Config) -> str:
-    mode = "" if cfg.stride == cfg.eval_len else f"_sliding{cfg.stride}"
-    return f"final_int{cfg.matrix_bits}_{cfg.compressor}_roundtrip{mode}"
+    return f"final_int{cfg.matrix_bits}_{cfg.compressor}_roundtrip{eval_tag(cfg)}"
 
 
 def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_tokens: torch.Tensor,
@@ -1737,17 +2241,29 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
         f"tok/s:{stats.tokens_per_s:.0f} stopped_by_cap:{stats.stopped_by_cap} peak_mem:{peak:.0f}MiB")
     if ema is not None:
         ema.copy_to_model()
-    pre = evaluate(compiled, val_tokens, tables, cfg, rt)
-    log(pre.line("pre_quant_ema" if ema is not None else "pre_quant"))
+    hessians, calib_ms = calibrate(base, cfg, rt, log, stats.train_ms) if cfg.quant_method == "gptq" else (None, 0.0)
+    pre = evaluate_base(compiled if cfg.eval_mode == "window" else base, val_tokens, tables, cfg, rt)
+    log(pre.line(("pre_quant_ema" if ema is not None else "pre_quant") + eval_tag(dataclasses.replace(cfg, ttt_enabled=False))))
     path = Path(cfg.artifact_path or f"artifacts/{run_id}.pgz")
-    sizes = export_artifact(base, cfg, rt, log, path)
+    sizes = export_artifact(base, cfg, rt, log, path, hessians)
     if rt.distributed:
         dist.barrier()
     final = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg))
-    return dict(steps=stats.steps, train_time_ms=round(stats.train_ms), step_avg_ms=round(stats.step_avg_ms, 2),
-                tokens_per_s=round(stats.tokens_per_s), stopped_by_cap=stats.stopped_by_cap, peak_mem_mib=round(peak),
-                params=count_parameters(base), pre_quant=dataclasses.asdict(pre), final=dataclasses.asdict(final),
-                artifact_path=str(path), **sizes)
+    log(f"quantization_gap {cfg.quant_method}: {final.bpb - pre.bpb:+.5f} bpb")
+    summary = dict(steps=stats.steps, train_time_ms=round(stats.train_ms), calib_ms=round(calib_ms),
+                   budget_used_ms=round(stats.train_ms + calib_ms), step_avg_ms=round(stats.step_avg_ms, 2),
+                   tokens_per_s=round(stats.tokens_per_s), stopped_by_cap=stats.stopped_by_cap, peak_mem_mib=round(peak),
+                   params=count_parameters(base), pre_quant=dataclasses.asdict(pre), final=dataclasses.asdict(final),
+                   artifact_path=str(path), **sizes)
+    if cfg.quant_compare and hessians is not None:
+        rtn_path = path.with_name(path.stem + "_rtn" + path.suffix)
+        export_artifact(base, cfg, rt, log, rtn_path, None)
+        if rt.distributed:
+            dist.barrier()
+        rtn = score_artifact(rtn_path, cfg, rt, log, val_tokens, tables, "compare_rtn_roundtrip")
+        log(f"quantization_gap rtn: {rtn.bpb - pre.bpb:+.5f} bpb (gptq {final.bpb - pre.bpb:+.5f})")
+        summary["compare_rtn"] = dataclasses.asdict(rtn)
+    return summary
 
 
 def main() -> None:
@@ -1765,7 +2281,7 @@ def main() -> None:
         summary = eval_only(cfg, rt, log, val_tokens, tables)
     else:
         summary = train_and_eval(cfg, rt, log, run_id, val_tokens, tables)
-    total = summary.get("total_bytes")
+    total = summary.get("total_bytes")  # none for EVAL_ONLY
     summary.update(run_id=run_id, seed=cfg.seed, world_size=rt.world_size, eval_only=cfg.eval_only,
                    device=torch.cuda.get_device_name(rt.device) if rt.cuda else "cpu", torch=torch.__version__,
                    partial_validation=bool(cfg.val_max_tokens), wall_seconds=round(time.perf_counter() - t0, 1),

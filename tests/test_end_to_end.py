@@ -30,7 +30,7 @@ def tiny_env(tiny_data, run_id: str) -> dict:
 
 
 def exact_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if re.match(r"final_\w+_roundtrip_exact val_loss:", line)]
+    lines = [line for line in text.splitlines() if re.match(r"final_\w+_roundtrip\w*_exact val_loss:", line)]
     assert len(lines) == 1, text[-2000:]
     return lines[0]
 
@@ -68,6 +68,30 @@ def test_eval_only_reproduces_the_score(trained, tiny_data):
     again = run_script(cwd, env)
     assert exact_line(again) == exact_line(out)
     assert "train_done" not in again
+
+
+@pytest.mark.parametrize("mode,env,tag", [
+    ("sliding", {"EVAL_STRIDE": "16"}, "_sliding16"),
+    ("stream", {"EVAL_MODE": "stream"}, "_stream"),
+    ("stream_reset", {"EVAL_MODE": "stream", "STREAM_RESET": "1"}, "_stream_reset"),
+    ("sliding_ttt", {"EVAL_STRIDE": "32", "TTT_ENABLED": "1"}, "_sliding32_ttt"),
+    ("stream_ttt", {"EVAL_MODE": "stream", "TTT_ENABLED": "1"}, "_stream_ttt"),
+])
+def test_eval_only_rescoring_in_every_mode(trained, tiny_data, mode, env, tag):
+    cwd, out = trained
+    env = {**tiny_env(tiny_data, f"rescore_{mode}"), "EVAL_ONLY": "1",
+           "ARTIFACT_PATH": str(cwd / "artifacts" / "e2e.pgz"), **env}
+    again = run_script(cwd, env)
+    line = exact_line(again)
+    assert line.startswith(f"final_int6_brotli_roundtrip{tag}_exact")
+    s = summary(again)
+    assert s["final"]["tokens"] == summary(out)["final"]["tokens"]
+    assert s["final"]["bytes"] == summary(out)["final"]["bytes"]
+    plain = summary(out)["final"]["bpb"]
+    if "ttt" in mode:  # adapting on this small synthetic split helps a lot; it must not hurt
+        assert 0 < s["final"]["bpb"] < plain
+    else:
+        assert abs(s["final"]["bpb"] - plain) < 0.3
 
 
 def test_eval_only_rejects_settings_that_contradict_the_artifact(trained, tiny_data):

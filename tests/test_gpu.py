@@ -81,3 +81,33 @@ def test_model_fla_path_matches_torch_path_and_compiles_without_breaks():
         assert tg.rel_err(a.grad, b.grad) < 5e-2, n
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+@needs_fla
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_fla_streaming_path_matches_reference(head_dim):
+    mc = model_config(gdn_heads=512 // head_dim, gdn_head_dim=head_dim)
+    errs = tg.gdn_stream_kernel_errors(mc, 300, torch.device("cuda"))
+    print(head_dim, errs)
+    assert all(v <= 2e-2 for v in errs.values()), errs
+
+
+@needs_fla
+def test_model_streaming_on_gpu_matches_one_long_forward():
+    torch.manual_seed(0)
+    mc = model_config(layout="GGSGs", model_dim=256, gdn_heads=4, gdn_head_dim=64, num_heads=4, num_kv_heads=2,
+                      swa_window=64)
+    model = tg.GPT(mc, tg.Backends("fla", "sdpa")).cuda()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    tokens = torch.randint(0, mc.vocab_size, (1000,))
+    cfg = tg.Config(eval_mode="stream", stream_segment=128, stream_lanes=1, swa_window=64)
+    rt = tg.Runtime(0, 1, 0, torch.device("cuda"), 1)
+    bos = torch.zeros(mc.vocab_size, dtype=torch.bool)
+    tables = tg.ByteTables(torch.ones(mc.vocab_size, dtype=torch.long), bos, bos, 1).to(rt.device)
+    tally = tg.Tally(rt.device, track=len(tokens))
+    tg.evaluate_stream(model, tokens, tables, cfg, rt, tally)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        full = model(tokens[None, :-1].cuda(), tokens[None, 1:].cuda(), reduction="none")[0].double().cpu()
+    assert (tally.hits[1:] == 1).all()
+    assert (tally.nll_at[1:] - full).abs().mean() < 2e-2  # bf16 compute, different segmentation

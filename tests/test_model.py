@@ -61,9 +61,10 @@ def test_every_parameter_in_exactly_one_optimizer_group():
     assert len(owned) == len({id(p) for p in owned}) == len(list(model.parameters()))
     muon = {id(p) for p in opts.muon.param_groups[0]["params"]}
     for name, p in model.named_parameters():
-        expect_muon = p.ndim == 2 and name != "tok_emb.weight" and "a_proj" not in name and "b_proj" not in name
+        expect_muon = (p.ndim == 2 and name != "tok_emb.weight" and "a_proj" not in name and "b_proj" not in name
+                       and "_conv" not in name)
         assert (id(p) in muon) == expect_muon, name
-    conv = model.mixers[0].q_conv.weight  # 3-D conv kernels must be trained (an earlier submission never did)
+    conv = model.mixers[0].q_conv.weight  # conv kernels must be trained (an earlier submission never did)
     assert any(conv is p for g in opts.adam.param_groups for p in g["params"])
 
 
@@ -107,9 +108,14 @@ def test_lr_schedule_warmup_flat_warmdown():
     assert tg.lr_multiplier(0, 0, cfg) == pytest.approx(0.1)
     assert tg.lr_multiplier(500, 0, cfg) == 1.0
     assert tg.lr_multiplier(900, 0, cfg) == pytest.approx(0.5)
-    capped = tg.Config(iterations=10**6, max_wallclock_seconds=100, lr_warmup_steps=0, warmdown_frac=0.2)
+    capped = tg.Config(iterations=10**6, max_wallclock_seconds=100, lr_warmup_steps=0, warmdown_frac=0.2,
+                       quant_method="rtn")
     assert tg.lr_multiplier(50, 90.0, capped) == pytest.approx(0.5)  # the wallclock drives the warmdown
     assert tg.lr_multiplier(50, 100.0, capped) == 0.0
+    gptq = tg.Config(iterations=10**6, max_wallclock_seconds=100, lr_warmup_steps=0, warmdown_frac=0.2,
+                     quant_method="gptq", gptq_reserve_seconds=20)
+    assert gptq.train_budget_seconds == 80  # calibration time is reserved inside the cap
+    assert tg.lr_multiplier(50, 72.0, gptq) == pytest.approx(0.5)
 
 
 def test_ema_warms_up_then_averages():

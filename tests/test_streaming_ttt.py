@@ -1,0 +1,226 @@
+"""Streaming evaluation and score-first TTT: exactness against one long forward, legality, and scoring rules."""
+
+import math
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+from test_model import tiny_model
+
+CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
+BOS = 1
+
+
+def tables(vocab=97) -> tg.ByteTables:
+    """Synthetic byte tables: token i is (i % 5) bytes, odd tokens carry a leading space; BOS is a boundary."""
+    base = torch.arange(vocab) % 5
+    base[BOS] = 0
+    boundary = torch.zeros(vocab, dtype=torch.bool)
+    boundary[BOS] = True
+    return tg.ByteTables(base, torch.arange(vocab) % 2 == 1, boundary, BOS)
+
+
+def stream_of_documents(n_docs, seed, min_len=20, max_len=90):
+    gen = torch.Generator().manual_seed(seed)
+    docs = [torch.randint(4, 97, (int(torch.randint(min_len, max_len, (1,), generator=gen)),), generator=gen)
+            for _ in range(n_docs)]
+    return torch.cat([torch.cat([torch.tensor([BOS]), d]) for d in docs])
+
+
+def full_nll(model, tokens):
+    with torch.no_grad():
+        return model(tokens[None, :-1], tokens[None, 1:], reduction="none")[0].double()
+
+
+def stream_cfg(**kw):
+    base = dict(eval_mode="stream", stream_segment=16, stream_lanes=1, swa_window=16, eval_seq_len=32, eval_batch_tokens=256,
+                ttt_chunk_tokens=64, ttt_seq_len=32, ttt_batch_seqs=2, ttt_epochs=1, ttt_lr=0.05)
+    return tg.Config(**{**base, **kw})
+
+
+def tracked(cfg, stream, fn, **kw):
+    tokens = stream
+    tally = tg.Tally(torch.device("cpu"), track=len(tokens))
+    result = fn(cfg=cfg, tally=tally, tokens=tokens, **kw)
+    assert result.tokens == len(tokens) - 1
+    assert tally.hits[0] == 0 and (tally.hits[1:] == 1).all(), "every target exactly once"
+    return result, tally
+
+
+@pytest.mark.parametrize("segment", [399, 16, 7])
+def test_streaming_equals_one_long_forward(segment):
+    """One lane, no resets: the carried state (conv tails, GDN state, SWA keys) makes short segments exact."""
+    model = tiny_model(layout="GSGs")  # SWA window 16 in the tiny preset
+    tokens = stream_of_documents(6, seed=0)[:400]
+    expect = full_nll(model, tokens)
+    cfg = stream_cfg(stream_segment=segment)
+    _, tally = tracked(cfg, tokens, tg.evaluate_stream, model=model, tables=tables(), rt=CPU)
+    assert torch.allclose(tally.nll_at[1:], expect, atol=2e-5, rtol=1e-5)
+
+
+def test_long_stream_does_not_drift():
+    model = tiny_model(layout="GSG")
+    tokens = stream_of_documents(40, seed=1, min_len=40, max_len=80)[:2500]
+    expect = full_nll(model, tokens)
+    _, tally = tracked(stream_cfg(stream_segment=64), tokens, tg.evaluate_stream, model=model, tables=tables(),
+                       rt=CPU)
+    err = (tally.nll_at[1:] - expect).abs()
+    assert err.max() < 5e-5 and err[-500:].max() < 5e-5  # no growth towards the end
+
+
+def test_reset_at_bos_equals_scoring_each_document_alone():
+    model = tiny_model(layout="GSGs")
+    tokens = stream_of_documents(5, seed=2)
+    starts = (tokens == BOS).nonzero().flatten().tolist() + [len(tokens)]
+    _, tally = tracked(stream_cfg(stream_reset=True, stream_segment=13), tokens, tg.evaluate_stream, model=model,
+                       tables=tables(), rt=CPU)
+    for a, b in zip(starts, starts[1:]):
+        doc = tokens[a: min(b + 1, len(tokens))]  # the document, and the next BOS as its last target
+        alone = full_nll(model, doc)[: b - a if b < len(tokens) else b - a - 1]
+        assert torch.allclose(tally.nll_at[a + 1: a + 1 + len(alone)], alone, atol=2e-5)
+
+
+def test_lanes_cover_the_stream_and_each_is_one_long_forward():
+    tokens = stream_of_documents(30, seed=3)
+    lanes = tg.stream_lanes(len(tokens), 7)
+    assert len(lanes) == 7 and lanes[0][0] == 0 and lanes[-1][1] == len(tokens) - 1
+    assert all(a[1] == b[0] for a, b in zip(lanes, lanes[1:]))
+    assert max(e - s for s, e in lanes) - min(e - s for s, e in lanes) <= 1
+    model = tiny_model(layout="GSG")
+    cfg = stream_cfg(stream_lanes=7)
+    _, tally = tracked(cfg, tokens, tg.evaluate_stream, model=model, tables=tables(), rt=CPU)
+    for s, e in lanes:  # each lane is exactly a long forward over its own span
+        assert torch.allclose(tally.nll_at[s + 1: e + 1], full_nll(model, tokens[s: e + 1]), atol=2e-5)
+
+
+def test_streaming_rejects_full_attention_layers():
+    model = tiny_model(layout="GSA")
+    with pytest.raises(ValueError, match="full attention"):
+        tg.evaluate_stream(model, stream_of_documents(3, 0), tables(), stream_cfg(), CPU)
+
+
+MODES = {
+    "sliding": dict(eval_mode="window", eval_stride=8),
+    "plain": dict(eval_mode="window"),
+    "stream": dict(eval_mode="stream", stream_lanes=3),
+    "stream_reset": dict(eval_mode="stream", stream_reset=True, stream_lanes=3),
+    "sliding_ttt": dict(eval_mode="window", eval_stride=8, ttt_enabled=True),
+    "stream_ttt": dict(eval_mode="stream", ttt_enabled=True),
+}
+
+
+def run_mode(mode, tokens, seed=0):
+    model = tiny_model(layout="GSGs", seed=seed)
+    cfg = stream_cfg(**MODES[mode])
+    fn = tg.evaluate_ttt if cfg.ttt_enabled else tg.evaluate_base
+    kw = dict(log=tg.Logger(None)) if cfg.ttt_enabled else {}
+    tally = tg.Tally(torch.device("cpu"), track=len(tokens))
+    result = fn(model, tokens, tables(), cfg, CPU, tally=tally, **kw)
+    return result, tally
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_future_tokens_never_change_a_probability(mode):
+    """Two streams equal up to t and different after it: every loss at targets <= t is identical, in every mode."""
+    tokens = stream_of_documents(8, seed=4)[:300]
+    t = 211  # inside a later TTT chunk, after several adaptations
+    other = tokens.clone()
+    other[t + 1:] = torch.randint(4, 97, (len(tokens) - t - 1,), generator=torch.Generator().manual_seed(9))
+    _, a = run_mode(mode, tokens)
+    _, b = run_mode(mode, other)
+    assert (a.hits[1:] == 1).all() and (b.hits[1:] == 1).all()
+    assert torch.equal(a.nll_at[: t + 1], b.nll_at[: t + 1])
+    assert not torch.equal(a.nll_at[t + 1:], b.nll_at[t + 1:])
+
+
+@pytest.mark.parametrize("mode", ["sliding_ttt", "stream_ttt"])
+def test_ttt_trains_only_on_tokens_already_scored(mode, monkeypatch):
+    tokens = stream_of_documents(8, seed=5)[:300]
+    model = tiny_model(layout="GSGs")
+    cfg = stream_cfg(**MODES[mode])
+    tally = tg.Tally(torch.device("cpu"), track=len(tokens))
+    trained = []
+    real = tg.ttt_adapt
+
+    def spy(model_, opt, params, span, cfg_, rt_):
+        lo = next(i for i in range(len(tokens)) if torch.equal(tokens[i: i + len(span)], span))
+        targets = range(lo + 1, lo + len(span))
+        assert all(tally.hits[j] == 1 for j in targets), "trained on a token not yet scored"
+        trained.append((lo, lo + len(span) - 1, int(tally.hits.sum())))
+        return real(model_, opt, params, span, cfg_, rt_)
+
+    monkeypatch.setattr(tg, "ttt_adapt", spy)
+    before = [p.detach().clone() for p in model.parameters()]
+    tg.evaluate_ttt(model, tokens, tables(), cfg, CPU, tg.Logger(None), tally=tally)
+    assert len(trained) == len(tg.ttt_chunks(len(tokens), cfg)) - 1 >= 3  # every chunk but the last
+    assert trained[-1][1] < len(tokens) - 1  # nothing trained on the last chunk
+    assert all(a[1] <= b[0] for a, b in zip(trained, trained[1:]))  # in stream order, never overlapping
+    assert (tally.hits[1:] == 1).all()  # and no token scored twice
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_ttt_changes_the_score_and_eval_budget_stops_only_adaptation():
+    tokens = stream_of_documents(8, seed=6)[:300]
+    base, _ = run_mode("sliding", tokens)
+    ttt, _ = run_mode("sliding_ttt", tokens)
+    assert ttt.tokens == base.tokens and ttt.bytes == base.bytes and ttt.loss != base.loss
+    model = tiny_model(layout="GSGs")
+    cfg = stream_cfg(**MODES["sliding_ttt"], eval_max_seconds=1e-9)
+    lines = []
+    log = tg.Logger(None)
+    log.__class__ = type("L", (tg.Logger,), {"__call__": lambda self, m, console=True: lines.append(m)})
+    stopped = tg.evaluate_ttt(model, tokens, tables(), cfg, CPU, log)
+    assert stopped.loss == pytest.approx(base.loss, rel=1e-9)  # no adaptation happened, every token still scored
+    assert any("adaptation stops after 0/" in m for m in lines)
+
+
+def test_ttt_chunks_cover_windows_in_order():
+    cfg = tg.Config(eval_seq_len=32, eval_stride=8, ttt_chunk_tokens=50)
+    chunks = tg.ttt_chunks(500, cfg)
+    assert chunks[0].lo == 0 and chunks[-1].hi == 499
+    assert all(a.hi == b.lo for a, b in zip(chunks, chunks[1:]))
+    assert all(c.hi - c.lo >= 50 for c in chunks[:-1])
+
+
+def _ttt_worker(rank, world, port, mode, out_path):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    rt = tg.Runtime(rank, world, rank, torch.device("cpu"), 1)
+    model = tiny_model(layout="GSGs")
+    tokens = stream_of_documents(8, seed=7)[:300]
+    result = tg.evaluate_ttt(model, tokens, tables(), stream_cfg(**MODES[mode]), rt, tg.Logger(None))
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    if rank == 0:
+        torch.save((result.loss, result.tokens, max((g - flat).abs().max().item() for g in gathered), flat), out_path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["sliding_ttt", "stream_ttt"])
+def test_ttt_on_two_ranks_keeps_weights_identical_and_matches_one_rank(mode, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    results = {}
+    for world in (1, 2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = tmp_path / f"world{world}.pt"
+        mp.start_processes(_ttt_worker, args=(world, port, mode, str(out)), nprocs=world, join=True,
+                           start_method="spawn")
+        results[world] = torch.load(out)
+    (loss1, n1, _, w1), (loss2, n2, spread, w2) = results[1], results[2]
+    assert spread == 0.0, "ranks ended with different weights"
+    assert n1 == n2 == 299
+    assert loss2 == pytest.approx(loss1, rel=1e-5)
+    assert torch.allclose(w1, w2, atol=1e-5)
