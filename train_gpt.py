@@ -107,21 +107,21 @@ class Config:
     # evaluation
     eval_seq_len: int = 0  # 0 -> train_seq_len
     eval_stride: int = 0  # 0 -> eval_seq_len (plain, non-overlapping windows)
-    eval_mode: str = "window"  # window (plain, or sliding with EVAL_STRIDE) | stream (carried state, see section 9)
-    eval_batch_tokens: int = 262_144  # tokens per forward pass per rank (window mode)
-    stream_segment: int = 2048  # tokens per lane per forward pass (stream mode)
-    stream_lanes: int = 64  # lanes per rank (stream mode without TTT)
+    eval_mode: str = "stream"  # window (plain, or sliding with EVAL_STRIDE) | stream (carried state, see section 9)
+    eval_batch_tokens: int = 262_144  # tokens per forward pass per rank (windows; lanes x segment when streaming)
+    stream_segment: int = 32768  # tokens per lane per forward pass (stream mode)
+    stream_lanes: int = 64  # lanes per rank (stream mode without TTT; TTT streams one lane)
     stream_reset: bool = False  # restart every layer's state at each BOS (document start)
-    ttt_enabled: bool = False  # score-first test-time training on the validation stream
+    ttt_enabled: bool = True  # score-first test-time training on the validation stream
     ttt_chunk_tokens: int = 32768
     ttt_epochs: int = 3
     ttt_optimizer: str = "sgd"  # sgd | adamw
-    ttt_lr: float = 0.002
+    ttt_lr: float = 0.01
     ttt_momentum: float = 0.9
     ttt_params: str = "all"  # all | mlp | scalar (norms, gates, decay parameters, convs) | gdn (GDN mixers)
     ttt_seq_len: int = 0  # 0 -> EVAL_SEQ_LEN
     ttt_batch_seqs: int = 8  # sequences per rank per step
-    eval_max_seconds: float = 0.0  # 0 = no limit; otherwise TTT adaptation stops when it would run past this
+    eval_max_seconds: float = 540.0  # 0 = no limit; TTT adaptation stops when the evaluation would run past this
     val_max_tokens: int = 0  # 0 = the whole split; anything else is a partial, non-comparable score
     eval_only: bool = False
     artifact_path: str = ""  # "" -> artifacts/{run_id}.pgz
@@ -217,6 +217,8 @@ class Config:
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time in {self.max_wallclock_seconds}s")
         need(self.eval_mode in ("window", "stream"), f"EVAL_MODE={self.eval_mode!r} must be window or stream")
         need(self.stream_segment > 0 and self.stream_lanes > 0, "STREAM_SEGMENT and STREAM_LANES must be positive")
+        need(not self.stream_reset or self.stream_segment <= 8192,
+             f"STREAM_RESET=1 builds a dense mask per segment; STREAM_SEGMENT={self.stream_segment} must be <= 8192")
         need(self.ttt_optimizer in ("sgd", "adamw"), f"TTT_OPTIMIZER={self.ttt_optimizer!r} must be sgd or adamw")
         need(self.ttt_params in ("all", "mlp", "scalar", "gdn"),
              f"TTT_PARAMS={self.ttt_params!r} must be all, mlp, scalar or gdn")
@@ -829,24 +831,30 @@ class GatedDeltaNet(nn.Module):
 
 
 def attention_reference(q, k, v, window: int):
-    """Masked SDPA, the oracle. q (B, T, H, D), k, v (B, T, KV, D); window <= 0 means full causal."""
-    T = q.shape[1]
-    i = torch.arange(T, device=q.device)
-    allowed = i[None, :] <= i[:, None]
+    """Masked SDPA, the oracle. q (B, Tq, H, D), k, v (B, Tk, KV, D) with Tk >= Tq: the queries are the last Tq
+    positions of the keys (a streaming segment after its cached keys). window <= 0 means full causal."""
+    Tq, Tk = q.shape[1], k.shape[1]
+    iq = torch.arange(Tq, device=q.device) + (Tk - Tq)
+    ik = torch.arange(Tk, device=q.device)
+    allowed = ik[None, :] <= iq[:, None]
     if window > 0:
-        allowed = allowed & (i[:, None] - i[None, :] < window)
+        allowed = allowed & (iq[:, None] - ik[None, :] < window)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed,
                                        enable_gqa=q.shape[2] != k.shape[2])
     return y.transpose(1, 2)
 
 
 def attention(q, k, v, window: int, backend: str):
-    B, T, H, D = q.shape
-    if window <= 0 or window >= T:  # the band covers every earlier token: plain causal attention
+    """Causal (windowed) attention; q (B, Tq, H, D) are the last Tq positions of k, v (B, Tk, KV, D)."""
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    if window <= 0 or window >= Tk:  # the band covers every earlier token: plain causal attention
+        if Tq != Tk:  # SDPA's is_causal aligns at the start, not the end
+            return attention_reference(q, k, v, 0)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                            enable_gqa=H != k.shape[2])
         return y.transpose(1, 2)
-    if backend == "fa3":
+    if backend == "fa3":  # FlashAttention aligns the causal band at the end when Tk > Tq
         import flash_attn_interface  # noqa: PLC0415 (optional)
 
         y = flash_attn_interface.flash_attn_func(q, k, v, causal=True, window_size=(window - 1, 0))
@@ -856,10 +864,11 @@ def attention(q, k, v, window: int, backend: str):
 
         if k.shape[2] != H:
             k, v = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (k, v))
-        cu = torch.arange(0, (B + 1) * T, T, dtype=torch.int32, device=q.device)
-        y = varlen_attn(q.reshape(B * T, H, D), k.reshape(B * T, H, D), v.reshape(B * T, H, D), cu, cu, T, T,
+        cu_q = torch.arange(0, (B + 1) * Tq, Tq, dtype=torch.int32, device=q.device)
+        cu_k = torch.arange(0, (B + 1) * Tk, Tk, dtype=torch.int32, device=q.device)
+        y = varlen_attn(q.reshape(B * Tq, H, D), k.reshape(B * Tk, H, D), v.reshape(B * Tk, H, D), cu_q, cu_k, Tq, Tk,
                         window_size=(window - 1, 0))
-        return y.view(B, T, H, D)
+        return y.view(B, Tq, H, D)
     return attention_reference(q, k, v, window)
 
 
@@ -892,23 +901,26 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(B, T, self.heads * self.head_dim))
 
     def _attend_with_cache(self, q, k, v, state: dict, stream: StreamContext) -> torch.Tensor:
-        """Keys are the last window-1 carried ones, then this segment's; the band mask (and, when documents reset,
-        the document start) decides what each query sees."""
+        """Keys are the carried ones (up to window-1, fewer at the stream start), then this segment's. Without
+        document resets this is the same banded attention as training (any backend); with resets a mask adds
+        each query's document start."""
         if self.window <= 0:
             raise ValueError("streaming evaluation needs layers with bounded state; full attention (A) has none")
         B, T = q.shape[:2]
         C = self.window - 1
-        keys = torch.cat([state.get("k", k.new_zeros(B, C, *k.shape[2:])), k], dim=1)
-        vals = torch.cat([state.get("v", v.new_zeros(B, C, *v.shape[2:])), v], dim=1)
+        n_cached = min(C, stream.offset)
+        keys = torch.cat([state["k"][:, C - n_cached:], k], dim=1) if n_cached else k
+        vals = torch.cat([state["v"][:, C - n_cached:], v], dim=1) if n_cached else v
+        state["k"] = F.pad(keys, (0, 0, 0, 0, max(0, C - keys.shape[1]), 0))[:, -C:]
+        state["v"] = F.pad(vals, (0, 0, 0, 0, max(0, C - vals.shape[1]), 0))[:, -C:]
+        if stream.since_bos is None:
+            return attention(q, keys, vals, self.window, self.backend)
         pq = stream.offset + torch.arange(T, device=q.device)
-        pk = stream.offset - C + torch.arange(C + T, device=q.device)
-        allowed = (pk[None] <= pq[:, None]) & (pq[:, None] - pk[None] < self.window) & (pk[None] >= 0)  # (T, C+T)
-        allowed = allowed.expand(B, T, C + T)
-        if stream.since_bos is not None:
-            allowed = allowed & (pk[None, None] >= (pq[None] - stream.since_bos)[..., None])
+        pk = stream.offset - n_cached + torch.arange(n_cached + T, device=q.device)
+        allowed = (pk[None] <= pq[:, None]) & (pq[:, None] - pk[None] < self.window)  # (T, n_cached + T)
+        allowed = allowed & (pk[None, None] >= (pq[None] - stream.since_bos)[..., None])  # (B, T, n_cached + T)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
                                            attn_mask=allowed[:, None], enable_gqa=self.heads != self.kv_heads)
-        state["k"], state["v"] = keys[:, -C:], vals[:, -C:]
         return y.transpose(1, 2)
 
 
@@ -1625,8 +1637,9 @@ def evaluate_stream(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, 
     lanes = stream_lanes(len(tokens), cfg.stream_lanes * rt.world_size)
     mine = lanes[len(lanes) * rt.rank // rt.world_size: len(lanes) * (rt.rank + 1) // rt.world_size]
     tally = tally or Tally(rt.device)
-    if mine:
-        StreamScorer(model, len(mine), cfg, rt, tables.bos_id).run(tokens, mine, tables, tally)
+    group = max(1, cfg.eval_batch_tokens // cfg.stream_segment)  # lanes per forward pass: bounds the memory
+    for g in range(0, len(mine), group):
+        StreamScorer(model, len(mine[g: g + group]), cfg, rt, tables.bos_id).run(tokens, mine[g: g + group], tables, tally)
     return tally.result(rt, len(tokens) - 1, time.perf_counter() - t0)
 
 
@@ -1874,10 +1887,13 @@ def check_gdn_kernel(mc: ModelConfig, cfg: Config, log: Logger) -> None:
         log("kernel_check: passed; fla's Hopper guard is lifted for this run")
 
 
-def attention_kernel_errors(mc: ModelConfig, backend: str, T: int, device: torch.device, seed: int = 0) -> dict:
+def attention_kernel_errors(mc: ModelConfig, backend: str, T: int, device: torch.device, seed: int = 0,
+                            cached: int = 0) -> dict:
+    """The backend's output and gradients against fp32 masked SDPA; `cached` extra keys before the queries (the
+    streaming case, where the band is aligned at the end)."""
     gen = torch.Generator().manual_seed(seed)
     hd = mc.model_dim // mc.num_heads
-    shapes = [(2, T, mc.num_heads, hd), (2, T, mc.num_kv_heads, hd), (2, T, mc.num_kv_heads, hd)]
+    shapes = [(2, T, mc.num_heads, hd), (2, T + cached, mc.num_kv_heads, hd), (2, T + cached, mc.num_kv_heads, hd)]
     inputs = [torch.randn(s, generator=gen).to(device, torch.bfloat16) for s in shapes]
     fast_in = [t.clone().requires_grad_(True) for t in inputs]
     ref_in = [t.float().requires_grad_(True) for t in inputs]
@@ -1930,10 +1946,16 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
                 if not all(v <= cfg.kernel_check_tol for v in errs.values()):
                     raise RuntimeError(f"fla's streaming path disagrees with the reference: {errs}")
         if attn != "sdpa" and has_swa and mc.swa_window < cfg.train_seq_len:
-            errs = attention_kernel_errors(mc, attn, cfg.train_seq_len, rt.device)
-            log(f"kernel_check swa({attn}) vs fp32 masked SDPA: " + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
-            if not all(v <= cfg.kernel_check_tol for v in errs.values()):
-                raise RuntimeError(f"attention backend {attn} disagrees with the reference: {errs}; set ATTN_BACKEND=sdpa")
+            cases = [("", cfg.train_seq_len, 0)]
+            if cfg.eval_mode == "stream" and not cfg.stream_reset:  # keys carried from the previous segment
+                cases.append((" streaming", min(cfg.stream_segment, 4096), mc.swa_window - 1))
+            for label, T, cached in cases:
+                errs = attention_kernel_errors(mc, attn, T, rt.device, cached=cached)
+                log(f"kernel_check swa({attn}){label} vs fp32 masked SDPA: "
+                    + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
+                if not all(v <= cfg.kernel_check_tol for v in errs.values()):
+                    raise RuntimeError(f"attention backend {attn}{label} disagrees with the reference: {errs}; "
+                                       "set ATTN_BACKEND=sdpa")
     log(f"backends: gdn:{gdn} attention:{attn} (window {mc.swa_window})")
     return Backends(gdn, attn)
 
@@ -2187,18 +2209,25 @@ def export_artifact(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, path
 
 
 def score_artifact(path: Path, cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables,
-                   tag: str) -> EvalResult:
-    """Reads the artifact from disk into a fresh model and scores it (window mode compiled; streaming and TTT, whose
-    shapes and state vary, eagerly)."""
+                   tag: str, with_ttt: bool = True) -> tuple[EvalResult, EvalResult]:
+    """Reads the artifact from disk into a fresh model and scores it: (the configured evaluation, the same without
+    TTT). Window mode runs compiled; streaming and TTT, whose shapes and state vary, eagerly."""
     mc, state = read_artifact(path)
     backends = resolve_backends(cfg, rt, mc, log, check=False)
     model = build_model(mc, backends, rt)
     load_exported_state(model, state, str(path))
-    plain_windows = cfg.eval_mode == "window" and not cfg.ttt_enabled
-    result = evaluate_final(maybe_compile(model, cfg, rt) if plain_windows else model, val_tokens, tables, cfg, rt, log)
-    log(result.line(tag))
-    log(result.exact_line(tag))
-    return result
+    scorer = maybe_compile(model, cfg, rt) if cfg.eval_mode == "window" else model
+    base = evaluate_base(scorer, val_tokens, tables, cfg, rt)  # before TTT changes the weights
+    base_tag = tag.removesuffix("_ttt")
+    log(base.line(base_tag))
+    log(base.exact_line(base_tag))
+    if not (cfg.ttt_enabled and with_ttt):
+        return base, base
+    final = evaluate_ttt(model, val_tokens, tables, cfg, rt, log)
+    log(final.line(tag))
+    log(final.exact_line(tag))
+    log(f"ttt_gain: {final.bpb - base.bpb:+.5f} bpb")
+    return final, base
 
 
 def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> dict:
@@ -2212,8 +2241,8 @@ def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, t
         resolve_backends(cfg, rt, mc, log, check=True)
     size = path.stat().st_size
     log(f"eval_only: artifact {path} {size} bytes + code {code_bytes()} bytes = {size + code_bytes()} bytes")
-    result = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg))
-    return dict(final=dataclasses.asdict(result), artifact_bytes=size)
+    final, base = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg))
+    return dict(final=dataclasses.asdict(final), final_no_ttt=dataclasses.asdict(base), artifact_bytes=size)
 
 
 def _final_tag(cfg: Config) -> str:
@@ -2248,20 +2277,20 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
     sizes = export_artifact(base, cfg, rt, log, path, hessians)
     if rt.distributed:
         dist.barrier()
-    final = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg))
-    log(f"quantization_gap {cfg.quant_method}: {final.bpb - pre.bpb:+.5f} bpb")
+    final, final_base = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg))
+    log(f"quantization_gap {cfg.quant_method}: {final_base.bpb - pre.bpb:+.5f} bpb")
     summary = dict(steps=stats.steps, train_time_ms=round(stats.train_ms), calib_ms=round(calib_ms),
                    budget_used_ms=round(stats.train_ms + calib_ms), step_avg_ms=round(stats.step_avg_ms, 2),
                    tokens_per_s=round(stats.tokens_per_s), stopped_by_cap=stats.stopped_by_cap, peak_mem_mib=round(peak),
                    params=count_parameters(base), pre_quant=dataclasses.asdict(pre), final=dataclasses.asdict(final),
-                   artifact_path=str(path), **sizes)
+                   final_no_ttt=dataclasses.asdict(final_base), artifact_path=str(path), **sizes)
     if cfg.quant_compare and hessians is not None:
         rtn_path = path.with_name(path.stem + "_rtn" + path.suffix)
         export_artifact(base, cfg, rt, log, rtn_path, None)
         if rt.distributed:
             dist.barrier()
-        rtn = score_artifact(rtn_path, cfg, rt, log, val_tokens, tables, "compare_rtn_roundtrip")
-        log(f"quantization_gap rtn: {rtn.bpb - pre.bpb:+.5f} bpb (gptq {final.bpb - pre.bpb:+.5f})")
+        rtn = score_artifact(rtn_path, cfg, rt, log, val_tokens, tables, "compare_rtn_roundtrip", with_ttt=False)[1]
+        log(f"quantization_gap rtn: {rtn.bpb - pre.bpb:+.5f} bpb (gptq {final_base.bpb - pre.bpb:+.5f})")
         summary["compare_rtn"] = dataclasses.asdict(rtn)
     return summary
 

@@ -48,7 +48,7 @@ def test_calibration_sees_only_training_tokens(tiny_data, monkeypatch):
     """Run the real pipeline in process with a spy on every batch the model sees during calibration: each must be
     a span of the train shards and none may come from the validation shards."""
     env = {"PRESET": "tiny", "DATA_PATH": tiny_data["data_path"], "TOKENIZER_PATH": tiny_data["tokenizer_path"],
-           "VOCAB_SIZE": "320", "ITERATIONS": "2", "RUN_ID": "calib"}
+           "VOCAB_SIZE": "320", "ITERATIONS": "2", "RUN_ID": "calib", "TTT_ENABLED": "0"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     monkeypatch.chdir(tiny_data["data_path"])

@@ -45,15 +45,16 @@ def test_custom_op_registration_passes_opcheck():
 
 
 @cuda
+@pytest.mark.parametrize("cached", [0, 511])
 @pytest.mark.parametrize("backend", ["varlen", "fa3"])
-def test_attention_backend_matches_reference(backend):
+def test_attention_backend_matches_reference(backend, cached):
     if backend == "varlen" and not tg._varlen_has_window():
         pytest.skip("this torch has no windowed varlen_attn")
     if backend == "fa3":
         pytest.importorskip("flash_attn_interface")
     mc = model_config()
-    errs = tg.attention_kernel_errors(mc, backend, 2048, torch.device("cuda"))
-    print(backend, errs)
+    errs = tg.attention_kernel_errors(mc, backend, 2048, torch.device("cuda"), cached=cached)
+    print(backend, cached, errs)
     assert all(v <= 2e-2 for v in errs.values()), errs
 
 
@@ -93,11 +94,14 @@ def test_fla_streaming_path_matches_reference(head_dim):
 
 
 @needs_fla
-def test_model_streaming_on_gpu_matches_one_long_forward():
+@pytest.mark.parametrize("attn", ["sdpa", "varlen"])
+def test_model_streaming_on_gpu_matches_one_long_forward(attn):
     torch.manual_seed(0)
     mc = model_config(layout="GGSGs", model_dim=256, gdn_heads=4, gdn_head_dim=64, num_heads=4, num_kv_heads=2,
                       swa_window=64)
-    model = tg.GPT(mc, tg.Backends("fla", "sdpa")).cuda()
+    if attn == "varlen" and not tg._varlen_has_window():
+        pytest.skip("no windowed varlen_attn")
+    model = tg.GPT(mc, tg.Backends("fla", attn)).cuda()
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.05)
     tokens = torch.randint(0, mc.vocab_size, (1000,))

@@ -115,3 +115,12 @@ def test_window_at_least_sequence_is_plain_causal():
     q, k, v = (torch.randn(1, 12, 2, 8) for _ in range(3))
     assert torch.allclose(tg.attention(q, k, v, 12, "sdpa"), tg.attention_reference(q, k, v, 0), atol=1e-6)
     assert torch.allclose(tg.attention(q, k, v, 5, "sdpa"), tg.attention_reference(q, k, v, 5), atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [5, 0])
+def test_queries_after_cached_keys_see_the_band_aligned_at_the_end(window):
+    torch.manual_seed(4)
+    q, k, v = torch.randn(2, 30, 4, 8), torch.randn(2, 30, 2, 8), torch.randn(2, 30, 2, 8)
+    full = tg.attention_reference(q, k, v, window)
+    for backend in ("sdpa",):
+        assert torch.allclose(tg.attention(q[:, -11:], k, v, window, backend), full[:, -11:], atol=1e-6)

@@ -35,8 +35,9 @@ def full_nll(model, tokens):
 
 
 def stream_cfg(**kw):
-    base = dict(eval_mode="stream", stream_segment=16, stream_lanes=1, swa_window=16, eval_seq_len=32, eval_batch_tokens=256,
-                ttt_chunk_tokens=64, ttt_seq_len=32, ttt_batch_seqs=2, ttt_epochs=1, ttt_lr=0.05)
+    base = dict(eval_mode="stream", stream_segment=16, stream_lanes=1, swa_window=16, eval_seq_len=32,
+                eval_batch_tokens=256, ttt_enabled=False, ttt_chunk_tokens=64, ttt_seq_len=32, ttt_batch_seqs=2,
+                ttt_epochs=1, ttt_lr=0.05)
     return tg.Config(**{**base, **kw})
 
 

@@ -80,10 +80,21 @@ def build(runs: list[dict], args: argparse.Namespace) -> dict:
 
 def technique_summary(config: dict) -> str:
     c = config
+    seq = c.get("EVAL_SEQ_LEN", "0") if c.get("EVAL_SEQ_LEN", "0") != "0" else c.get("TRAIN_SEQ_LEN")
+    stride = c.get("EVAL_STRIDE", "0")
+    if c.get("EVAL_MODE") == "stream":
+        evaluation = f"streaming evaluation (carried GDN/SWA state, {c.get('STREAM_SEGMENT')}-token segments)"
+    elif stride not in ("0", seq):
+        evaluation = f"sliding-window evaluation (length {seq}, stride {stride})"
+    else:
+        evaluation = f"plain {seq}-token windows"
+    if c.get("TTT_ENABLED") == "True":
+        evaluation += (f" + score-first TTT ({c.get('TTT_OPTIMIZER')} lr {c.get('TTT_LR')}, {c.get('TTT_EPOCHS')} epochs, "
+                       f"{c.get('TTT_CHUNK_TOKENS')}-token chunks, params {c.get('TTT_PARAMS')})")
     return (f"Gated DeltaNet + sliding-window attention hybrid, layout {c.get('LAYOUT')}, d{c.get('MODEL_DIM')}, "
             f"SWA window {c.get('SWA_WINDOW')}, vocab {c.get('VOCAB_SIZE')}; Muon + Adam, EMA {c.get('EMA_DECAY')}; "
-            f"int{c.get('MATRIX_BITS')} matrices / int{c.get('EMBED_BITS')} embedding + {c.get('COMPRESSOR')}; "
-            f"eval seq {c.get('EVAL_SEQ_LEN')} stride {c.get('EVAL_STRIDE')} (0 = defaults)")
+            f"{c.get('QUANT_METHOD', 'rtn')} int{c.get('MATRIX_BITS')} matrices / int{c.get('EMBED_BITS')} embedding "
+            f"+ {c.get('COMPRESSOR')}; {evaluation}")
 
 
 def main(argv: list[str] | None = None) -> int:
