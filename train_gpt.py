@@ -19,14 +19,12 @@ Sections, in the order data flows:
 import contextlib
 import dataclasses
 import glob
-import io
 import json
 import math
 import os
 import platform
 import random
 import struct
-import sys
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -324,7 +322,6 @@ def init_runtime(cfg: Config) -> Runtime:
     if GPU_COUNT_OF_RECORD % world_size != 0:
         raise ValueError(f"WORLD_SIZE={world_size} must divide {GPU_COUNT_OF_RECORD}")
     accum = cfg.grad_accum_steps or GPU_COUNT_OF_RECORD // world_size
-    micro = cfg.train_batch_tokens // (world_size * accum)
     if cfg.train_batch_tokens % (world_size * accum * cfg.train_seq_len) != 0:
         raise ValueError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must split into whole sequences of "
                          f"TRAIN_SEQ_LEN={cfg.train_seq_len} over {world_size} ranks x {accum} accumulation steps")
@@ -335,7 +332,6 @@ def init_runtime(cfg: Config) -> Runtime:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    del micro
     return Runtime(rank, world_size, local_rank, device, accum)
 
 
@@ -1713,10 +1709,11 @@ def ttt_adapt(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Para
 
 
 def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Config, rt: Runtime, log: Logger,
-                 observer=None, tally: Tally | None = None) -> EvalResult:
+                 observer=None, tally: Tally | None = None, spent_s: float = 0.0) -> EvalResult:
     """Score-first TTT over chunks in stream order. Window mode: each chunk's windows are split over ranks. Stream
     mode: one lane carries its state across chunks (more lanes would let later tokens train the model before earlier
-    ones are scored); every rank computes it and rank 0 counts it. EVAL_MAX_SECONDS stops adaptation, never scoring.
+    ones are scored); every rank computes it and rank 0 counts it. EVAL_MAX_SECONDS (counting `spent_s` already used
+    by the evaluation) stops adaptation, never scoring.
     `observer(event, lo, hi)` sees every 'score' and 'train' of a chunk (for tests)."""
     t0 = time.perf_counter()
     params = ttt_parameters(model, cfg.ttt_params)
@@ -1744,7 +1741,7 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
         if adapting and cfg.eval_max_seconds:
             remaining = score_s / (c + 1) * (len(chunks) - c - 1)
             next_adapt = adapt_s / adapted if adapted else 0.0
-            over = time.perf_counter() - t0 + remaining + next_adapt > cfg.eval_max_seconds
+            over = spent_s + time.perf_counter() - t0 + remaining + next_adapt > cfg.eval_max_seconds
             if _agree_stop(over, rt):
                 adapting = False
                 log(f"ttt: EVAL_MAX_SECONDS={cfg.eval_max_seconds:.0f} would be exceeded; adaptation stops after "
@@ -2223,7 +2220,8 @@ def score_artifact(path: Path, cfg: Config, rt: Runtime, log: Logger, val_tokens
     log(base.exact_line(base_tag))
     if not (cfg.ttt_enabled and with_ttt):
         return base, base
-    final = evaluate_ttt(model, val_tokens, tables, cfg, rt, log)
+    final = evaluate_ttt(model, val_tokens, tables, cfg, rt, log, spent_s=base.seconds)
+    final.seconds += base.seconds  # the whole evaluation: the score without TTT is part of it
     log(final.line(tag))
     log(final.exact_line(tag))
     log(f"ttt_gain: {final.bpb - base.bpb:+.5f} bpb")
@@ -2272,7 +2270,8 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
         ema.copy_to_model()
     hessians, calib_ms = calibrate(base, cfg, rt, log, stats.train_ms) if cfg.quant_method == "gptq" else (None, 0.0)
     pre = evaluate_base(compiled if cfg.eval_mode == "window" else base, val_tokens, tables, cfg, rt)
-    log(pre.line(("pre_quant_ema" if ema is not None else "pre_quant") + eval_tag(dataclasses.replace(cfg, ttt_enabled=False))))
+    pre_tag = ("pre_quant_ema" if ema is not None else "pre_quant") + eval_tag(dataclasses.replace(cfg, ttt_enabled=False))
+    log(pre.line(pre_tag))
     path = Path(cfg.artifact_path or f"artifacts/{run_id}.pgz")
     sizes = export_artifact(base, cfg, rt, log, path, hessians)
     if rt.distributed:

@@ -1,7 +1,5 @@
 """Streaming evaluation and score-first TTT: exactness against one long forward, legality, and scoring rules."""
 
-import math
-
 import pytest
 import torch
 
