@@ -542,7 +542,7 @@ class ShortConv(nn.Module):
         since_bos (B, T): tokens since the latest BOS; tap j is dropped where it would reach into the previous
         document."""
         K, T = self.size, x.shape[1]
-        xe = F.pad(x, (0, 0, K - 1, 0)) if tail is None else torch.cat([tail.to(x.dtype), x], dim=1)
+        xe = with_tail(tail, x, K)
         w = self.weight.to(x.dtype)
         out = xe[:, K - 1:] * w[:, K - 1]
         for j in range(1, K):  # tap j looks j steps back
@@ -551,9 +551,14 @@ class ShortConv(nn.Module):
         return out
 
 
+def with_tail(tail: torch.Tensor | None, x: torch.Tensor, size: int) -> torch.Tensor:
+    """x (B, T, C) preceded by the size-1 inputs before it (zeros at a sequence start)."""
+    return F.pad(x, (0, 0, size - 1, 0)) if tail is None else torch.cat([tail.to(x.dtype), x], dim=1)
+
+
 def next_tail(tail: torch.Tensor | None, x: torch.Tensor, size: int) -> torch.Tensor:
     """The last size-1 inputs after appending x (B, T, C) to tail."""
-    xe = F.pad(x, (0, 0, size - 1, 0)) if tail is None else torch.cat([tail.to(x.dtype), x], dim=1)
+    xe = with_tail(tail, x, size)
     return xe[:, -(size - 1):] if size > 1 else xe[:, :0]
 
 
@@ -1069,15 +1074,17 @@ PARAM_ROUTES = (
 )
 
 
+def route_index(name: str, p: torch.Tensor) -> int:
+    """Index of the first PARAM_ROUTES rule that matches the parameter."""
+    idx = next((i for i, (_, _, rule) in enumerate(PARAM_ROUTES) if rule(name, p)), None)
+    if idx is None:
+        raise RuntimeError(f"parameter {name} {tuple(p.shape)} matches no optimizer route")
+    return idx
+
+
 def route_parameters(model: nn.Module) -> list[tuple[int, str, nn.Parameter]]:
     """(index of the first matching PARAM_ROUTES rule, name, parameter) for every parameter."""
-    routed = []
-    for name, p in model.named_parameters():
-        idx = next((i for i, (_, _, rule) in enumerate(PARAM_ROUTES) if rule(name, p)), None)
-        if idx is None:
-            raise RuntimeError(f"parameter {name} {tuple(p.shape)} matches no optimizer route")
-        routed.append((idx, name, p))
-    return routed
+    return [(route_index(name, p), name, p) for name, p in model.named_parameters()]
 
 
 def params_of_group(routed: list, group: str) -> list[nn.Parameter]:
@@ -1181,7 +1188,7 @@ MIN_SCALE = 1e-7  # keeps an all-zero row's fp16 scale positive
 def quant_plan(name: str, t: torch.Tensor, cfg: Config) -> tuple[str, int, float]:
     """(kind, bits, clip_sigmas) for one tensor, following the optimizer's routing table: the embedding gets
     EMBED_BITS, Muon's matrices MATRIX_BITS, everything small (gates, norms, decay parameters, convs) fp16."""
-    group = next(g for g, _, rule in PARAM_ROUTES if rule(name, t))
+    group = PARAM_ROUTES[route_index(name, t)][0]
     if group == "embed":
         return "int", cfg.embed_bits, cfg.embed_clip_sigmas
     if group == "muon":
@@ -1502,6 +1509,11 @@ def autocast(rt: Runtime):
     return torch.autocast("cuda", dtype=torch.bfloat16) if rt.cuda else contextlib.nullcontext()
 
 
+def rank_share(items: list, rt: Runtime) -> list:
+    """This rank's contiguous share of `items` (windows, lanes); the shares cover `items` once."""
+    return items[len(items) * rt.rank // rt.world_size: len(items) * (rt.rank + 1) // rt.world_size]
+
+
 class Tally:
     """Running sums of one rank's scored targets; `result` adds them over ranks. With `track=n` it also keeps, per
     target position, how often it was scored and its loss (tests use this to prove the scoring rules)."""
@@ -1538,8 +1550,7 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Co
     t0 = time.perf_counter()
     tally = tally or Tally(rt.device)
     windows = make_windows(len(tokens), cfg.eval_len, cfg.stride)
-    score_windows(model, tokens, windows[len(windows) * rt.rank // rt.world_size:
-                                         len(windows) * (rt.rank + 1) // rt.world_size], tables, cfg, rt, tally)
+    score_windows(model, tokens, rank_share(windows, rt), tables, cfg, rt, tally)
     return tally.result(rt, len(tokens) - 1, time.perf_counter() - t0)
 
 
@@ -1631,7 +1642,7 @@ def evaluate_stream(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, 
                     tally: Tally | None = None) -> EvalResult:
     t0 = time.perf_counter()
     lanes = stream_lanes(len(tokens), cfg.stream_lanes * rt.world_size)
-    mine = lanes[len(lanes) * rt.rank // rt.world_size: len(lanes) * (rt.rank + 1) // rt.world_size]
+    mine = rank_share(lanes, rt)
     tally = tally or Tally(rt.device)
     group = max(1, cfg.eval_batch_tokens // cfg.stream_segment)  # lanes per forward pass: bounds the memory
     for g in range(0, len(mine), group):
@@ -1730,9 +1741,7 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
         if scorer is not None:
             scorer.run(tokens, [(chunk.lo, chunk.hi)], tables, tally if rt.is_main else None)
         else:
-            ws = chunk.windows
-            score_windows(model, tokens, ws[len(ws) * rt.rank // rt.world_size:
-                                            len(ws) * (rt.rank + 1) // rt.world_size], tables, cfg, rt, tally)
+            score_windows(model, tokens, rank_share(chunk.windows, rt), tables, cfg, rt, tally)
         score_s += time.perf_counter() - ts
         if observer:
             observer("score", chunk.lo, chunk.hi)
@@ -2188,15 +2197,16 @@ def export_artifact(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, path
             f"{k}: {sum(1 for r in records if label(r) == k)} tensors "
             f"{sum(math.prod(r['shape']) for r in records if label(r) == k):,} params"
             for k in sorted({label(r) for r in records})))
-        total = model_bytes + code_bytes()
+        code = code_bytes()
+        total = model_bytes + code
         n_params = sum(math.prod(r["shape"]) for r in records)
-        sizes[0] = dict(model_bytes=model_bytes, code_bytes=code_bytes(), total_bytes=total,
+        sizes[0] = dict(model_bytes=model_bytes, code_bytes=code, total_bytes=total,
                         quantize_seconds=round(t1 - t0, 2), compress_seconds=round(t2 - t1, 2))
         tag = f"int{cfg.matrix_bits}+{cfg.compressor}"
         log(f"Serialized model {tag}: {model_bytes} bytes (raw {sum(map(len, frames))} bytes in {len(frames)} frames, "
             f"{8 * model_bytes / n_params:.3f} bits/param) to {path}; quantize {t1 - t0:.1f}s, compress+write "
             f"{t2 - t1:.1f}s")
-        log(f"Code size: {code_bytes()} bytes")
+        log(f"Code size: {code} bytes")
         log(f"Total submission size {tag}: {total} bytes (limit {ARTIFACT_LIMIT_BYTES})")
         if total > ARTIFACT_LIMIT_BYTES:
             log(f"WARNING: ARTIFACT OVER THE LIMIT by {total - ARTIFACT_LIMIT_BYTES} bytes: this run is NOT COMPLIANT")
@@ -2238,7 +2248,8 @@ def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, t
     if cfg.kernel_check and rt.cuda:
         resolve_backends(cfg, rt, mc, log, check=True)
     size = path.stat().st_size
-    log(f"eval_only: artifact {path} {size} bytes + code {code_bytes()} bytes = {size + code_bytes()} bytes")
+    code = code_bytes()
+    log(f"eval_only: artifact {path} {size} bytes + code {code} bytes = {size + code} bytes")
     final, base = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg))
     return dict(final=dataclasses.asdict(final), final_no_ttt=dataclasses.asdict(base), artifact_bytes=size)
 
