@@ -84,7 +84,7 @@ class Config:
     tied_embed_init_std: float = 0.005
     # kernels
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
-    gdn_backend: str = "auto"  # auto (fla on CUDA) | fla | torch
+    gdn_backend: str = "auto"  # auto (qla where it applies, else fla, on CUDA) | fla | qla (FlashQLA, K=V=128) | torch
     attn_backend: str = "auto"  # auto | fa3 | varlen | sdpa
     kernel_check: bool = True
     kernel_check_tol: float = 2e-2  # relative error allowed between a fast kernel and its float64 reference
@@ -198,7 +198,8 @@ class Config:
              f"MLP_MULT*MODEL_DIM={self.mlp_mult * self.model_dim} must be a positive integer")
         parse_layout(self.layout)  # raises with the offending character
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r} must be auto, 0 or 1")
-        need(self.gdn_backend in ("auto", "fla", "torch"), f"GDN_BACKEND={self.gdn_backend!r} must be auto, fla or torch")
+        need(self.gdn_backend in ("auto", "fla", "qla", "torch"),
+             f"GDN_BACKEND={self.gdn_backend!r} must be auto, fla, qla or torch")
         need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"),
              f"ATTN_BACKEND={self.attn_backend!r} must be auto, fa3, varlen or sdpa")
         need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay} must be in [0, 1)")
@@ -528,8 +529,7 @@ class Linear(nn.Linear):
 
 
 class ShortConv(nn.Module):
-    """Causal depthwise convolution over time, kernel `size` (the GDN 'short convolution'), written as `size` shifted
-    multiply-adds (torch.compile fuses them) so that streaming can pass the previous inputs and mask document starts."""
+    """Causal depthwise convolution over time, kernel `size` (the GDN 'short convolution'); see short_conv."""
 
     def __init__(self, channels: int, size: int):
         super().__init__()
@@ -538,17 +538,23 @@ class ShortConv(nn.Module):
         nn.init.uniform_(self.weight, -size ** -0.5, size ** -0.5)
 
     def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None, since_bos: torch.Tensor | None = None):
-        """x (B, T, C) -> (B, T, C). tail (B, size-1, C): the inputs just before x (None: zeros, a sequence start).
-        since_bos (B, T): tokens since the latest BOS; tap j is dropped where it would reach into the previous
-        document."""
-        K, T = self.size, x.shape[1]
-        xe = with_tail(tail, x, K)
-        w = self.weight.to(x.dtype)
-        out = xe[:, K - 1:] * w[:, K - 1]
-        for j in range(1, K):  # tap j looks j steps back
-            term = xe[:, K - 1 - j: K - 1 - j + T] * w[:, K - 1 - j]
-            out = out + (term if since_bos is None else term * (since_bos >= j)[..., None].to(x.dtype))
-        return out
+        return short_conv(x, self.weight, tail, since_bos)
+
+
+def short_conv(x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None = None,
+               since_bos: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, T, C), weight (C, K) -> (B, T, C), written as K shifted multiply-adds (torch.compile fuses them) so that
+    streaming can pass the previous inputs and mask document starts. tail (B, K-1, C): the inputs just before x
+    (None: zeros, a sequence start). since_bos (B, T): tokens since the latest BOS; tap j is dropped where it would
+    reach into the previous document."""
+    K, T = weight.shape[1], x.shape[1]
+    xe = with_tail(tail, x, K)
+    w = weight.to(x.dtype)
+    out = xe[:, K - 1:] * w[:, K - 1]
+    for j in range(1, K):  # tap j looks j steps back
+        term = xe[:, K - 1 - j: K - 1 - j + T] * w[:, K - 1 - j]
+        out = out + (term if since_bos is None else term * (since_bos >= j)[..., None].to(x.dtype))
+    return out
 
 
 def with_tail(tail: torch.Tensor | None, x: torch.Tensor, size: int) -> torch.Tensor:
@@ -601,7 +607,8 @@ class MLP(nn.Module):
 # i.e. S_t = (I - beta_t k_t k_t^T) exp(g_t) S_{t-1} + beta_t k_t v_t^T. Three implementations of this one function:
 #   gdn_recurrent_reference  step by step, the oracle the tests use;
 #   gdn_chunked_reference    the chunked (WY) form in plain PyTorch, used on the CPU and as the kernel check's reference;
-#   gdn_fla                  flash-linear-attention's Triton kernels, wrapped as a torch custom op (CUDA only).
+#   gdn_kernel               fast kernels in one torch custom op (CUDA only): flash-linear-attention's Triton
+#                            kernels ("fla") or FlashQLA's fused TileLang kernels ("qla", head dims 128 only).
 # All take q, k (B, T, H, K), v (B, T, H, V), g, beta (B, T, H) and an optional initial state (B, H, K, V), and
 # return (o (B, T, H, V), final state).
 
@@ -652,77 +659,105 @@ def gdn_chunked_reference(q, k, v, g, beta, scale: float, initial_state=None, ch
     return o, S
 
 
-_FLA = None  # fla.ops.gated_delta_rule.chunk, imported on first use on CUDA
+FAST_GDN_BACKENDS = ("fla", "qla")
+_KERNELS: dict[str, object] = {}  # "fla" -> fla.ops.gated_delta_rule.chunk, "qla" -> flash_qla; imported on first use
 
 
-def _fla_chunk_module():
-    global _FLA
-    if _FLA is None:
-        import fla.ops.gated_delta_rule.chunk as chunk  # noqa: PLC0415 (CUDA only)
+def _kernel_module(impl: str):
+    if impl not in _KERNELS:
+        if impl == "fla":
+            import fla.ops.gated_delta_rule.chunk as mod  # noqa: PLC0415 (CUDA only)
+        elif impl == "qla":
+            import flash_qla as mod  # noqa: PLC0415 (Hopper/Blackwell, head dims 128 only)
+        else:
+            raise ValueError(f"unknown delta-rule kernel {impl!r}")
+        _KERNELS[impl] = mod
+    return _KERNELS[impl]
 
-        _FLA = chunk
-    return _FLA
+
+def _kernel_chunk(impl: str) -> int:
+    """The chunk length of the kernel's intra-chunk matrix A (B, T, H, chunk)."""
+    if impl == "qla":
+        import flash_qla.ops.gated_delta_rule.chunk as qla_chunk  # noqa: PLC0415
+
+        return qla_chunk.CHUNK_SIZE
+    return 64
 
 
-# fla's kernels as one custom op with its own backward: torch.compile then sees one opaque node per GDN layer instead
-# of a graph break, and nothing in the op depends on the layer, so there is no recompilation per layer.
+# The chunked kernels as one custom op with its own backward: torch.compile then sees one opaque node per GDN layer
+# instead of a graph break, and nothing in the op depends on the layer, so there is no recompilation per layer.
+# `impl` picks the kernels: "fla" (flash-linear-attention's Triton kernels) or "qla" (FlashQLA's fused TileLang
+# kernels, K = V = 128). Both compute g_cum = chunk-local cumsum(g) and A = the chunk's (I + L)^-1 in the forward and
+# reuse them in the backward.
 @torch.library.custom_op("pgolf::gdn_fwd", mutates_args=())
 def _gdn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g_cum, o, A, _, _, _ = _fla_chunk_module().chunk_gated_delta_rule_fwd(
-        q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=None, output_final_state=False)
+                scale: float, impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mod = _kernel_module(impl)
+    if impl == "qla":
+        g_cum, A, o, _, _, _ = mod.chunk_gated_delta_rule_fwd(
+            q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=None, output_final_state=False, auto_cp=False)
+    else:
+        g_cum, o, A, _, _, _ = mod.chunk_gated_delta_rule_fwd(
+            q=q, k=k, v=v, g=g, beta=beta, scale=scale, initial_state=None, output_final_state=False)
     return o.to(q.dtype), g_cum, A
 
 
 @_gdn_fwd_op.register_fake
-def _(q, k, v, g, beta, scale):
+def _(q, k, v, g, beta, scale, impl):
     B, T, H, _ = q.shape
-    return v.new_empty(v.shape, dtype=q.dtype), g.new_empty(g.shape, dtype=torch.float32), k.new_empty(B, T, H, 64)
+    return (v.new_empty(v.shape, dtype=q.dtype), g.new_empty(g.shape, dtype=torch.float32),
+            k.new_empty(B, T, H, _kernel_chunk(impl)))
 
 
 @torch.library.custom_op("pgolf::gdn_bwd", mutates_args=())
 def _gdn_bwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cum: torch.Tensor, beta: torch.Tensor,
-                A: torch.Tensor, do: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                          torch.Tensor, torch.Tensor]:
-    dq, dk, dv, db, dg, _, _, _ = _fla_chunk_module().chunk_gated_delta_rule_bwd(
-        q=q, k=k, v=v, g=g_cum, beta=beta, A=A, scale=scale, initial_state=None, do=do.contiguous(), dht=None)
+                A: torch.Tensor, do: torch.Tensor, scale: float, impl: str
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    mod = _kernel_module(impl)
+    if impl == "qla":
+        dq, dk, dv, db, dg, _ = mod.chunk_gated_delta_rule_bwd(
+            q=q, k=k, v=v, g=g_cum, beta=beta, A=A, do=do.contiguous(), scale=scale, auto_cp=False)
+    else:
+        dq, dk, dv, db, dg, _, _, _ = mod.chunk_gated_delta_rule_bwd(
+            q=q, k=k, v=v, g=g_cum, beta=beta, A=A, scale=scale, initial_state=None, do=do.contiguous(), dht=None)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g_cum.dtype), db.to(beta.dtype)
 
 
 @_gdn_bwd_op.register_fake
-def _(q, k, v, g_cum, beta, A, do, scale):
+def _(q, k, v, g_cum, beta, A, do, scale, impl):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(g_cum), torch.empty_like(beta)
 
 
 def _gdn_setup_context(ctx, inputs, output):
-    q, k, v, _, beta, scale = inputs
+    q, k, v, _, beta, scale, impl = inputs
     _, g_cum, A = output
     ctx.save_for_backward(q, k, v, g_cum, beta, A)
-    ctx.scale = scale
+    ctx.scale, ctx.impl = scale, impl
 
 
 def _gdn_backward(ctx, do, _dg_cum, _dA):
     q, k, v, g_cum, beta, A = ctx.saved_tensors
-    dq, dk, dv, dg, db = _gdn_bwd_op(q, k, v, g_cum, beta, A, do, ctx.scale)
-    return dq, dk, dv, dg, db, None
+    dq, dk, dv, dg, db = _gdn_bwd_op(q, k, v, g_cum, beta, A, do, ctx.scale, ctx.impl)
+    return dq, dk, dv, dg, db, None, None
 
 
 _gdn_fwd_op.register_autograd(_gdn_backward, setup_context=_gdn_setup_context)
 
 
-def gdn_fla(q, k, v, g, beta, scale: float, initial_state=None):
-    """fla's chunked kernels: q, k, v, beta in bf16, g (log decay) in fp32. No carried state (training path)."""
-    if initial_state is not None:
-        raise NotImplementedError("gdn_fla carries no state; streaming evaluation uses another path")
+def gdn_kernel(q, k, v, g, beta, scale: float, impl: str = "fla"):
+    """The training path's fast kernels: q, k, v, beta in bf16, g (log decay) in fp32; no carried state."""
     bf = torch.bfloat16
     o, _, _ = _gdn_fwd_op(q.to(bf).contiguous(), k.to(bf).contiguous(), v.to(bf).contiguous(),
-                          g.float().contiguous(), beta.to(bf).contiguous(), scale)
-    return o, None
+                          g.float().contiguous(), beta.to(bf).contiguous(), scale, impl)
+    return o
 
 
 def gdn_core(backend: str, q, k, v, g, beta, scale: float, initial_state=None):
-    if backend == "fla":
-        return gdn_fla(q, k, v, g, beta, scale, initial_state)
+    """backend: fla | qla (the custom op's kernels; no carried state) | torch (the chunked reference)."""
+    if backend in FAST_GDN_BACKENDS:
+        if initial_state is not None:
+            raise NotImplementedError("the training kernels carry no state; streaming evaluation uses gdn_stream")
+        return gdn_kernel(q, k, v, g, beta, scale, backend), None
     dt = torch.float64 if q.dtype == torch.float64 else torch.float32
     o, state = gdn_chunked_reference(q.to(dt), k.to(dt), v.to(dt), g.to(dt), beta.to(dt), scale, initial_state)
     return o.to(q.dtype), state
@@ -752,15 +787,19 @@ def gdn_stream(backend: str, q, k, v, g, beta, scale: float, S: torch.Tensor | N
     ends = [t2 if b2 == b else T for (b, _), (b2, t2) in zip(seqs, seqs[1:] + [(B, 0)])]
     fresh = [t > 0 or (restarts is not None and bool(restarts[b, 0])) for b, t in seqs]
     init = torch.stack([torch.zeros_like(S[b]) if f else S[b] for (b, _), f in zip(seqs, fresh)])
-    if backend == "fla":
-        from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: PLC0415 (CUDA only)
-
+    if backend in FAST_GDN_BACKENDS:  # one varlen call: every (lane, restart) piece is a sequence of its own
         flat = [t.reshape(1, B * T, *t.shape[2:]).contiguous() for t in (q, k, v, g, beta)]
         cu = torch.tensor([b * T + t for b, t in seqs] + [B * T], dtype=torch.long, device=q.device)
         bf = torch.bfloat16
-        o, final = chunk_gated_delta_rule(flat[0].to(bf), flat[1].to(bf), flat[2].to(bf), flat[3].float(),
-                                          flat[4].to(bf), scale=scale, initial_state=init.float(),
-                                          output_final_state=True, cu_seqlens=cu)
+        args = (flat[0].to(bf), flat[1].to(bf), flat[2].to(bf), flat[3].float(), flat[4].to(bf))
+        if backend == "qla":
+            o, final = _kernel_module("qla").chunk_gated_delta_rule(
+                *args, scale=scale, initial_state=init.float(), output_final_state=True, cu_seqlens=cu, auto_cp=False)
+        else:  # fla's public entry point (its own backend dispatch; the kernel check covers whatever it picks)
+            from fla.ops.gated_delta_rule import chunk_gated_delta_rule  # noqa: PLC0415 (CUDA only)
+
+            o, final = chunk_gated_delta_rule(*args, scale=scale, initial_state=init.float(), output_final_state=True,
+                                              cu_seqlens=cu)
         o = o.view(B, T, H, V)
     else:
         o = q.new_zeros(B, T, H, V, dtype=dt)
@@ -800,29 +839,36 @@ class GatedDeltaNet(nn.Module):
         dt = torch.exp(torch.empty(heads).uniform_(math.log(1e-3), math.log(1e-1)))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
+    def fused_projections(self) -> tuple[Linear, ...]:
+        """The Linear layers applied to the mixer's input as one matmul (GPTQ's statistics hook the mixer instead)."""
+        return self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj
+
     def forward(self, x: torch.Tensor, state: dict | None = None, stream: StreamContext | None = None):
-        """x (B, T, D) -> (B, T, D). With `state` (streaming), continues from and updates the carried state."""
+        """x (B, T, D) -> (B, T, D). With `state` (streaming), continues from and updates the carried state.
+        The six input projections run as one matmul and the three convolutions as one (weights concatenated on the
+        fly; the parameters stay separate, so optimizer routing and export see the same tensors)."""
         B, T, _ = x.shape
         H = self.heads
         since = stream.since_bos if stream is not None else None
-        qkv = []
-        for name, proj, conv, dim in (("q", self.q_proj, self.q_conv, self.k_dim), ("k", self.k_proj, self.k_conv,
-                                      self.k_dim), ("v", self.v_proj, self.v_conv, self.v_dim)):
-            pre = proj(x)
-            tail = None if state is None else state.get(name)
-            qkv.append(F.silu(conv(pre, tail, since)).view(B, T, H, dim))
-            if state is not None:
-                state[name] = next_tail(tail, pre, conv.size)
+        pre = F.linear(x, torch.cat([p.weight for p in self.fused_projections()]))
+        hk, hv = H * self.k_dim, H * self.v_dim
+        pre_qkv, pre_g, pre_a, pre_b = pre.split([2 * hk + hv, hv, H, H], dim=-1)
+        conv_w = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
+        tail = None if state is None else state.get("qkv")
+        qkv = F.silu(short_conv(pre_qkv, conv_w, tail, since)).split([hk, hk, hv], dim=-1)
+        if state is not None:
+            state["qkv"] = next_tail(tail, pre_qkv, conv_w.shape[1])
+        qkv = [t.reshape(B, T, H, -1) for t in qkv]
         q, k = F.normalize(qkv[0].float(), dim=-1), F.normalize(qkv[1].float(), dim=-1)
         v = qkv[2]
-        beta = torch.sigmoid(self.b_proj(x).float())
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        beta = torch.sigmoid(pre_b.float())
+        g = -self.A_log.float().exp() * F.softplus(pre_a.float() + self.dt_bias.float())
         if state is None:
             o, _ = gdn_core(self.backend, q, k, v, g, beta, self.k_dim ** -0.5)
         else:
             restarts = None if since is None else since == 0
             o, state["S"] = gdn_stream(self.backend, q, k, v, g, beta, self.k_dim ** -0.5, state.get("S"), restarts)
-        gate = F.silu(self.g_proj(x).float()).view(B, T, H, self.v_dim)
+        gate = F.silu(pre_g.float()).reshape(B, T, H, self.v_dim)
         o = rms_norm(o.float(), self.o_norm_weight.float()) * gate
         return self.o_proj(o.reshape(B, T, H * self.v_dim).to(x.dtype))
 
@@ -961,7 +1007,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class Backends:
-    gdn: str  # fla | torch
+    gdn: str  # fla | qla | torch
     attn: str  # fa3 | varlen | sdpa
 
 
@@ -1016,22 +1062,24 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz iteration tuned f
 
 
 def newton_schulz(G: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
-    """Approximately orthogonalize G (the U V^T of its SVD) with a quintic Newton-Schulz iteration."""
+    """Approximately orthogonalize G (the U V^T of its SVD) with a quintic Newton-Schulz iteration. G is one matrix
+    (rows, cols) or a stack of them (n, rows, cols), each orthogonalized on its own."""
     a, b, c = NS_COEFFS
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    tall = X.shape[0] > X.shape[1]
+    tall = X.shape[-2] > X.shape[-1]
     if tall:
-        X = X.T
-    X = X / (X.norm() + eps)
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X.T if tall else X
+    return X.mT if tall else X
 
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then the update orthogonalized by Newton-Schulz and scaled by sqrt(max(1, rows/cols)).
-    With several ranks each orthogonalizes every world_size-th matrix and one all-reduce shares the results."""
+    With several ranks each orthogonalizes every world_size-th matrix and one all-reduce shares the results.
+    Matrices of one shape go through Newton-Schulz together, as one batched product per iteration."""
 
     def __init__(self, params, lr: float, momentum: float, ns_steps: int, weight_decay: float, rt: Runtime):
         super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay))
@@ -1043,24 +1091,29 @@ class Muon(torch.optim.Optimizer):
             params = group["params"]
             if not params:
                 continue
-            flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32, device=params[0].device)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.rt.world_size == self.rt.rank and p.grad is not None:
-                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    update = newton_schulz(p.grad.add(buf, alpha=group["momentum"]), group["ns_steps"])
-                    update *= max(1.0, p.shape[0] / p.shape[1]) ** 0.5
-                    flat[offset: offset + p.numel()] = update.flatten().float()
-                offset += p.numel()
+            offsets = [0]
+            for p in params:
+                offsets.append(offsets[-1] + p.numel())
+            flat = torch.zeros(offsets[-1], dtype=torch.float32, device=params[0].device)
+            mine = [i for i, p in enumerate(params) if i % self.rt.world_size == self.rt.rank and p.grad is not None]
+            by_shape: dict[tuple, list[int]] = {}
+            for i in mine:
+                by_shape.setdefault(tuple(params[i].shape), []).append(i)
+            for shape, idx in by_shape.items():
+                grads = [params[i].grad for i in idx]
+                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(g)) for i, g in zip(idx, grads)]
+                torch._foreach_mul_(bufs, group["momentum"])
+                torch._foreach_add_(bufs, grads)
+                nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
+                update = newton_schulz(nesterov, group["ns_steps"]).float() * max(1.0, shape[0] / shape[1]) ** 0.5
+                for j, i in enumerate(idx):
+                    flat[offsets[i]: offsets[i + 1]] = update[j].flatten()
             if self.rt.distributed:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in params:
+            for i, p in enumerate(params):
                 if group["weight_decay"]:
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset: offset + p.numel()].view_as(p), alpha=-group["lr"])
-                offset += p.numel()
+                p.add_(flat[offsets[i]: offsets[i + 1]].view_as(p), alpha=-group["lr"])
 
 
 # First matching rule wins. Every parameter must match one rule (checked by route_parameters).
@@ -1261,7 +1314,18 @@ def collect_hessians(model: nn.Module, batches, cfg: Config, rt: Runtime) -> tup
         x = inputs[0].reshape(-1, mod.in_features).float()
         H[targets[mod]].addmm_(x.T, x)
 
-    handles = [mod.register_forward_hook(hook) for mod in targets]
+    def fused_hook(mixer, inputs):  # projections applied as one matmul inside the mixer: same input, one x x^T
+        shared = [targets[p] for p in mixer.fused_projections() if p in targets]
+        if shared:
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).float()
+            xtx = x.T @ x
+            for name in shared:
+                H[name] += xtx
+
+    fused = [m for m in model.modules() if hasattr(m, "fused_projections")]
+    inside = {p for m in fused for p in m.fused_projections()}
+    handles = [mod.register_forward_hook(hook) for mod in targets if mod not in inside]
+    handles += [m.register_forward_pre_hook(fused_hook) for m in fused]
     seen = 0
     try:
         for x, _ in batches:
@@ -1817,13 +1881,14 @@ def _gdn_check_inputs(mc: ModelConfig, B: int, T: int, device: torch.device, see
     return [q.to(device, bf), k.to(device, bf), v.to(device, bf), g.to(device), beta.to(device, bf)]
 
 
-def gdn_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed: int = 0) -> dict[str, float]:
-    """Relative errors of fla's output and gradients against the float64 chunked reference on the same inputs."""
+def gdn_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed: int = 0, impl: str = "fla"
+                      ) -> dict[str, float]:
+    """Relative errors of the kernel's output and gradients against the float64 chunked reference, same inputs."""
     inputs = _gdn_check_inputs(mc, 2, T, device, seed)
     scale = mc.gdn_head_dim ** -0.5
     fast_in = [t.clone().requires_grad_(True) for t in inputs]
     ref_in = [t.double().requires_grad_(True) for t in inputs]
-    o_fast, _ = gdn_fla(*fast_in, scale=scale)
+    o_fast = gdn_kernel(*fast_in, scale=scale, impl=impl)
     o_ref, _ = gdn_chunked_reference(*ref_in, scale=scale)
     do = torch.randn(o_ref.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device)
     o_fast.backward(do.to(o_fast.dtype))
@@ -1835,15 +1900,16 @@ def gdn_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed: int =
 
 
 @torch.no_grad()
-def gdn_stream_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed: int = 0) -> dict[str, float]:
-    """Streaming's fla path (carried initial state, restarts through cu_seqlens) against the float64 reference."""
+def gdn_stream_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed: int = 0, impl: str = "fla"
+                             ) -> dict[str, float]:
+    """Streaming's fast path (carried initial state, restarts through cu_seqlens) against the float64 reference."""
     q, k, v, g, beta = _gdn_check_inputs(mc, 3, T, device, seed)
     gen = torch.Generator().manual_seed(seed + 2)
     S = 0.3 * torch.randn(3, mc.gdn_heads, q.shape[-1], v.shape[-1], generator=gen).to(device)
     restarts = torch.zeros(3, T, dtype=torch.bool, device=device)
     restarts[0, T // 3], restarts[1, 0], restarts[1, T // 2], restarts[1, T // 2 + 1] = True, True, True, True
     scale = mc.gdn_head_dim ** -0.5
-    o, s1 = gdn_stream("fla", q, k, v, g, beta, scale, S, restarts)
+    o, s1 = gdn_stream(impl, q, k, v, g, beta, scale, S, restarts)
     o_ref, s_ref = gdn_stream("torch", *(t.double() for t in (q, k, v, g, beta)), scale, S.double(), restarts)
     return {"o": rel_err(o, o_ref), "state": rel_err(s1, s_ref)}
 
@@ -1873,24 +1939,42 @@ def guarded_gdn_kernel_errors(mc: ModelConfig, T: int) -> tuple[dict[str, float]
         return gdn_kernel_errors(mc, T, torch.device("cuda")), True
 
 
-def check_gdn_kernel(mc: ModelConfig, cfg: Config, log: Logger) -> None:
-    """Refuses to train unless fla's forward and backward match the float64 reference at the configured shapes. If
-    fla's Hopper guard blocked the backward (and tilelang is absent), the guard is lifted only after the check passes."""
-    errs, needs_lift = guarded_gdn_kernel_errors(mc, cfg.train_seq_len)
+def check_gdn_kernel(mc: ModelConfig, cfg: Config, log: Logger, impl: str) -> None:
+    """Refuses to train unless the kernel's forward and backward match the float64 reference at the configured shapes.
+    If fla's Hopper guard blocked the backward (and tilelang is absent), the guard is lifted only after the check
+    passes."""
+    if impl == "fla":
+        errs, needs_lift = guarded_gdn_kernel_errors(mc, cfg.train_seq_len)
+    else:
+        errs, needs_lift = gdn_kernel_errors(mc, cfg.train_seq_len, torch.device("cuda"), impl=impl), False
     if needs_lift:
         log("kernel_check: fla refused the gated backward on this GPU (Hopper guard, fla #640); "
             "checked the Triton kernel against the float64 reference with the guard lifted")
-    log("kernel_check gdn(fla) vs float64 reference: " + " ".join(f"{k}:{v:.2e}" for k, v in errs.items())
+    log(f"kernel_check gdn({impl}) vs float64 reference: " + " ".join(f"{k}:{v:.2e}" for k, v in errs.items())
         + f" tol:{cfg.kernel_check_tol:.0e}")
     bad = {k: v for k, v in errs.items() if not v <= cfg.kernel_check_tol}
     if bad:
-        raise RuntimeError(f"GDN kernel check failed on {torch.cuda.get_device_name()}: {bad} exceed "
+        raise RuntimeError(f"GDN kernel check ({impl}) failed on {torch.cuda.get_device_name()}: {bad} exceed "
                            f"{cfg.kernel_check_tol}; refusing to train (GDN_BACKEND=torch runs the slow reference)")
     if needs_lift:
         import fla.ops.common.chunk_o as chunk_o  # noqa: PLC0415
 
         chunk_o.TRITON_ABOVE_3_7_1 = True
         log("kernel_check: passed; fla's Hopper guard is lifted for this run")
+
+
+def qla_unavailable(mc: ModelConfig) -> str:
+    """Why FlashQLA cannot run this model here ('' if it can): it needs the package, K = V = 128, and a GPU it
+    implements both directions for (sm90, sm100, sm103)."""
+    import importlib.util  # noqa: PLC0415
+
+    if importlib.util.find_spec("flash_qla") is None:
+        return "flash_qla is not installed"
+    if mc.gdn_head_dim != 128 or mc.gdn_expand_v != 1.0:
+        return f"it needs GDN_HEAD_DIM=128 and GDN_EXPAND_V=1 (have {mc.gdn_head_dim}, {mc.gdn_expand_v})"
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() not in ((9, 0), (10, 0), (10, 3)):
+        return "it trains only on sm90/sm100/sm103 GPUs"
+    return ""
 
 
 def attention_kernel_errors(mc: ModelConfig, backend: str, T: int, device: torch.device, seed: int = 0,
@@ -1926,9 +2010,13 @@ def _varlen_has_window() -> bool:
 
 def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, check: bool) -> Backends:
     """Chooses the GDN and attention implementations in one place, checks them on this GPU, and logs the choice."""
-    gdn = cfg.gdn_backend if cfg.gdn_backend != "auto" else ("fla" if rt.cuda else "torch")
-    if gdn == "fla" and not rt.cuda:
-        raise ValueError("GDN_BACKEND=fla needs a CUDA GPU")
+    gdn = cfg.gdn_backend
+    if gdn == "auto":  # FlashQLA where it applies (measured fastest, README), else fla's Triton kernels
+        gdn = "torch" if not rt.cuda else ("fla" if qla_unavailable(mc) else "qla")
+    if gdn in FAST_GDN_BACKENDS and not rt.cuda:
+        raise ValueError(f"GDN_BACKEND={gdn} needs a CUDA GPU")
+    if gdn == "qla" and qla_unavailable(mc):
+        raise ValueError(f"GDN_BACKEND=qla cannot be used: {qla_unavailable(mc)}")
     attn = cfg.attn_backend
     if attn == "auto":
         attn = "sdpa"
@@ -1943,11 +2031,11 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
         raise ValueError(f"ATTN_BACKEND={attn} needs a CUDA GPU")
     has_gdn, has_swa = "G" in mc.layout.upper(), "S" in mc.layout.upper()
     if check and cfg.kernel_check and rt.cuda:
-        if gdn == "fla" and has_gdn:
-            check_gdn_kernel(mc, cfg, log)
+        if gdn in FAST_GDN_BACKENDS and has_gdn:
+            check_gdn_kernel(mc, cfg, log, gdn)
             if cfg.eval_mode == "stream":
-                errs = gdn_stream_kernel_errors(mc, cfg.stream_segment, rt.device)
-                log("kernel_check gdn_stream(fla, state + restarts) vs float64 reference: "
+                errs = gdn_stream_kernel_errors(mc, cfg.stream_segment, rt.device, impl=gdn)
+                log(f"kernel_check gdn_stream({gdn}, state + restarts) vs float64 reference: "
                     + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
                 if not all(v <= cfg.kernel_check_tol for v in errs.values()):
                     raise RuntimeError(f"fla's streaming path disagrees with the reference: {errs}")

@@ -80,3 +80,32 @@ def test_calibration_sees_only_training_tokens(tiny_data, monkeypatch):
         for row in x:
             assert occurs(row, train_stream)
             assert not occurs(row, val_stream)
+
+
+def test_hessians_cover_every_quantized_matrix_including_fused_gdn_projections():
+    """The GDN mixer applies its six input projections as one matmul, so no hook on those Linear layers fires;
+    their statistics must still be x x^T of the mixer's input, and no quantized matrix may be left without any."""
+    cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": "GSgs"})  # layer 2 reuses GDN mixer 0
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
+    mc = tg.ModelConfig.from_config(cfg)
+    torch.manual_seed(0)
+    model = tg.GPT(mc, tg.Backends("torch", "sdpa"))
+    seen = {}
+    mixer = model.mixers[0]
+    handle = mixer.register_forward_pre_hook(lambda m, inp: seen.setdefault("x", []).append(inp[0].detach()))
+    x = torch.randint(0, mc.vocab_size, (2, 32))
+    H, tokens = tg.collect_hessians(model, [(x, None)], cfg, rt)
+    handle.remove()
+    assert tokens == x.numel()
+    X = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen["x"]]).float()  # layers 0 and 2 share mixer 0
+    assert len(seen["x"]) == 2
+    for name in ("q_proj", "k_proj", "v_proj", "g_proj", "a_proj", "b_proj"):
+        key = f"mixers.0.{name}.weight"
+        if key in H:
+            assert torch.allclose(H[key], X.T @ X, rtol=1e-4, atol=1e-4), key
+    assert "mixers.0.q_proj.weight" in H and "mixers.0.o_proj.weight" in H
+    linears = {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, tg.Linear)}
+    int_targets = {n for n, w in linears.items() if tg.quant_plan(n, w, cfg)[0] == "int"}
+    assert len(int_targets) == 5 + 4 + 8  # GDN q, k, v, g, o (a, b stay float); attention q, k, v, o; 4 MLPs x 2
+    assert int_targets <= set(H)
+    assert all(H[n].abs().sum() > 0 for n in int_targets)

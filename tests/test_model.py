@@ -93,6 +93,36 @@ def test_newton_schulz_orthogonalizes(shape):
     assert tg.rel_err(G / G.norm() * (U @ V.T).norm(), U @ V.T) > 0.5  # the input itself was far from it
 
 
+def test_newton_schulz_on_a_stack_equals_each_matrix_alone():
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(5, 24, 40), (3, 40, 24)]:
+        G = torch.randn(shape, generator=gen) * torch.tensor([0.1, 1.0, 30.0, 2.0, 5.0][: shape[0]])[:, None, None]
+        batched = tg.newton_schulz(G, steps=5)
+        for i in range(shape[0]):
+            assert torch.allclose(batched[i], tg.newton_schulz(G[i], steps=5), atol=1e-5)
+
+
+def test_muon_with_mixed_shapes_and_momentum_matches_a_per_matrix_reference():
+    """Shapes grouped and batched, Nesterov momentum over three steps: the same as the plain per-matrix update."""
+    torch.manual_seed(4)
+    shapes = [(16, 32), (32, 16), (16, 32), (8, 8), (16, 32)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(r) for r in ref]
+    opt = tg.Muon(params, lr=0.05, momentum=0.9, ns_steps=5, weight_decay=0.01, rt=CPU)
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            bufs[i] = 0.9 * bufs[i] + g
+            upd = tg.newton_schulz(g + 0.9 * bufs[i], 5) * max(1.0, shapes[i][0] / shapes[i][1]) ** 0.5
+            ref[i] = ref[i] * (1 - 0.05 * 0.01) - 0.05 * upd
+    for p, r in zip(params, ref):
+        assert torch.allclose(p.detach(), r, atol=1e-5)
+
+
 def test_muon_step_moves_along_the_orthogonalized_momentum():
     torch.manual_seed(2)
     p = torch.nn.Parameter(torch.randn(16, 32))
