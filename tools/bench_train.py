@@ -5,15 +5,22 @@ in one process on one device, plus a per-component breakdown so the next bottlen
     python3 tools/bench_train.py                           # on a GPU, the default configuration
     LAYOUT=GGGSGGGSGG python3 tools/bench_train.py         # any train_gpt.py setting applies to the hybrid
     BENCH_STEPS=20 BENCH_WARMUP=5 python3 tools/bench_train.py
+    BENCH_VARIANTS="4x128:GDN_HEADS=4,GDN_HEAD_DIM=128;accum4:GRAD_ACCUM_STEPS=4" python3 tools/bench_train.py
+    BENCH_GDN_SHAPES=8x64,4x128,16x32 python3 tools/bench_train.py
 
 It times whole optimizer steps (data loader, forward, backward, Muon + Adam, EMA; gradient accumulation as in
 train_gpt.py on one rank) with CUDA events after warmup, and reports tokens/s, ms/step and peak memory for each
 configuration. The breakdown times each component alone, forward + backward at the training shape (mixers, MLP),
 the optimizer step, and the loader; the parts need not add up to the whole (fusion, overlap). DATA_PATH and
 TOKENIZER_PATH are not needed: the loader is timed on synthetic shards written to a temporary folder.
+BENCH_VARIANTS adds whole-step timings of other settings (name:KEY=VALUE,KEY=VALUE;...) in the same process.
+BENCH_GDN_SHAPES times the delta-rule kernel alone (forward + backward at the micro-batch shape) for head layouts
+HEADSxDIM: our fla custom op, and fla's public entry point with each backend it can dispatch to here (flash-qla when
+installed, K = V = 128), every one first checked against the float64 reference; plus the attention kernels for scale.
 Figures print as a table and as one `bench {json}` line.
 """
 
+import importlib.util
 import json
 import os
 import sys
@@ -75,6 +82,21 @@ class Timer:
         return 1000 * (time.perf_counter() - t0) / repeat
 
 
+def print_profile(step, label: str, rows: int) -> None:
+    """One step under torch.profiler: the GPU kernels that took the most time, summed over the step."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or e.self_device_time_total > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events)
+    print(f"profile of one {label} step: {total / 1000:.1f} ms of GPU kernels; top {rows}:", flush=True)
+    for e in events[:rows]:
+        print(f"  {e.self_device_time_total / 1000:9.2f} ms {e.count:6d}x  {e.key[:110]}", flush=True)
+
+
 def bench_steps(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, steps: int, warmup: int) -> dict:
     """ms per optimizer step of the whole training step, as train_gpt.py runs it on one rank."""
     base = tg.GPT(tg.ModelConfig.from_config(cfg), backends).to(rt.device)
@@ -92,13 +114,15 @@ def bench_steps(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, steps: in
     if rt.cuda:
         torch.cuda.reset_peak_memory_stats()
     ms = timer(step, steps)
+    if rt.cuda and os.environ.get("BENCH_PROFILE", "0") != "0":
+        print_profile(step, cfg.layout, env_int("BENCH_PROFILE_ROWS", 30))
     loader.close()
     peak = torch.cuda.max_memory_allocated() / 2**20 if rt.cuda else 0.0
     return dict(layout=cfg.layout, params=tg.count_parameters(base), ms_per_step=round(ms, 2),
                 tokens_per_s=round(cfg.train_batch_tokens / (ms / 1000)), peak_mem_mib=round(peak))
 
 
-def bench_components(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, repeat: int) -> dict:
+def bench_components(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, repeat: int, report) -> dict:
     """ms per optimizer step spent in each component alone (forward + backward at the micro-batch shape, times
     the layers that use it and the accumulation steps)."""
     mc = tg.ModelConfig.from_config(cfg)
@@ -124,6 +148,7 @@ def bench_components(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, repe
 
         timer(run, 2)
         out[name] = round(timer(run, repeat) * n * rt.grad_accum_steps, 2)
+        report(name, out[name])
     head = tg.maybe_compile(lambda h, y: F.cross_entropy(
         (mc.logit_softcap * torch.tanh(F.linear(h, model.tok_emb.weight).float() / mc.logit_softcap)).flatten(0, 1),
         y.flatten()), cfg, rt)
@@ -137,17 +162,143 @@ def bench_components(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, repe
 
     timer(run_head, 2)
     out["embedding head + loss"] = round(timer(run_head, repeat) * rt.grad_accum_steps, 2)
+    report("embedding head + loss", out["embedding head + loss"])
     opts = tg.build_optimizers(model, cfg, rt)
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     out["optimizer (Muon + Adam)"] = round(timer(lambda: [o.step() for o in opts.all()], repeat), 2)
+    report("optimizer (Muon + Adam)", out["optimizer (Muon + Adam)"])
     loader = tg.TrainLoader(cfg, rt)
     out["data loader"] = round(timer(lambda: [loader.next_batch() for _ in range(rt.grad_accum_steps)], repeat), 2)
+    report("data loader", out["data loader"])
     loader.close()
     return out
 
 
+def parse_variants(spec: str) -> list[tuple[str, dict[str, str]]]:
+    """'name:KEY=VALUE,KEY=VALUE;name2:...' -> [(name, {KEY: VALUE})]."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(";"))):
+        name, _, body = item.partition(":")
+        pairs = [kv.split("=", 1) for kv in body.split(",") if kv]
+        if not name or any(len(kv) != 2 for kv in pairs):
+            raise ValueError(f"BENCH_VARIANTS item {item!r} is not name:KEY=VALUE,...")
+        out.append((name, {k.strip(): v.strip() for k, v in pairs}))
+    return out
+
+
+def variant_config(cfg: tg.Config, overrides: dict[str, str]) -> tg.Config:
+    """The environment's configuration with `overrides` on top (validated as train_gpt.py would), same data."""
+    unknown = set(overrides) - {f.upper() for f in cfg.__dict__}
+    if unknown:
+        raise ValueError(f"BENCH_VARIANTS: {sorted(unknown)} are not train_gpt.py settings")
+    out = tg.Config.from_env({**os.environ, **overrides})
+    return tg.Config(**{**out.__dict__, "data_path": cfg.data_path})
+
+
+def _delta_rule_candidates(mc: tg.ModelConfig) -> list[tuple[str, object]]:
+    """(name, fn(q, k, v, g, beta, scale) -> o) for every fast delta-rule path that can run here: the training
+    custom op with fla's kernels, Triton only (fla's Hopper guard is lifted for the whole benchmark: the check
+    below is what vouches for each path) and with fla's TileLang backward piece when tilelang is installed; and the
+    same op with FlashQLA's kernels where they apply."""
+
+    def fla(tilelang: str):
+        def fn(q, k, v, g, b, s):
+            os.environ["FLA_TILELANG"] = tilelang
+            return tg.gdn_kernel(q, k, v, g, b, s, "fla")
+        return fn
+
+    out = [("fla op, triton", fla("0"))]
+    if importlib.util.find_spec("tilelang") is not None:
+        out.append(("fla op, tilelang dqkwg", fla("1")))
+    if not tg.qla_unavailable(mc):
+        out.append(("qla op (FlashQLA)", lambda q, k, v, g, b, s: tg.gdn_kernel(q, k, v, g, b, s, "qla")))
+    return out
+
+
+def _errors(fn, mc: tg.ModelConfig, T: int, device: torch.device) -> float:
+    """Largest relative error of o and the five gradients against the float64 chunked reference."""
+    inputs = tg._gdn_check_inputs(mc, 2, T, device, 0)
+    scale = mc.gdn_head_dim ** -0.5
+    fast = [t.clone().requires_grad_(True) for t in inputs]
+    ref = [t.double().requires_grad_(True) for t in inputs]
+    o, (o_ref, _) = fn(*fast, scale), tg.gdn_chunked_reference(*ref, scale=scale)
+    do = torch.randn(o_ref.shape, generator=torch.Generator().manual_seed(1)).to(device)
+    o.backward(do.to(o.dtype))
+    o_ref.backward(do.double())
+    return max([tg.rel_err(o, o_ref)] + [tg.rel_err(a.grad, b.grad) for a, b in zip(fast, ref)])
+
+
+def bench_gdn_kernels(cfg: tg.Config, rt: tg.Runtime, spec: str, repeat: int, report) -> list[dict]:
+    """The delta-rule kernel alone, forward + backward, at B = micro-batch / seq_len, per head layout and path."""
+    mc = tg.ModelConfig.from_config(cfg)
+    T = cfg.train_seq_len
+    B = cfg.train_batch_tokens // rt.grad_accum_steps // T
+    timer = Timer(rt.device)
+    rows = []
+    import fla.ops.common.chunk_o as chunk_o  # noqa: PLC0415
+
+    guard, tilelang_env = chunk_o.TRITON_ABOVE_3_7_1, os.environ.get("FLA_TILELANG")
+    chunk_o.TRITON_ABOVE_3_7_1 = True  # every path is checked against the reference before it is timed
+    for item in spec.split(","):
+        H, K = (int(x) for x in item.lower().split("x"))
+        m = tg.ModelConfig(**{**mc.__dict__, "gdn_heads": H, "gdn_head_dim": K})
+        V = int(K * m.gdn_expand_v)
+        for name, fn in _delta_rule_candidates(m):
+            try:
+                err = _errors(fn, m, T, rt.device)
+            except Exception as e:  # an optional backend that cannot run here is reported, not timed
+                rows.append(dict(heads=H, dim=K, path=name, max_rel_err=None, ms=None, error=f"{type(e).__name__}: {e}"[:300]))
+                report(rows[-1])
+                continue
+            if not err <= cfg.kernel_check_tol:
+                rows.append(dict(heads=H, dim=K, path=name, max_rel_err=err, ms=None, error="fails the kernel check"))
+                report(rows[-1])
+                continue
+            inputs = [t.requires_grad_(True) for t in tg._gdn_check_inputs(m, B, T, rt.device, 1)]
+            do = torch.randn(B, T, H, V, device=rt.device, dtype=torch.bfloat16)
+
+            def run(fn=fn, inputs=inputs, do=do, K=K):
+                fn(*inputs, K ** -0.5).backward(do)
+
+            timer(run, 2)
+            rows.append(dict(heads=H, dim=K, path=name, max_rel_err=float(f"{err:.2e}"),
+                             ms=round(timer(run, repeat), 3)))
+            report(rows[-1])
+    chunk_o.TRITON_ABOVE_3_7_1 = guard
+    if tilelang_env is None:
+        os.environ.pop("FLA_TILELANG", None)
+    else:
+        os.environ["FLA_TILELANG"] = tilelang_env
+    hd = mc.model_dim // mc.num_heads
+    q = torch.randn(B, T, mc.num_heads, hd, device=rt.device, dtype=torch.bfloat16, requires_grad=True)
+    kv = [torch.randn(B, T, mc.num_kv_heads, hd, device=rt.device, dtype=torch.bfloat16, requires_grad=True)
+          for _ in range(2)]
+    for name, window, backend in (("attention causal (sdpa)", 0, "sdpa"),
+                                  (f"attention window {mc.swa_window} ({cfg.attn_backend})", mc.swa_window,
+                                   cfg.attn_backend)):
+        def run(window=window, backend=backend):
+            tg.attention(q, *kv, window, backend).float().sum().backward()
+
+        timer(run, 2)
+        rows.append(dict(heads=mc.num_heads, dim=hd, path=name, max_rel_err=None, ms=round(timer(run, repeat), 3)))
+        report(rows[-1])
+    return rows
+
+
+def print_kernel(r: dict) -> None:
+    err = "" if r["max_rel_err"] is None else f"  max rel err {r['max_rel_err']:.1e}"
+    ms = "-" if r["ms"] is None else f"{r['ms']:.3f}"
+    print(f"  {r['heads']:>3}x{r['dim']:<4}{r['path']:<34}{ms:>9}{err}  {r.get('error', '')}", flush=True)
+
+
+def print_run(r: dict) -> None:
+    print(f"{r['layout']:<16}{r['params']:>12,}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>12,}{r['peak_mem_mib']:>10,}",
+          flush=True)
+
+
 def main() -> int:
+    """Prints each figure as soon as it is measured (a long benchmark cut short still reports what it has)."""
     cfg = tg.Config.from_env()
     steps, warmup = env_int("BENCH_STEPS", 10), env_int("BENCH_WARMUP", 3)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -155,26 +306,39 @@ def main() -> int:
     log = tg.Logger(None)
     mc = tg.ModelConfig.from_config(cfg)
     backends = tg.resolve_backends(cfg, rt, mc, log, check=True)  # the kernel check, as before training
+    device_name = torch.cuda.get_device_name() if rt.cuda else "cpu"
+    print(f"device: {device_name}, torch {torch.__version__}, backends gdn:{backends.gdn} attention:{backends.attn}, "
+          f"batch {cfg.train_batch_tokens} tokens x seq {cfg.train_seq_len}, {steps} timed steps", flush=True)
+    kernels = []
+    if os.environ.get("BENCH_GDN_SHAPES"):
+        print("sequence-mixer kernels alone, forward + backward per micro-batch (ms):", flush=True)
+        kcfg = tg.Config(**{**cfg.__dict__, "attn_backend": backends.attn})
+        kernels = bench_gdn_kernels(kcfg, rt, os.environ["BENCH_GDN_SHAPES"], steps, print_kernel)
     with tempfile.TemporaryDirectory() as tmp:
         data = write_synthetic_shards(Path(tmp), cfg.vocab_size, 4 * cfg.train_batch_tokens * (steps + warmup) + 1)
         cfg = tg.Config(**{**cfg.__dict__, "data_path": data})
-        attn_layout = attention_layout_like(mc, backends)
-        attn_cfg = tg.Config(**{**cfg.__dict__, "layout": attn_layout})
-        results = [bench_steps(cfg, rt, backends, steps, warmup), bench_steps(attn_cfg, rt, backends, steps, warmup)]
-        parts = bench_components(cfg, rt, backends, steps)
-    device_name = torch.cuda.get_device_name() if rt.cuda else "cpu"
-    print(f"device: {device_name}, torch {torch.__version__}, backends gdn:{backends.gdn} attention:{backends.attn}, "
-          f"batch {cfg.train_batch_tokens} tokens x seq {cfg.train_seq_len}, {steps} timed steps")
-    print(f"{'layout':<16}{'params':>12}{'ms/step':>10}{'tok/s':>12}{'peak MiB':>10}")
-    for r in results:
-        print(f"{r['layout']:<16}{r['params']:>12,}{r['ms_per_step']:>10.1f}{r['tokens_per_s']:>12,}{r['peak_mem_mib']:>10,}")
-    ratio = results[0]["tokens_per_s"] / results[1]["tokens_per_s"]
-    print(f"hybrid / all-attention tokens/s: {ratio:.3f}")
-    print("per-step breakdown of the hybrid (each part alone, ms):")
-    for name, ms in parts.items():
-        print(f"  {name:<28}{ms:>10.1f}")
+        attn_cfg = tg.Config(**{**cfg.__dict__, "layout": attention_layout_like(mc, backends)})
+        print(f"{'layout':<16}{'params':>12}{'ms/step':>10}{'tok/s':>12}{'peak MiB':>10}", flush=True)
+        results = []
+        for c in (cfg, attn_cfg):
+            results.append(bench_steps(c, rt, backends, steps, warmup))
+            print_run(results[-1])
+        ratio = results[0]["tokens_per_s"] / results[1]["tokens_per_s"]
+        print(f"hybrid / all-attention tokens/s: {ratio:.3f}", flush=True)
+        for name, overrides in parse_variants(os.environ.get("BENCH_VARIANTS", "")):
+            vcfg = variant_config(cfg, overrides)
+            vrt = tg.Runtime(0, 1, 0, device, vcfg.grad_accum_steps or tg.GPU_COUNT_OF_RECORD)
+            vb = tg.resolve_backends(vcfg, vrt, tg.ModelConfig.from_config(vcfg), log, check=True)
+            results.append({**bench_steps(vcfg, vrt, vb, steps, warmup), "layout": name})
+            print_run(results[-1])
+        parts = {}
+        if os.environ.get("BENCH_BREAKDOWN", "1") != "0":
+            print("per-step breakdown of the hybrid (each part alone, ms):", flush=True)
+            parts = bench_components(cfg, rt, backends, steps,
+                                     lambda name, ms: print(f"  {name:<28}{ms:>10.1f}", flush=True))
     print("bench " + json.dumps(dict(device=device_name, torch=torch.__version__, backends=backends.__dict__,
-                                     runs=results, ratio=round(ratio, 4), breakdown_ms=parts), sort_keys=True))
+                                     runs=results, ratio=round(ratio, 4), breakdown_ms=parts, kernels=kernels),
+                                sort_keys=True))
     return 0
 
 
