@@ -76,12 +76,17 @@ class Config:
     swa_window: int = 512  # tokens each query sees, itself included
     rope_dims: int = 0  # 0 = the whole head dimension
     rope_base: float = 10000.0
-    gdn_heads: int = 8
-    gdn_head_dim: int = 64  # key dimension per head
+    gdn_heads: int = 4  # 4 x 128 over 8 x 64: the same parameters, twice the recurrent state, faster kernels
+    gdn_head_dim: int = 128  # key dimension per head (FlashQLA needs 128; README, throughput)
     gdn_expand_v: float = 1.0  # value dimension = gdn_head_dim * gdn_expand_v
     gdn_conv_size: int = 4
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
+    bigram_buckets: int = 0  # BigramHash: 0 = off, else hashed (previous, current) token buckets added to the input
+    bigram_dim: int = 128  # BigramHash table width, projected to MODEL_DIM
+    smear_gate: bool = False  # SmearGate: add a gated copy of the previous token's embedding (never across a BOS)
+    unet_skips: bool = False  # U-Net skips: the first half's layer outputs feed the mirrored layers of the second half
+    bos_id: int = 1  # the tokenizer's BOS (SPEC: 1); BigramHash and SmearGate never look back across it
     # kernels
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
     gdn_backend: str = "auto"  # auto (qla where it applies, else fla, on CUDA) | fla | qla (FlashQLA, K=V=128) | torch
@@ -194,6 +199,9 @@ class Config:
         need(float(self.gdn_head_dim * self.gdn_expand_v).is_integer(),
              f"GDN_HEAD_DIM*GDN_EXPAND_V={self.gdn_head_dim * self.gdn_expand_v} must be an integer")
         need(self.gdn_conv_size >= 1, f"GDN_CONV_SIZE={self.gdn_conv_size} must be >= 1")
+        need(self.bigram_buckets == 0 or self.bigram_buckets >= 2, f"BIGRAM_BUCKETS={self.bigram_buckets} must be 0 or >= 2")
+        need(self.bigram_dim > 0, f"BIGRAM_DIM={self.bigram_dim} must be positive")
+        need(0 <= self.bos_id < self.vocab_size, f"BOS_ID={self.bos_id} must be a token id below VOCAB_SIZE")
         need(self.mlp_mult > 0 and float(self.mlp_mult * self.model_dim).is_integer(),
              f"MLP_MULT*MODEL_DIM={self.mlp_mult * self.model_dim} must be a positive integer")
         parse_layout(self.layout)  # raises with the offending character
@@ -488,6 +496,9 @@ def load_tokenizer(cfg: Config):
     sp = spm.SentencePieceProcessor(model_file=cfg.tokenizer_path)
     if sp.vocab_size() != cfg.vocab_size:
         raise ValueError(f"tokenizer {cfg.tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={cfg.vocab_size}")
+    if (cfg.bigram_buckets or cfg.smear_gate) and sp.bos_id() != cfg.bos_id:
+        raise ValueError(f"tokenizer {cfg.tokenizer_path} has BOS id {sp.bos_id()} but BOS_ID={cfg.bos_id}; "
+                         "BigramHash and SmearGate must know the document starts")
     return sp
 
 
@@ -772,6 +783,7 @@ class StreamContext:
     layers: list[dict]
     offset: int = 0  # lane-local position of the current segment's first token (rotary positions)
     since_bos: torch.Tensor | None = None  # (B, T) tokens since the latest BOS; None = never reset at documents
+    prev_ids: torch.Tensor | None = None  # (B,) the token before this segment (BigramHash, SmearGate); None = none
 
 
 def gdn_stream(backend: str, q, k, v, g, beta, scale: float, S: torch.Tensor | None, restarts: torch.Tensor | None):
@@ -977,7 +989,7 @@ class Attention(nn.Module):
 
 MODEL_FIELDS = ("vocab_size", "layout", "model_dim", "mlp_mult", "num_heads", "num_kv_heads", "swa_window", "rope_dims",
                 "rope_base", "gdn_heads", "gdn_head_dim", "gdn_expand_v", "gdn_conv_size", "logit_softcap",
-                "tied_embed_init_std")
+                "tied_embed_init_std", "bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id")
 
 
 @dataclass(frozen=True)
@@ -999,6 +1011,12 @@ class ModelConfig:
     gdn_conv_size: int
     logit_softcap: float
     tied_embed_init_std: float
+    # added later: defaults keep older artifacts readable (they were trained without these)
+    bigram_buckets: int = 0
+    bigram_dim: int = 128
+    smear_gate: bool = False
+    unet_skips: bool = False
+    bos_id: int = 1
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ModelConfig":
@@ -1026,6 +1044,13 @@ class GPT(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=mc.tied_embed_init_std)
         self.mixers = nn.ModuleList([self._make_mixer(s.kind, backends) for s in specs if not s.shared])
         self.mlps = nn.ModuleList([MLP(mc.model_dim, mc.mlp_mult) for _ in specs])
+        if mc.bigram_buckets:
+            self.bigram = BigramHash(mc.vocab_size, mc.bigram_buckets, mc.bigram_dim, mc.model_dim)
+        if mc.smear_gate:  # per channel; sigmoid(-3) = 0.05 of the previous token's embedding at the start
+            self.smear = nn.Parameter(torch.full((mc.model_dim,), -3.0))
+        self.n_skips = len(specs) // 2 if mc.unet_skips else 0
+        if self.n_skips:
+            self.skip_weights = nn.Parameter(torch.ones(self.n_skips, mc.model_dim))
 
     def _make_mixer(self, kind: str, backends: Backends) -> nn.Module:
         mc = self.mc
@@ -1038,16 +1063,60 @@ class GPT(nn.Module):
                 stream: StreamContext | None = None):
         """input_ids (B, T) -> logits (B, T, V) if no targets, else the cross-entropy ('mean' or per token (B, T)).
         With `stream`, every layer continues from (and updates) its carried state."""
-        x = rms_norm(self.tok_emb(input_ids))
+        x = rms_norm(self.embed(input_ids, stream))
+        skips, L = [], len(self.layer_mixer)
         for i, m in enumerate(self.layer_mixer):
+            if i >= L - self.n_skips:  # second half: the mirrored first-half layer's output (U-Net)
+                x = x + self.skip_weights[i - (L - self.n_skips)] * skips.pop()
             x = x + self.mixers[m](rms_norm(x), None if stream is None else stream.layers[i], stream)
             x = x + self.mlps[i](rms_norm(x))
+            if i < self.n_skips:
+                skips.append(x)
         logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
         logits = self.mc.logit_softcap * torch.tanh(logits / self.mc.logit_softcap)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
         return loss if reduction == "mean" else loss.view(targets.shape)
+
+
+    def embed(self, input_ids: torch.Tensor, stream: StreamContext | None = None) -> torch.Tensor:
+        """Token embedding, plus BigramHash and SmearGate when enabled. Both use only the previous token, which is
+        the carried one at a streaming segment's start, and none at a sequence start or where the token is a BOS."""
+        x = self.tok_emb(input_ids)
+        if not (self.mc.bigram_buckets or self.mc.smear_gate):
+            return x
+        carried = None if stream is None else stream.prev_ids
+        first = torch.full_like(input_ids[:, :1], -1) if carried is None else carried[:, None]
+        prev = torch.cat([first, input_ids[:, :-1]], dim=1)
+        prev = prev.masked_fill(input_ids == self.mc.bos_id, -1)  # -1: no previous token
+        if stream is not None:
+            stream.prev_ids = input_ids[:, -1].clone()
+        if self.mc.bigram_buckets:
+            x = x + self.bigram(prev, input_ids)
+        if self.mc.smear_gate:
+            has_prev = (prev >= 0)[..., None].to(x.dtype)
+            x = x + torch.sigmoid(self.smear).to(x.dtype) * self.tok_emb(prev.clamp_min(0)) * has_prev
+        return x
+
+
+class BigramHash(nn.Module):
+    """An embedding of the hashed (previous, current) token pair, projected to the model width. Bucket 0 is kept
+    for 'no previous token'; the projection starts at zero, so the model starts as if the feature were off."""
+
+    def __init__(self, vocab: int, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.vocab, self.buckets = vocab, buckets
+        self.table = nn.Embedding(buckets, dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+        self.proj = Linear(dim, model_dim, zero_init=True)
+
+    def bucket(self, prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+        mixed = (prev * 1_000_003 + cur * 10_007) % (self.buckets - 1)  # int64: no overflow for 16-bit ids
+        return torch.where(prev >= 0, 1 + mixed, torch.zeros_like(mixed))
+
+    def forward(self, prev: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.table(self.bucket(prev, cur)))
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -1119,6 +1188,8 @@ class Muon(torch.optim.Optimizer):
 # First matching rule wins. Every parameter must match one rule (checked by route_parameters).
 PARAM_ROUTES = (
     ("embed", "token embedding (tied with the head)", lambda name, p: name == "tok_emb.weight"),
+    ("embed", "BigramHash table", lambda name, p: name == "bigram.table.weight"),
+    ("scalar", "U-Net skip weights (one vector per skip)", lambda name, p: name == "skip_weights"),
     ("scalar", "GDN gate projections a_proj, b_proj (one output per head)",
      lambda name, p: name.endswith(("a_proj.weight", "b_proj.weight"))),
     ("scalar", "GDN short-convolution kernels", lambda name, p: name.endswith("_conv.weight")),

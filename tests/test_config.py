@@ -26,6 +26,9 @@ def test_preset_sets_values_and_env_still_wins():
     ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096"),
     ({"COMPRESSOR": "zip"}, "COMPRESSOR='zip'"),
     ({"ATTN_BACKEND": "flash"}, "ATTN_BACKEND='flash'"),
+    ({"GDN_BACKEND": "tilelang"}, "GDN_BACKEND='tilelang'"),
+    ({"BIGRAM_BUCKETS": "1"}, "BIGRAM_BUCKETS=1"),
+    ({"BOS_ID": "1024"}, "BOS_ID=1024"),
     ({"LAYOUT": "GGXG"}, "layer 2 is 'X'"),
     ({"EVAL_ONLY": "1"}, "ARTIFACT_PATH"),
     ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE=70000"),
@@ -64,3 +67,18 @@ def test_batch_must_split_into_whole_sequences(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(ValueError, match="TRAIN_BATCH_TOKENS=1000"):
         tg.init_runtime(tg.Config(train_batch_tokens=1000))
+
+
+def test_fast_gdn_backends_refuse_a_machine_or_model_they_cannot_run():
+    """On the CPU, fla and qla are clear errors; qla names why it cannot run (package, head dims, GPU)."""
+    rt = tg.Runtime(0, 1, 0, tg.torch.device("cpu"), 1)
+    log = tg.Logger(None)
+    for backend in ("fla", "qla"):
+        cfg = tg.Config.from_env({"GDN_BACKEND": backend})
+        with pytest.raises(ValueError, match=f"GDN_BACKEND={backend} needs a CUDA GPU"):
+            tg.resolve_backends(cfg, rt, tg.ModelConfig.from_config(cfg), log, check=False)
+    auto = tg.Config.from_env({})
+    assert tg.resolve_backends(auto, rt, tg.ModelConfig.from_config(auto), log, check=False).gdn == "torch"
+    small = tg.ModelConfig.from_config(tg.Config.from_env({"GDN_HEADS": "8", "GDN_HEAD_DIM": "64"}))
+    reason = tg.qla_unavailable(small)
+    assert reason and ("flash_qla is not installed" in reason or "GDN_HEAD_DIM=128" in reason)

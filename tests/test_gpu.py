@@ -34,11 +34,30 @@ def test_fla_matches_float64_reference(head_dim, T):
     assert all(v <= 2e-2 for v in errs.values()), errs
 
 
+def skip_unless_qla(mc: tg.ModelConfig) -> None:
+    reason = tg.qla_unavailable(mc)
+    if reason:
+        pytest.skip(f"FlashQLA: {reason}")
+
+
 @needs_fla
-def test_custom_op_registration_passes_opcheck():
-    mc = model_config(gdn_heads=4, gdn_head_dim=64)
+@pytest.mark.parametrize("T", [2048, 333])
+def test_qla_matches_float64_reference(T):
+    mc = model_config(gdn_heads=4, gdn_head_dim=128)
+    skip_unless_qla(mc)
+    errs = tg.gdn_kernel_errors(mc, T, torch.device("cuda"), impl="qla")
+    print(f"qla T={T} " + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
+    assert all(v <= 2e-2 for v in errs.values()), errs
+
+
+@needs_fla
+@pytest.mark.parametrize("impl", ["fla", "qla"])
+def test_custom_op_registration_passes_opcheck(impl):
+    mc = model_config(gdn_heads=4, gdn_head_dim=64 if impl == "fla" else 128)
+    if impl == "qla":
+        skip_unless_qla(mc)
     q, k, v, g, beta = tg._gdn_check_inputs(mc, 1, 128, torch.device("cuda"), 0)
-    args = [t.requires_grad_(True) for t in (q, k, v, g, beta)] + [0.125]
+    args = [t.requires_grad_(True) for t in (q, k, v, g, beta)] + [mc.gdn_head_dim ** -0.5, impl]
     with tg.fla_hopper_guard_lifted(True):
         torch.library.opcheck(tg._gdn_fwd_op, args, test_utils=("test_schema", "test_faketensor",
                                                                 "test_autograd_registration"))
@@ -59,12 +78,15 @@ def test_attention_backend_matches_reference(backend, cached):
 
 
 @needs_fla
-def test_model_fla_path_matches_torch_path_and_compiles_without_breaks():
+@pytest.mark.parametrize("impl", ["fla", "qla"])
+def test_model_fast_path_matches_torch_path_and_compiles_without_breaks(impl):
     torch.manual_seed(0)
-    mc = model_config(layout="GGSGs", model_dim=256, gdn_heads=4, gdn_head_dim=64, num_heads=4, num_kv_heads=2,
-                      swa_window=64)
+    mc = model_config(layout="GGSGs", model_dim=256, gdn_heads=2 if impl == "qla" else 4,
+                      gdn_head_dim=128 if impl == "qla" else 64, num_heads=4, num_kv_heads=2, swa_window=64)
+    if impl == "qla":
+        skip_unless_qla(mc)
     attn = "varlen" if tg._varlen_has_window() else "sdpa"
-    fast = tg.GPT(mc, tg.Backends("fla", attn)).cuda()
+    fast = tg.GPT(mc, tg.Backends(impl, attn)).cuda()
     ref = tg.GPT(mc, tg.Backends("torch", "sdpa")).cuda()
     for p in fast.parameters():  # non-zero output projections so every layer contributes
         torch.nn.init.normal_(p, std=0.05)
@@ -85,10 +107,12 @@ def test_model_fla_path_matches_torch_path_and_compiles_without_breaks():
 
 
 @needs_fla
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_fla_streaming_path_matches_reference(head_dim):
+@pytest.mark.parametrize("impl,head_dim", [("fla", 64), ("fla", 128), ("qla", 128)])
+def test_fast_streaming_path_matches_reference(impl, head_dim):
     mc = model_config(gdn_heads=512 // head_dim, gdn_head_dim=head_dim)
-    errs = tg.gdn_stream_kernel_errors(mc, 300, torch.device("cuda"))
+    if impl == "qla":
+        skip_unless_qla(mc)
+    errs = tg.gdn_stream_kernel_errors(mc, 300, torch.device("cuda"), impl=impl)
     print(head_dim, errs)
     assert all(v <= 2e-2 for v in errs.values()), errs
 

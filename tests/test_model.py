@@ -2,15 +2,20 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt as tg
 
 CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), grad_accum_steps=1)
 
 
-def tiny_model(layout="GSGsA", seed=0) -> tg.GPT:
+# BigramHash, SmearGate and U-Net skips all on (small), for the tests that must hold with and without them
+FEATURES = {"BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "8", "SMEAR_GATE": "1", "UNET_SKIPS": "1"}
+
+
+def tiny_model(layout="GSGsA", seed=0, **env) -> tg.GPT:
     torch.manual_seed(seed)
-    cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": layout, "VOCAB_SIZE": "97"})
+    cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": layout, "VOCAB_SIZE": "97", **env})
     model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
     for name, p in model.named_parameters():  # give the zero-initialized projections weight, so every path matters
         if p.ndim == 2 and not p.abs().sum():
@@ -160,3 +165,61 @@ def test_ema_warms_up_then_averages():
         ema.update()
     ema.copy_to_model()
     assert model.weight.item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_bigram_and_smear_see_only_the_previous_token_and_never_across_a_bos():
+    model = tiny_model(layout="GS", **FEATURES)
+    BOS = model.mc.bos_id
+    ids = torch.tensor([[5, 9, 9, BOS, 7, 8, 9, 10]])
+    base = model.tok_emb(ids)
+    x = model.embed(ids)
+    none = torch.tensor([[-1]])
+    # a BOS, like the first token, is embedded as having no predecessor: nothing from the previous document
+    assert torch.allclose(x[0, 3], base[0, 3] + model.bigram(none, ids[:, 3:4])[0, 0], atol=1e-7)
+    assert torch.allclose(x[0, 0], base[0, 0] + model.bigram(none, ids[:, :1])[0, 0], atol=1e-7)
+    for t in range(1, ids.shape[1]):  # position t depends on ids[t-1] and ids[t] only
+        other = torch.full_like(ids, 50)
+        other[0, t - 1: t + 1] = ids[0, t - 1: t + 1]
+        assert torch.allclose(model.embed(other)[0, t], x[0, t], atol=1e-7), t
+    changed = ids.clone()
+    changed[0, 2] = 40  # the token before the BOS
+    assert torch.allclose(model.embed(changed)[0, 3:], x[0, 3:], atol=1e-7)
+    assert not torch.allclose(model.embed(changed)[0, 2], x[0, 2], atol=1e-3)
+
+
+def test_unet_skips_pair_mirrored_layers_and_zero_weights_remove_them():
+    torch.manual_seed(0)
+    with_skips = tiny_model(layout="GSGsG", UNET_SKIPS="1")
+    plain = tiny_model(layout="GSGsG")
+    assert with_skips.n_skips == 2 and with_skips.skip_weights.shape == (2, with_skips.mc.model_dim)
+    state = {k: v for k, v in with_skips.state_dict().items() if k != "skip_weights"}
+    plain.load_state_dict(state)
+    ids = torch.randint(0, 97, (2, 24))
+    assert not torch.allclose(with_skips(ids), plain(ids))
+    with torch.no_grad():
+        with_skips.skip_weights.zero_()
+    assert torch.allclose(with_skips(ids), plain(ids), atol=1e-6)
+    with torch.no_grad():  # written out: layer 3 adds layer 1's output, layer 4 adds layer 0's
+        with_skips.skip_weights.copy_(torch.randn(2, with_skips.mc.model_dim))
+        m, w, outs = with_skips, with_skips.skip_weights, []
+        x = tg.rms_norm(m.embed(ids))
+        for i, j in enumerate(m.layer_mixer):
+            if i >= 3:
+                x = x + w[i - 3] * outs[4 - i]
+            x = x + m.mixers[j](tg.rms_norm(x))
+            x = x + m.mlps[i](tg.rms_norm(x))
+            outs.append(x)
+        logits = F.linear(tg.rms_norm(x), m.tok_emb.weight)
+        logits = m.mc.logit_softcap * torch.tanh(logits / m.mc.logit_softcap)
+        assert torch.allclose(m(ids), logits, atol=1e-5)
+    with_skips.zero_grad()
+    with_skips(ids).float().square().mean().backward()
+    assert with_skips.skip_weights.grad.abs().sum(dim=1).gt(0).all()
+
+
+def test_artifacts_from_before_the_new_model_fields_still_load_with_the_features_off():
+    cfg = tg.Config.from_env({"PRESET": "tiny"})
+    old_fields = {k: v for k, v in tg.ModelConfig.from_config(cfg).__dict__.items()
+                  if k not in ("bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id")}
+    mc = tg.ModelConfig(**old_fields)
+    assert (mc.bigram_buckets, mc.smear_gate, mc.unet_skips) == (0, False, False)

@@ -5,7 +5,7 @@ import torch
 
 import train_gpt as tg
 
-from test_model import tiny_model
+from test_model import FEATURES, tiny_model
 
 CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
 BOS = 1
@@ -48,10 +48,12 @@ def tracked(cfg, stream, fn, **kw):
     return result, tally
 
 
+@pytest.mark.parametrize("features", [False, True])
 @pytest.mark.parametrize("segment", [399, 16, 7])
-def test_streaming_equals_one_long_forward(segment):
-    """One lane, no resets: the carried state (conv tails, GDN state, SWA keys) makes short segments exact."""
-    model = tiny_model(layout="GSGs")  # SWA window 16 in the tiny preset
+def test_streaming_equals_one_long_forward(segment, features):
+    """One lane, no resets: the carried state (conv tails, GDN state, SWA keys, the previous token for BigramHash
+    and SmearGate) makes short segments exact."""
+    model = tiny_model(layout="GSGs", **(FEATURES if features else {}))  # SWA window 16 in the tiny preset
     tokens = stream_of_documents(6, seed=0)[:400]
     expect = full_nll(model, tokens)
     cfg = stream_cfg(stream_segment=segment)
@@ -69,8 +71,9 @@ def test_long_stream_does_not_drift():
     assert err.max() < 5e-5 and err[-500:].max() < 5e-5  # no growth towards the end
 
 
-def test_reset_at_bos_equals_scoring_each_document_alone():
-    model = tiny_model(layout="GSGs")
+@pytest.mark.parametrize("features", [False, True])
+def test_reset_at_bos_equals_scoring_each_document_alone(features):
+    model = tiny_model(layout="GSGs", **(FEATURES if features else {}))
     tokens = stream_of_documents(5, seed=2)
     starts = (tokens == BOS).nonzero().flatten().tolist() + [len(tokens)]
     _, tally = tracked(stream_cfg(stream_reset=True, stream_segment=13), tokens, tg.evaluate_stream, model=model,
@@ -81,13 +84,14 @@ def test_reset_at_bos_equals_scoring_each_document_alone():
         assert torch.allclose(tally.nll_at[a + 1: a + 1 + len(alone)], alone, atol=2e-5)
 
 
-def test_lanes_cover_the_stream_and_each_is_one_long_forward():
+@pytest.mark.parametrize("features", [False, True])
+def test_lanes_cover_the_stream_and_each_is_one_long_forward(features):
     tokens = stream_of_documents(30, seed=3)
     lanes = tg.stream_lanes(len(tokens), 7)
     assert len(lanes) == 7 and lanes[0][0] == 0 and lanes[-1][1] == len(tokens) - 1
     assert all(a[1] == b[0] for a, b in zip(lanes, lanes[1:]))
     assert max(e - s for s, e in lanes) - min(e - s for s, e in lanes) <= 1
-    model = tiny_model(layout="GSG")
+    model = tiny_model(layout="GSG", **(FEATURES if features else {}))
     cfg = stream_cfg(stream_lanes=7)
     _, tally = tracked(cfg, tokens, tg.evaluate_stream, model=model, tables=tables(), rt=CPU)
     for s, e in lanes:  # each lane is exactly a long forward over its own span
@@ -110,8 +114,8 @@ MODES = {
 }
 
 
-def run_mode(mode, tokens, seed=0):
-    model = tiny_model(layout="GSGs", seed=seed)
+def run_mode(mode, tokens, seed=0, features=False):
+    model = tiny_model(layout="GSGs", seed=seed, **(FEATURES if features else {}))
     cfg = stream_cfg(**MODES[mode])
     fn = tg.evaluate_ttt if cfg.ttt_enabled else tg.evaluate_base
     kw = dict(log=tg.Logger(None)) if cfg.ttt_enabled else {}
@@ -120,15 +124,16 @@ def run_mode(mode, tokens, seed=0):
     return result, tally
 
 
+@pytest.mark.parametrize("features", [False, True])
 @pytest.mark.parametrize("mode", list(MODES))
-def test_future_tokens_never_change_a_probability(mode):
+def test_future_tokens_never_change_a_probability(mode, features):
     """Two streams equal up to t and different after it: every loss at targets <= t is identical, in every mode."""
     tokens = stream_of_documents(8, seed=4)[:300]
     t = 211  # inside a later TTT chunk, after several adaptations
     other = tokens.clone()
     other[t + 1:] = torch.randint(4, 97, (len(tokens) - t - 1,), generator=torch.Generator().manual_seed(9))
-    _, a = run_mode(mode, tokens)
-    _, b = run_mode(mode, other)
+    _, a = run_mode(mode, tokens, features=features)
+    _, b = run_mode(mode, other, features=features)
     assert (a.hits[1:] == 1).all() and (b.hits[1:] == 1).all()
     assert torch.equal(a.nll_at[: t + 1], b.nll_at[: t + 1])
     assert not torch.equal(a.nll_at[t + 1:], b.nll_at[t + 1:])
