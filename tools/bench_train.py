@@ -13,7 +13,9 @@ train_gpt.py on one rank) with CUDA events after warmup, and reports tokens/s, m
 configuration. The breakdown times each component alone, forward + backward at the training shape (mixers, MLP),
 the optimizer step, and the loader; the parts need not add up to the whole (fusion, overlap). DATA_PATH and
 TOKENIZER_PATH are not needed: the loader is timed on synthetic shards written to a temporary folder.
-BENCH_VARIANTS adds whole-step timings of other settings (name:KEY=VALUE,KEY=VALUE;...) in the same process.
+BENCH_COMPARE=0 skips the all-attention stack; BENCH_BREAKDOWN=0 the breakdown; BENCH_FUSION=1 times one GDN mixer
+with its fused input projections against one matmul per projection; BENCH_PROFILE=1 prints each stack's top GPU
+kernels from torch.profiler. BENCH_VARIANTS adds whole-step timings of other settings (name:KEY=VALUE,KEY=VALUE;...) in the same process.
 BENCH_GDN_SHAPES times the delta-rule kernel alone (forward + backward at the micro-batch shape) for head layouts
 HEADSxDIM: our fla custom op, and fla's public entry point with each backend it can dispatch to here (flash-qla when
 installed, K = V = 128), every one first checked against the float64 reference; plus the attention kernels for scale.
@@ -286,6 +288,53 @@ def bench_gdn_kernels(cfg: tg.Config, rt: tg.Runtime, spec: str, repeat: int, re
     return rows
 
 
+class UnfusedGDN(tg.GatedDeltaNet):
+    """The GDN mixer's training forward with one matmul per projection and one convolution per branch, the layout
+    before the fusion; timed against the fused production forward (BENCH_FUSION=1)."""
+
+    def forward(self, x, state=None, stream=None):
+        B, T, _ = x.shape
+        H = self.heads
+        qkv = [F.silu(conv(proj(x))).view(B, T, H, d) for proj, conv, d in (
+            (self.q_proj, self.q_conv, self.k_dim), (self.k_proj, self.k_conv, self.k_dim),
+            (self.v_proj, self.v_conv, self.v_dim))]
+        q, k = F.normalize(qkv[0].float(), dim=-1), F.normalize(qkv[1].float(), dim=-1)
+        beta = torch.sigmoid(self.b_proj(x).float())
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        o, _ = tg.gdn_core(self.backend, q, k, qkv[2], g, beta, self.k_dim ** -0.5)
+        gate = F.silu(self.g_proj(x).float()).view(B, T, H, self.v_dim)
+        o = tg.rms_norm(o.float(), self.o_norm_weight.float()) * gate
+        return self.o_proj(o.reshape(B, T, H * self.v_dim).to(x.dtype))
+
+
+def bench_fusion(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, repeat: int) -> list[dict]:
+    """One GDN mixer, compiled, forward + backward at the micro-batch shape: fused projections vs one per branch."""
+    mc = tg.ModelConfig.from_config(cfg)
+    B, T = cfg.train_batch_tokens // rt.grad_accum_steps // cfg.train_seq_len, cfg.train_seq_len
+    x = torch.randn(B, T, mc.model_dim, device=rt.device)
+    timer, rows = Timer(rt.device), []
+    for name, cls in (("fused (train_gpt.py)", tg.GatedDeltaNet), ("one matmul per projection", UnfusedGDN)):
+        torch.manual_seed(0)
+        mixer = cls(mc.model_dim, mc.gdn_heads, mc.gdn_head_dim, mc.gdn_expand_v, mc.gdn_conv_size,
+                    backends.gdn).to(rt.device)
+        fn = tg.maybe_compile(mixer, cfg, rt)
+
+        def run(fn=fn):
+            xi = x.detach().requires_grad_(True)
+            with tg.autocast(rt):
+                y = fn(xi)
+            y.float().sum().backward()
+
+        timer(run, 3)
+        if rt.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        ms = timer(run, repeat)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if rt.cuda else 0.0
+        rows.append(dict(mixer=name, ms=round(ms, 3), peak_mem_mib=round(peak)))
+        print(f"  {name:<30}{ms:>9.3f} ms  peak {peak:,.0f} MiB", flush=True)
+    return rows
+
+
 def print_kernel(r: dict) -> None:
     err = "" if r["max_rel_err"] is None else f"  max rel err {r['max_rel_err']:.1e}"
     ms = "-" if r["ms"] is None else f"{r['ms']:.3f}"
@@ -318,13 +367,18 @@ def main() -> int:
         data = write_synthetic_shards(Path(tmp), cfg.vocab_size, 4 * cfg.train_batch_tokens * (steps + warmup) + 1)
         cfg = tg.Config(**{**cfg.__dict__, "data_path": data})
         attn_cfg = tg.Config(**{**cfg.__dict__, "layout": attention_layout_like(mc, backends)})
+        fusion = []
+        if os.environ.get("BENCH_FUSION", "0") != "0":
+            print("one GDN mixer, forward + backward per micro-batch:", flush=True)
+            fusion = bench_fusion(cfg, rt, backends, steps)
         print(f"{'layout':<16}{'params':>12}{'ms/step':>10}{'tok/s':>12}{'peak MiB':>10}", flush=True)
-        results = []
-        for c in (cfg, attn_cfg):
+        results, ratio = [], None
+        for c in (cfg, attn_cfg) if os.environ.get("BENCH_COMPARE", "1") != "0" else (cfg,):
             results.append(bench_steps(c, rt, backends, steps, warmup))
             print_run(results[-1])
-        ratio = results[0]["tokens_per_s"] / results[1]["tokens_per_s"]
-        print(f"hybrid / all-attention tokens/s: {ratio:.3f}", flush=True)
+        if len(results) == 2:
+            ratio = round(results[0]["tokens_per_s"] / results[1]["tokens_per_s"], 4)
+            print(f"hybrid / all-attention tokens/s: {ratio:.3f}", flush=True)
         for name, overrides in parse_variants(os.environ.get("BENCH_VARIANTS", "")):
             vcfg = variant_config(cfg, overrides)
             vrt = tg.Runtime(0, 1, 0, device, vcfg.grad_accum_steps or tg.GPU_COUNT_OF_RECORD)
@@ -337,7 +391,7 @@ def main() -> int:
             parts = bench_components(cfg, rt, backends, steps,
                                      lambda name, ms: print(f"  {name:<28}{ms:>10.1f}", flush=True))
     print("bench " + json.dumps(dict(device=device_name, torch=torch.__version__, backends=backends.__dict__,
-                                     runs=results, ratio=round(ratio, 4), breakdown_ms=parts, kernels=kernels),
+                                     runs=results, ratio=ratio, breakdown_ms=parts, kernels=kernels, fusion=fusion),
                                 sort_keys=True))
     return 0
 
