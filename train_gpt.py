@@ -540,16 +540,13 @@ class Linear(nn.Linear):
 
 
 class ShortConv(nn.Module):
-    """Causal depthwise convolution over time, kernel `size` (the GDN 'short convolution'); see short_conv."""
+    """The kernel (channels, size) of a causal depthwise convolution over time, the GDN 'short convolution'. The
+    mixer applies its three kernels concatenated, in one short_conv."""
 
     def __init__(self, channels: int, size: int):
         super().__init__()
-        self.size = size
         self.weight = nn.Parameter(torch.empty(channels, size))
         nn.init.uniform_(self.weight, -size ** -0.5, size ** -0.5)
-
-    def forward(self, x: torch.Tensor, tail: torch.Tensor | None = None, since_bos: torch.Tensor | None = None):
-        return short_conv(x, self.weight, tail, since_bos)
 
 
 def short_conv(x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None = None,
@@ -1078,7 +1075,6 @@ class GPT(nn.Module):
             return logits
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
         return loss if reduction == "mean" else loss.view(targets.shape)
-
 
     def embed(self, input_ids: torch.Tensor, stream: StreamContext | None = None) -> torch.Tensor:
         """Token embedding, plus BigramHash and SmearGate when enabled. Both use only the previous token, which is
