@@ -2021,8 +2021,10 @@ def check_gdn_kernel(mc: ModelConfig, cfg: Config, log: Logger, impl: str) -> No
         + f" tol:{cfg.kernel_check_tol:.0e}")
     bad = {k: v for k, v in errs.items() if not v <= cfg.kernel_check_tol}
     if bad:
+        other = "GDN_BACKEND=fla runs fla's kernels (checked the same way); " if impl == "qla" else ""
         raise RuntimeError(f"GDN kernel check ({impl}) failed on {torch.cuda.get_device_name()}: {bad} exceed "
-                           f"{cfg.kernel_check_tol}; refusing to train (GDN_BACKEND=torch runs the slow reference)")
+                           f"{cfg.kernel_check_tol}; refusing to train ({other}GDN_BACKEND=torch runs the slow "
+                           "reference)")
     if needs_lift:
         import fla.ops.common.chunk_o as chunk_o  # noqa: PLC0415
 
