@@ -205,6 +205,7 @@ def _ttt_worker(rank, world, port, mode, out_path):
     dist.all_gather(gathered, flat)
     if rank == 0:
         torch.save((result.loss, result.tokens, max((g - flat).abs().max().item() for g in gathered), flat), out_path)
+    dist.barrier()  # both ranks done before either tears down gloo (a rank leaving early was seen to abort the other)
     dist.destroy_process_group()
 
 
