@@ -223,6 +223,8 @@ class Config:
         need(self.max_wallclock_seconds == 0 or self.train_budget_seconds > 0,
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time in {self.max_wallclock_seconds}s")
         need(self.eval_mode in ("window", "stream"), f"EVAL_MODE={self.eval_mode!r} must be window or stream")
+        need(self.eval_stride == 0 or self.eval_mode == "window",
+             f"EVAL_STRIDE={self.eval_stride} applies to sliding windows; add EVAL_MODE=window (the mode is {self.eval_mode})")
         need(self.stream_segment > 0 and self.stream_lanes > 0, "STREAM_SEGMENT and STREAM_LANES must be positive")
         need(not self.stream_reset or self.stream_segment <= 8192,
              f"STREAM_RESET=1 builds a dense mask per segment; STREAM_SEGMENT={self.stream_segment} must be <= 8192")

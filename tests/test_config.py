@@ -24,6 +24,7 @@ def test_preset_sets_values_and_env_still_wins():
     ({"NUM_HEADS": "3"}, "MODEL_DIM=512 not divisible by NUM_HEADS=3"),
     ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS=3"),
     ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096"),
+    ({"EVAL_STRIDE": "64"}, "add EVAL_MODE=window"),  # the default stream mode has no stride to apply
     ({"COMPRESSOR": "zip"}, "COMPRESSOR='zip'"),
     ({"ATTN_BACKEND": "flash"}, "ATTN_BACKEND='flash'"),
     ({"GDN_BACKEND": "tilelang"}, "GDN_BACKEND='tilelang'"),
