@@ -1044,7 +1044,7 @@ class GPT(nn.Module):
         self.mixers = nn.ModuleList([self._make_mixer(s.kind, backends) for s in specs if not s.shared])
         self.mlps = nn.ModuleList([MLP(mc.model_dim, mc.mlp_mult) for _ in specs])
         if mc.bigram_buckets:
-            self.bigram = BigramHash(mc.vocab_size, mc.bigram_buckets, mc.bigram_dim, mc.model_dim)
+            self.bigram = BigramHash(mc.bigram_buckets, mc.bigram_dim, mc.model_dim)
         if mc.smear_gate:  # per channel; sigmoid(-3) = 0.05 of the previous token's embedding at the start
             self.smear = nn.Parameter(torch.full((mc.model_dim,), -3.0))
         self.n_skips = len(specs) // 2 if mc.unet_skips else 0
@@ -1102,9 +1102,9 @@ class BigramHash(nn.Module):
     """An embedding of the hashed (previous, current) token pair, projected to the model width. Bucket 0 is kept
     for 'no previous token'; the projection starts at zero, so the model starts as if the feature were off."""
 
-    def __init__(self, vocab: int, buckets: int, dim: int, model_dim: int):
+    def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
-        self.vocab, self.buckets = vocab, buckets
+        self.buckets = buckets
         self.table = nn.Embedding(buckets, dim)
         nn.init.normal_(self.table.weight, std=0.02)
         self.proj = Linear(dim, model_dim, zero_init=True)
@@ -2081,13 +2081,13 @@ def _varlen_has_window() -> bool:
 
 def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, check: bool) -> Backends:
     """Chooses the GDN and attention implementations in one place, checks them on this GPU, and logs the choice."""
-    gdn = cfg.gdn_backend
+    gdn, no_qla = cfg.gdn_backend, qla_unavailable(mc)
     if gdn == "auto":  # FlashQLA where it applies (measured fastest, README), else fla's Triton kernels
-        gdn = "torch" if not rt.cuda else ("fla" if qla_unavailable(mc) else "qla")
+        gdn = "torch" if not rt.cuda else ("fla" if no_qla else "qla")
     if gdn in FAST_GDN_BACKENDS and not rt.cuda:
         raise ValueError(f"GDN_BACKEND={gdn} needs a CUDA GPU")
-    if gdn == "qla" and qla_unavailable(mc):
-        raise ValueError(f"GDN_BACKEND=qla cannot be used: {qla_unavailable(mc)}")
+    if gdn == "qla" and no_qla:
+        raise ValueError(f"GDN_BACKEND=qla cannot be used: {no_qla}")
     attn = cfg.attn_backend
     if attn == "auto":
         attn = "sdpa"
@@ -2109,7 +2109,7 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
                 log(f"kernel_check gdn_stream({gdn}, state + restarts) vs float64 reference: "
                     + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
                 if not all(v <= cfg.kernel_check_tol for v in errs.values()):
-                    raise RuntimeError(f"fla's streaming path disagrees with the reference: {errs}")
+                    raise RuntimeError(f"the streaming path of GDN_BACKEND={gdn} disagrees with the reference: {errs}")
         if attn != "sdpa" and has_swa and mc.swa_window < cfg.train_seq_len:
             cases = [("", cfg.train_seq_len, 0)]
             if cfg.eval_mode == "stream" and not cfg.stream_reset:  # keys carried from the previous segment
