@@ -114,6 +114,7 @@ class Config:
     eval_batch_tokens: int = 262_144  # tokens per forward pass per rank (windows; lanes x segment when streaming)
     stream_segment: int = 32768  # tokens per lane per forward pass (stream mode)
     stream_lanes: int = 64  # lanes per rank (stream mode without TTT; TTT streams one lane)
+    stream_warmup: int = 2048  # tokens before each lane's first target it reads, unscored, to prime its state (0 = off)
     stream_reset: bool = False  # restart every layer's state at each BOS (document start)
     ttt_enabled: bool = True  # score-first test-time training on the validation stream
     ttt_chunk_tokens: int = 32768
@@ -122,6 +123,8 @@ class Config:
     ttt_lr: float = 0.01
     ttt_momentum: float = 0.9
     ttt_params: str = "all"  # all | mlp | scalar (norms, gates, decay parameters, convs) | gdn (GDN mixers)
+    ttt_state: str = "carry"  # stream mode, after an update: carry the lane's state (made by the earlier weights) |
+    #                           rebuild it with the new weights from the STREAM_WARMUP tokens before the next chunk
     ttt_seq_len: int = 0  # 0 -> EVAL_SEQ_LEN
     ttt_batch_seqs: int = 8  # sequences per rank per step
     eval_max_seconds: float = 540.0  # 0 = no limit; TTT adaptation stops when the evaluation would run past this
@@ -226,11 +229,13 @@ class Config:
         need(self.eval_stride == 0 or self.eval_mode == "window",
              f"EVAL_STRIDE={self.eval_stride} applies to sliding windows; add EVAL_MODE=window (the mode is {self.eval_mode})")
         need(self.stream_segment > 0 and self.stream_lanes > 0, "STREAM_SEGMENT and STREAM_LANES must be positive")
+        need(self.stream_warmup >= 0, "STREAM_WARMUP must be >= 0")
         need(not self.stream_reset or self.stream_segment <= 8192,
              f"STREAM_RESET=1 builds a dense mask per segment; STREAM_SEGMENT={self.stream_segment} must be <= 8192")
         need(self.ttt_optimizer in ("sgd", "adamw"), f"TTT_OPTIMIZER={self.ttt_optimizer!r} must be sgd or adamw")
         need(self.ttt_params in ("all", "mlp", "scalar", "gdn"),
              f"TTT_PARAMS={self.ttt_params!r} must be all, mlp, scalar or gdn")
+        need(self.ttt_state in ("carry", "rebuild"), f"TTT_STATE={self.ttt_state!r} must be carry or rebuild")
         need(self.ttt_chunk_tokens > 0 and self.ttt_epochs >= 0 and self.ttt_batch_seqs > 0,
              "TTT_CHUNK_TOKENS, TTT_BATCH_SEQS must be positive and TTT_EPOCHS >= 0")
         need(self.val_max_tokens == 0 or self.val_max_tokens > self.eval_len,
@@ -1742,8 +1747,12 @@ class StreamScorer:
         self.since = torch.full((n_lanes,), NO_BOS_YET, dtype=torch.long, device=rt.device)
 
     @torch.no_grad()
-    def run(self, tokens: torch.Tensor, lanes: list[tuple[int, int]], tables: ByteTables, tally: Tally | None) -> None:
+    def run(self, tokens: torch.Tensor, lanes: list[tuple[int, int]], tables: ByteTables, tally: Tally | None,
+            score_from: list[int] | None = None) -> None:
+        """Walks the inputs [a, e) of each lane (a, e) and scores the targets of inputs from `score_from` (default a)
+        on: inputs before it only prime the lane's state (a warmup on tokens that are all earlier in the stream)."""
         T = self.cfg.stream_segment
+        first = torch.tensor(score_from if score_from is not None else [a for a, _ in lanes])[:, None]
         self.model.eval()
         for off in range(0, max(e - s for s, e in lanes), T):
             x = torch.zeros(len(lanes), T, dtype=torch.int64)
@@ -1754,6 +1763,7 @@ class StreamScorer:
                 n = max(0, min(T, e - s - off))
                 x[i, :n], y[i, :n] = tokens[s + off: s + off + n], tokens[s + off + 1: s + off + n + 1]
                 mask[i, :n] = True
+            mask &= pos > first  # pos is the target's index, one past its input's
             x, y, mask, pos = (t.to(self.rt.device) for t in (x, y, mask, pos))
             self.ctx.since_bos = self._since_bos(x) if self.cfg.stream_reset else None
             with autocast(self.rt):
@@ -1773,13 +1783,17 @@ class StreamScorer:
 
 def evaluate_stream(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Config, rt: Runtime,
                     tally: Tally | None = None) -> EvalResult:
+    """Each lane scores its span; it starts reading STREAM_WARMUP tokens earlier (inside the previous lane's span),
+    so that its first targets do not see an empty state where windows would have given them context."""
     t0 = time.perf_counter()
     lanes = stream_lanes(len(tokens), cfg.stream_lanes * rt.world_size)
     mine = rank_share(lanes, rt)
     tally = tally or Tally(rt.device)
     group = max(1, cfg.eval_batch_tokens // cfg.stream_segment)  # lanes per forward pass: bounds the memory
     for g in range(0, len(mine), group):
-        StreamScorer(model, len(mine[g: g + group]), cfg, rt, tables.bos_id).run(tokens, mine[g: g + group], tables, tally)
+        spans = mine[g: g + group]
+        StreamScorer(model, len(spans), cfg, rt, tables.bos_id).run(
+            tokens, [(max(0, s - cfg.stream_warmup), e) for s, e in spans], tables, tally, [s for s, _ in spans])
     return tally.result(rt, len(tokens) - 1, time.perf_counter() - t0)
 
 
@@ -1856,7 +1870,8 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
                  observer=None, tally: Tally | None = None, spent_s: float = 0.0) -> EvalResult:
     """Score-first TTT over chunks in stream order. Window mode: each chunk's windows are split over ranks. Stream
     mode: one lane carries its state across chunks (more lanes would let later tokens train the model before earlier
-    ones are scored); every rank computes it and rank 0 counts it. EVAL_MAX_SECONDS (counting `spent_s` already used
+    ones are scored), or with TTT_STATE=rebuild recomputes it after each update from the STREAM_WARMUP tokens before
+    the chunk; every rank computes it and rank 0 counts it. EVAL_MAX_SECONDS (counting `spent_s` already used
     by the evaluation) stops adaptation, never scoring.
     `observer(event, lo, hi)` sees every 'score' and 'train' of a chunk (for tests)."""
     t0 = time.perf_counter()
@@ -1871,7 +1886,11 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
     score_s, adapt_s, adapted, adapting = 0.0, 0.0, 0, True
     for c, chunk in enumerate(chunks):
         ts = time.perf_counter()
-        if scorer is not None:
+        if scorer is not None and cfg.ttt_state == "rebuild" and adapted:  # the state anew, from the new weights
+            scorer = StreamScorer(model, 1, cfg, rt, tables.bos_id)
+            scorer.run(tokens, [(max(0, chunk.lo - cfg.stream_warmup), chunk.hi)], tables,
+                       tally if rt.is_main else None, [chunk.lo])
+        elif scorer is not None:
             scorer.run(tokens, [(chunk.lo, chunk.hi)], tables, tally if rt.is_main else None)
         else:
             score_windows(model, tokens, rank_share(chunk.windows, rt), tables, cfg, rt, tally)
@@ -2101,7 +2120,9 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
     if attn in ("fa3", "varlen") and not rt.cuda:
         raise ValueError(f"ATTN_BACKEND={attn} needs a CUDA GPU")
     has_gdn, has_swa = "G" in mc.layout.upper(), "S" in mc.layout.upper()
-    if check and cfg.kernel_check and rt.cuda:
+    t0 = time.perf_counter()
+    checked = check and cfg.kernel_check and rt.cuda
+    if checked:
         if gdn in FAST_GDN_BACKENDS and has_gdn:
             check_gdn_kernel(mc, cfg, log, gdn)
             if cfg.eval_mode == "stream":
@@ -2121,7 +2142,8 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
                 if not all(v <= cfg.kernel_check_tol for v in errs.values()):
                     raise RuntimeError(f"attention backend {attn}{label} disagrees with the reference: {errs}; "
                                        "set ATTN_BACKEND=sdpa")
-    log(f"backends: gdn:{gdn} attention:{attn} (window {mc.swa_window})")
+    took = f"; kernel checks {time.perf_counter() - t0:.1f}s (first kernel compiles included)" if checked else ""
+    log(f"backends: gdn:{gdn} attention:{attn} (window {mc.swa_window}){took}")
     return Backends(gdn, attn)
 
 

@@ -33,7 +33,7 @@ def full_nll(model, tokens):
 
 
 def stream_cfg(**kw):
-    base = dict(eval_mode="stream", stream_segment=16, stream_lanes=1, swa_window=16, eval_seq_len=32,
+    base = dict(eval_mode="stream", stream_segment=16, stream_lanes=1, stream_warmup=20, swa_window=16, eval_seq_len=32,
                 eval_batch_tokens=256, ttt_enabled=False, ttt_chunk_tokens=64, ttt_seq_len=32, ttt_batch_seqs=2,
                 ttt_epochs=1, ttt_lr=0.05)
     return tg.Config(**{**base, **kw})
@@ -84,18 +84,25 @@ def test_reset_at_bos_equals_scoring_each_document_alone(features):
         assert torch.allclose(tally.nll_at[a + 1: a + 1 + len(alone)], alone, atol=2e-5)
 
 
+@pytest.mark.parametrize("warmup", [0, 9, 1000])
 @pytest.mark.parametrize("features", [False, True])
-def test_lanes_cover_the_stream_and_each_is_one_long_forward(features):
+def test_lanes_cover_the_stream_and_each_is_one_long_forward(features, warmup):
+    """Each lane scores its own span, as one long forward that starts STREAM_WARMUP tokens before the span (never
+    before the stream's start): the warmup tokens are context only."""
     tokens = stream_of_documents(30, seed=3)
     lanes = tg.stream_lanes(len(tokens), 7)
     assert len(lanes) == 7 and lanes[0][0] == 0 and lanes[-1][1] == len(tokens) - 1
     assert all(a[1] == b[0] for a, b in zip(lanes, lanes[1:]))
     assert max(e - s for s, e in lanes) - min(e - s for s, e in lanes) <= 1
     model = tiny_model(layout="GSG", **(FEATURES if features else {}))
-    cfg = stream_cfg(stream_lanes=7)
+    cfg = stream_cfg(stream_lanes=7, stream_warmup=warmup)
     _, tally = tracked(cfg, tokens, tg.evaluate_stream, model=model, tables=tables(), rt=CPU)
-    for s, e in lanes:  # each lane is exactly a long forward over its own span
-        assert torch.allclose(tally.nll_at[s + 1: e + 1], full_nll(model, tokens[s: e + 1]), atol=2e-5)
+    for s, e in lanes:
+        a = max(0, s - warmup)
+        assert torch.allclose(tally.nll_at[s + 1: e + 1], full_nll(model, tokens[a: e + 1])[s - a:], atol=2e-5)
+    if warmup:  # and the warmup changes what a later lane's first targets see
+        s, e = lanes[3]
+        assert not torch.allclose(tally.nll_at[s + 1: s + 4], full_nll(model, tokens[s: e + 1])[:3], atol=1e-3)
 
 
 def test_streaming_rejects_full_attention_layers():
@@ -111,6 +118,7 @@ MODES = {
     "stream_reset": dict(eval_mode="stream", stream_reset=True, stream_lanes=3),
     "sliding_ttt": dict(eval_mode="window", eval_stride=8, ttt_enabled=True),
     "stream_ttt": dict(eval_mode="stream", ttt_enabled=True),
+    "stream_ttt_rebuild": dict(eval_mode="stream", ttt_enabled=True, ttt_state="rebuild"),
 }
 
 
@@ -139,7 +147,7 @@ def test_future_tokens_never_change_a_probability(mode, features):
     assert not torch.equal(a.nll_at[t + 1:], b.nll_at[t + 1:])
 
 
-@pytest.mark.parametrize("mode", ["sliding_ttt", "stream_ttt"])
+@pytest.mark.parametrize("mode", ["sliding_ttt", "stream_ttt", "stream_ttt_rebuild"])
 def test_ttt_trains_only_on_tokens_already_scored(mode, monkeypatch):
     tokens = stream_of_documents(8, seed=5)[:300]
     model = tiny_model(layout="GSGs")
@@ -163,6 +171,31 @@ def test_ttt_trains_only_on_tokens_already_scored(mode, monkeypatch):
     assert all(a[1] <= b[0] for a, b in zip(trained, trained[1:]))  # in stream order, never overlapping
     assert (tally.hits[1:] == 1).all()  # and no token scored twice
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("state", ["carry", "rebuild"])
+def test_stream_ttt_scores_each_chunk_with_the_state_its_setting_names(state):
+    """Carry: chunk c is scored on top of the state the lane had reached, built by the weights of earlier chunks.
+    Rebuild: after an update, chunk c is exactly a fresh forward of the current weights over the STREAM_WARMUP
+    tokens before it and the chunk."""
+    tokens = stream_of_documents(8, seed=8)[:300]
+    model = tiny_model(layout="GSGs")
+    cfg = stream_cfg(**MODES["stream_ttt"], ttt_state=state, stream_warmup=20)
+    tally = tg.Tally(torch.device("cpu"), track=len(tokens))
+    errors = []
+
+    def observer(event, lo, hi):
+        if event == "score" and lo > 0:  # the weights that just scored the chunk, before they train on it
+            a = max(0, lo - cfg.stream_warmup)
+            fresh = full_nll(model, tokens[a: hi + 1])[lo - a:]
+            errors.append((tally.nll_at[lo + 1: hi + 1] - fresh).abs().max().item())
+
+    tg.evaluate_ttt(model, tokens, tables(), cfg, CPU, tg.Logger(None), observer=observer, tally=tally)
+    assert len(errors) >= 3
+    if state == "rebuild":
+        assert max(errors) < 2e-5
+    else:
+        assert min(errors) > 1e-4  # the carried state is not the one a rebuild would give
 
 
 def test_ttt_changes_the_score_and_eval_budget_stops_only_adaptation():
