@@ -2,6 +2,7 @@
 then EVAL_ONLY on the artifact reproduces the score to the last printed digit."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -136,3 +137,27 @@ def test_submission_tool_reads_the_logs(trained, tmp_path, tiny_data):
                            str(cwd / "logs" / "e2e.txt"), "--author", "A", "--github-id", "a", "--name", "n",
                            "--out", str(dest)], capture_output=True, text=True)
     assert proc.returncode == 1 and "share a seed" in proc.stderr
+
+
+def test_context_tool_splits_the_scripts_own_scores(trained, tiny_data):
+    """tools/eval_by_context.py: its two totals are the script's EVAL_ONLY scores in those modes, and its rows
+    partition the targets, bytes and losses of both."""
+    cwd, _ = trained
+    env = {**tiny_env(tiny_data, "ctx"), "ARTIFACT_PATH": str(cwd / "artifacts" / "e2e.pgz"), "STREAM_WARMUP": "16",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_by_context.py")], cwd=cwd,
+                          env={**os.environ, **env, "EVAL_STRIDE": "16"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ctx = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("by_context "))[11:])
+    window = summary(run_script(cwd, {**env, "EVAL_ONLY": "1", "EVAL_MODE": "window", "EVAL_STRIDE": "16",
+                                      "TTT_ENABLED": "0"}))["final"]
+    stream = summary(run_script(cwd, {**env, "EVAL_ONLY": "1", "EVAL_MODE": "stream", "TTT_ENABLED": "0"}))["final"]
+    assert ctx["bpb_window"] == pytest.approx(window["bpb"], rel=1e-9)
+    assert ctx["bpb_stream"] == pytest.approx(stream["bpb"], rel=1e-9)
+    rows = ctx["rows"]
+    assert len(rows) >= 2
+    assert sum(r["targets"] for r in rows) == window["tokens"] == stream["tokens"]
+    assert sum(r["bytes"] for r in rows) == window["bytes"]
+    for mode, total in (("window", window), ("stream", stream)):
+        nll = sum(r[f"nll_{mode}"] for r in rows)
+        assert nll / (math.log(2) * window["bytes"]) == pytest.approx(total["bpb"], rel=1e-9)

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Where streaming evaluation gains or loses against windows: one artifact scored both ways, target by target, with
+the targets grouped by how many earlier tokens of its lane the streaming scorer had seen.
+
+    ARTIFACT_PATH=artifacts/run.pgz python3 tools/eval_by_context.py                    # stream vs plain windows
+    ARTIFACT_PATH=artifacts/run.pgz EVAL_STRIDE=64 python3 tools/eval_by_context.py     # stream vs sliding windows
+    ARTIFACT_PATH=... EVAL_SEQ_LEN=8192 VAL_MAX_TOKENS=131072 STREAM_LANES=8 python3 tools/eval_by_context.py
+
+Every train_gpt.py setting applies (DATA_PATH, TOKENIZER_PATH, EVAL_SEQ_LEN, EVAL_STRIDE, STREAM_LANES,
+STREAM_SEGMENT, STREAM_WARMUP, STREAM_RESET, VAL_MAX_TOKENS); the windows' length is EVAL_SEQ_LEN, or TRAIN_SEQ_LEN when unset, so
+set it to the length the artifact was trained at. A window gives each target at most EVAL_SEQ_LEN - 1 tokens of
+context; a lane gives its GDN layers every earlier token of the lane, so the rows past EVAL_SEQ_LEN show what the
+unbounded context is worth, or costs where the recurrent state was never trained that far. Per row: targets, bytes,
+bpb of each mode and their difference; the totals are the two modes' whole scores. No TTT; one process. Figures also
+print as one `by_context {json}` line.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+EDGES = (0, 128, 512, 2048, 4096, 8192, 16384, 32768)
+
+
+def lane_context(n_tokens: int, cfg: tg.Config, world_size: int) -> torch.Tensor:
+    """For every target index 1..n-1: how many earlier inputs the stream scorer had read in its lane, the lane's
+    warmup included (index 0 unused)."""
+    ctx = torch.zeros(n_tokens, dtype=torch.long)
+    for s, e in tg.stream_lanes(n_tokens, cfg.stream_lanes * world_size):
+        ctx[s + 1: e + 1] = torch.arange(e - s) + min(s, cfg.stream_warmup)
+    return ctx
+
+
+def bucket_rows(ctx: torch.Tensor, nll_w: torch.Tensor, nll_s: torch.Tensor, nbytes: torch.Tensor) -> list[dict]:
+    """Sums per context bucket over targets 1..n-1; bpb of each mode within the bucket."""
+    rows = []
+    for lo, hi in zip(EDGES, EDGES[1:] + (None,)):
+        sel = ctx >= lo if hi is None else (ctx >= lo) & (ctx < hi)
+        sel[0] = False
+        if not sel.any():
+            continue
+        b = int(nbytes[sel].sum())
+        w, s = float(nll_w[sel].sum()), float(nll_s[sel].sum())
+        rows.append(dict(context=f"{lo}+" if hi is None else f"{lo}-{hi - 1}", targets=int(sel.sum()), bytes=b,
+                         nll_window=w, nll_stream=s, bpb_window=w / (math.log(2) * b),
+                         bpb_stream=s / (math.log(2) * b)))
+    return rows
+
+
+def main() -> None:
+    window_cfg = tg.Config.from_env({**os.environ, "EVAL_MODE": "window", "TTT_ENABLED": "0"})
+    stream_cfg = dataclasses.replace(window_cfg, eval_mode="stream", eval_stride=0)
+    rt = tg.init_runtime(window_cfg)
+    if rt.world_size != 1:
+        raise SystemExit("eval_by_context.py runs as one process (python3, not torchrun)")
+    log = tg.Logger(None)
+    path = Path(window_cfg.artifact_path or "")
+    if not path.is_file():
+        raise SystemExit(f"ARTIFACT_PATH={window_cfg.artifact_path!r} is not a file")
+    tables = tg.build_byte_tables(tg.load_tokenizer(window_cfg)).to(rt.device)
+    tokens = tg.load_val_tokens(window_cfg)
+    n = len(tokens)
+    mc, state = tg.read_artifact(path)
+    model = tg.build_model(mc, tg.resolve_backends(window_cfg, rt, mc, log, check=rt.cuda), rt)
+    tg.load_exported_state(model, state, str(path))
+    tally_w, tally_s = tg.Tally(rt.device, track=n), tg.Tally(rt.device, track=n)
+    res_w = tg.evaluate(model, tokens, tables, window_cfg, rt, tally_w)
+    res_s = tg.evaluate_stream(model, tokens, tables, stream_cfg, rt, tally_s)
+    for name, tally in (("window", tally_w), ("stream", tally_s)):
+        if not bool((tally.hits[1:] == 1).all()) or int(tally.hits[0]) != 0:
+            raise RuntimeError(f"{name} mode did not score every target exactly once")
+    nbytes = torch.zeros(n, dtype=torch.long)
+    nbytes[1:] = tables.count(tokens[:-1].to(rt.device), tokens[1:].to(rt.device)).cpu()
+    rows = bucket_rows(lane_context(n, stream_cfg, 1), tally_w.nll_at, tally_s.nll_at, nbytes)
+    window_name = f"window {window_cfg.eval_len}" + (f" stride {window_cfg.stride}" if window_cfg.stride < window_cfg.eval_len else "")
+    print(f"artifact {path} ({mc.layout}); {n} validation tokens; {window_name}; stream: {stream_cfg.stream_lanes} lanes "
+          f"of about {(n - 1) // stream_cfg.stream_lanes} tokens, warmup {stream_cfg.stream_warmup}, segments "
+          f"{stream_cfg.stream_segment}, reset at BOS: {stream_cfg.stream_reset}")
+    print(f"{'lane context':>14} {'targets':>9} {'bytes':>9} {'bpb window':>11} {'bpb stream':>11} {'stream-window':>14}")
+    for r in rows:
+        print(f"{r['context']:>14} {r['targets']:>9} {r['bytes']:>9} {r['bpb_window']:>11.4f} {r['bpb_stream']:>11.4f} "
+              f"{r['bpb_stream'] - r['bpb_window']:>+14.4f}")
+    print(f"{'all':>14} {res_w.tokens:>9} {res_w.bytes:>9} {res_w.bpb:>11.4f} {res_s.bpb:>11.4f} "
+          f"{res_s.bpb - res_w.bpb:>+14.4f}")
+    print("by_context " + json.dumps(dict(artifact=str(path), window=window_name, lanes=stream_cfg.stream_lanes,
+                                          bpb_window=res_w.bpb, bpb_stream=res_s.bpb, rows=rows)))
+
+
+if __name__ == "__main__":
+    main()
