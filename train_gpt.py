@@ -1883,10 +1883,11 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
     chunks = ttt_chunks(len(tokens), cfg)
     tally = tally or Tally(rt.device)
     scorer = StreamScorer(model, 1, cfg, rt, tables.bos_id) if cfg.eval_mode == "stream" else None
-    score_s, adapt_s, adapted, adapting = 0.0, 0.0, 0, True
+    score_s, adapt_s, adapted, adapting, stale = 0.0, 0.0, 0, True, False  # stale: weights changed since the state
     for c, chunk in enumerate(chunks):
         ts = time.perf_counter()
-        if scorer is not None and cfg.ttt_state == "rebuild" and adapted:  # the state anew, from the new weights
+        if scorer is not None and cfg.ttt_state == "rebuild" and stale:  # the state anew, from the new weights
+            stale = False
             scorer = StreamScorer(model, 1, cfg, rt, tables.bos_id)
             scorer.run(tokens, [(max(0, chunk.lo - cfg.stream_warmup), chunk.hi)], tables,
                        tally if rt.is_main else None, [chunk.lo])
@@ -1914,6 +1915,7 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
             ttt_adapt(model, opt, params, tokens[chunk.lo: chunk.hi + 1], cfg, rt)
             adapt_s += time.perf_counter() - ta
             adapted += 1
+            stale = True
     log(f"ttt: {cfg.eval_mode} mode, {len(chunks)} chunks of {cfg.ttt_chunk_tokens} tokens, adapted on {adapted} "
         f"({sum(p.numel() for p in params):,} parameters, {cfg.ttt_params}); scoring {score_s:.1f}s, "
         f"adaptation {adapt_s:.1f}s")

@@ -7,12 +7,12 @@ the targets grouped by how many earlier tokens of its lane the streaming scorer 
     ARTIFACT_PATH=... EVAL_SEQ_LEN=8192 VAL_MAX_TOKENS=131072 STREAM_LANES=8 python3 tools/eval_by_context.py
 
 Every train_gpt.py setting applies (DATA_PATH, TOKENIZER_PATH, EVAL_SEQ_LEN, EVAL_STRIDE, STREAM_LANES,
-STREAM_SEGMENT, STREAM_WARMUP, STREAM_RESET, VAL_MAX_TOKENS); the windows' length is EVAL_SEQ_LEN, or TRAIN_SEQ_LEN when unset, so
-set it to the length the artifact was trained at. A window gives each target at most EVAL_SEQ_LEN - 1 tokens of
-context; a lane gives its GDN layers every earlier token of the lane, so the rows past EVAL_SEQ_LEN show what the
-unbounded context is worth, or costs where the recurrent state was never trained that far. Per row: targets, bytes,
-bpb of each mode and their difference; the totals are the two modes' whole scores. No TTT; one process. Figures also
-print as one `by_context {json}` line.
+STREAM_SEGMENT, STREAM_WARMUP, STREAM_RESET, VAL_MAX_TOKENS). The windows' length is EVAL_SEQ_LEN, or TRAIN_SEQ_LEN
+when unset: set it to the length the artifact was trained at. A window gives each target at most EVAL_SEQ_LEN - 1
+tokens of context; a lane gives its GDN layers every earlier token of the lane, so the rows past EVAL_SEQ_LEN show
+what the unbounded context is worth, or costs where the recurrent state was never trained that far. Per row:
+targets, bytes, bpb of each mode and their difference; the totals are the two modes' whole scores. No TTT; one
+process. Figures also print as one `by_context {json}` line.
 """
 
 import dataclasses
@@ -80,7 +80,8 @@ def main() -> None:
     nbytes = torch.zeros(n, dtype=torch.long)
     nbytes[1:] = tables.count(tokens[:-1].to(rt.device), tokens[1:].to(rt.device)).cpu()
     rows = bucket_rows(lane_context(n, stream_cfg, 1), tally_w.nll_at, tally_s.nll_at, nbytes)
-    window_name = f"window {window_cfg.eval_len}" + (f" stride {window_cfg.stride}" if window_cfg.stride < window_cfg.eval_len else "")
+    sliding = window_cfg.stride < window_cfg.eval_len
+    window_name = f"window {window_cfg.eval_len}" + (f" stride {window_cfg.stride}" if sliding else "")
     print(f"artifact {path} ({mc.layout}); {n} validation tokens; {window_name}; stream: {stream_cfg.stream_lanes} lanes "
           f"of about {(n - 1) // stream_cfg.stream_lanes} tokens, warmup {stream_cfg.stream_warmup}, segments "
           f"{stream_cfg.stream_segment}, reset at BOS: {stream_cfg.stream_reset}")
