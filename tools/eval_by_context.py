@@ -30,11 +30,11 @@ import train_gpt as tg  # noqa: E402
 EDGES = (0, 128, 512, 2048, 4096, 8192, 16384, 32768)
 
 
-def lane_context(n_tokens: int, cfg: tg.Config, world_size: int) -> torch.Tensor:
+def lane_context(n_tokens: int, cfg: tg.Config) -> torch.Tensor:
     """For every target index 1..n-1: how many earlier inputs the stream scorer had read in its lane, the lane's
     warmup included (index 0 unused)."""
     ctx = torch.zeros(n_tokens, dtype=torch.long)
-    for s, e in tg.stream_lanes(n_tokens, cfg.stream_lanes * world_size):
+    for s, e in tg.stream_lanes(n_tokens, cfg.stream_lanes):
         ctx[s + 1: e + 1] = torch.arange(e - s) + min(s, cfg.stream_warmup)
     return ctx
 
@@ -79,7 +79,7 @@ def main() -> None:
             raise RuntimeError(f"{name} mode did not score every target exactly once")
     nbytes = torch.zeros(n, dtype=torch.long)
     nbytes[1:] = tables.count(tokens[:-1].to(rt.device), tokens[1:].to(rt.device)).cpu()
-    rows = bucket_rows(lane_context(n, stream_cfg, 1), tally_w.nll_at, tally_s.nll_at, nbytes)
+    rows = bucket_rows(lane_context(n, stream_cfg), tally_w.nll_at, tally_s.nll_at, nbytes)
     sliding = window_cfg.stride < window_cfg.eval_len
     window_name = f"window {window_cfg.eval_len}" + (f" stride {window_cfg.stride}" if sliding else "")
     print(f"artifact {path} ({mc.layout}); {n} validation tokens; {window_name}; stream: {stream_cfg.stream_lanes} lanes "
