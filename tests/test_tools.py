@@ -6,7 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+sys.path.insert(0, str(ROOT))
+import bench_train  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
 
 def test_bench_train_reports_both_stacks_and_a_breakdown(tmp_path):
@@ -21,3 +27,27 @@ def test_bench_train_reports_both_stacks_and_a_breakdown(tmp_path):
     assert bench["ratio"] == round(hybrid["tokens_per_s"] / attn["tokens_per_s"], 4)
     assert {"gdn mixer x2", "swa mixer x2", "mlp x4", "optimizer (Muon + Adam)", "data loader"} <= set(bench["breakdown_ms"])
     assert all(v > 0 for v in bench["breakdown_ms"].values())
+
+
+def test_bench_fusion_baseline_is_the_same_mixer_unfused():
+    """BENCH_FUSION times the production mixer against one matmul per projection; both must compute the same."""
+    torch.manual_seed(0)
+    fused = tg.GatedDeltaNet(32, 2, 8, 1.0, 4, "torch")
+    unfused = bench_train.UnfusedGDN(32, 2, 8, 1.0, 4, "torch")
+    unfused.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        fused.o_proj.weight.normal_()  # zero-initialized: the outputs would be zero either way
+        unfused.o_proj.weight.copy_(fused.o_proj.weight)
+    x = torch.randn(2, 24, 32)
+    assert torch.allclose(fused(x), unfused(x), atol=1e-5)
+
+
+def test_bench_fusion_runs_on_the_cpu(tmp_path):
+    env = {**os.environ, "PRESET": "tiny", "BENCH_STEPS": "1", "BENCH_WARMUP": "1", "OMP_NUM_THREADS": "1",
+           "BENCH_FUSION": "1", "BENCH_COMPARE": "0", "BENCH_BREAKDOWN": "0"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("bench "))[6:])
+    assert [r["mixer"] for r in bench["fusion"]] == ["fused (train_gpt.py)", "one matmul per projection"]
+    assert all(r["ms"] > 0 for r in bench["fusion"])

@@ -295,7 +295,7 @@ class UnfusedGDN(tg.GatedDeltaNet):
     def forward(self, x, state=None, stream=None):
         B, T, _ = x.shape
         H = self.heads
-        qkv = [F.silu(conv(proj(x))).view(B, T, H, d) for proj, conv, d in (
+        qkv = [F.silu(tg.short_conv(proj(x), conv.weight)).view(B, T, H, d) for proj, conv, d in (
             (self.q_proj, self.q_conv, self.k_dim), (self.k_proj, self.k_conv, self.k_dim),
             (self.v_proj, self.v_conv, self.v_dim))]
         q, k = F.normalize(qkv[0].float(), dim=-1), F.normalize(qkv[1].float(), dim=-1)
