@@ -126,7 +126,7 @@ class Config:
     ttt_state: str = "carry"  # stream mode, after an update: carry the lane's state (made by the earlier weights) |
     #                           rebuild it with the new weights from the STREAM_WARMUP tokens before the next chunk
     ttt_seq_len: int = 0  # 0 -> EVAL_SEQ_LEN
-    ttt_batch_seqs: int = 8  # sequences per rank per step
+    ttt_batch_seqs: int = 8  # sequences per step, all ranks together (the steps do not depend on the rank count)
     eval_max_seconds: float = 540.0  # 0 = no limit; TTT adaptation stops when the evaluation would run past this
     val_max_tokens: int = 0  # 0 = the whole split; anything else is a partial, non-comparable score
     eval_only: bool = False
@@ -1838,19 +1838,20 @@ def ttt_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
 
 def ttt_adapt(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], span: torch.Tensor,
               cfg: Config, rt: Runtime) -> None:
-    """TTT_EPOCHS passes over the chunk's sequences; each step, every rank takes its share of TTT_BATCH_SEQS * world
-    sequences and the gradients are summed over ranks, so all ranks take identical steps."""
+    """TTT_EPOCHS passes over the chunk's sequences, TTT_BATCH_SEQS of them per step whatever the number of ranks:
+    each rank takes its share of the step's sequences and the gradients are summed over ranks, so all ranks take
+    identical steps, and the same steps as one process would (a rescore on other hardware adapts alike)."""
     L = cfg.ttt_seq_len or cfg.eval_len
     rows = [(a, min(a + L, len(span) - 1)) for a in range(0, len(span) - 1, L)]
-    per_step = cfg.ttt_batch_seqs * rt.world_size
+    local = -(-cfg.ttt_batch_seqs // rt.world_size)  # this rank's sequences per step (the last ranks may idle)
     model.train()
     for _ in range(cfg.ttt_epochs):
-        for b in range(0, len(rows), per_step):
-            step_rows = rows[b: b + per_step]
+        for b in range(0, len(rows), cfg.ttt_batch_seqs):
+            step_rows = rows[b: b + cfg.ttt_batch_seqs]
             total = sum(e - a for a, e in step_rows)
-            x = torch.zeros(cfg.ttt_batch_seqs, L, dtype=torch.int64)
-            y = torch.full((cfg.ttt_batch_seqs, L), -100, dtype=torch.int64)  # -100: ignored by cross-entropy
-            for j, (a, e) in enumerate(step_rows[rt.rank * cfg.ttt_batch_seqs: (rt.rank + 1) * cfg.ttt_batch_seqs]):
+            x = torch.zeros(local, L, dtype=torch.int64)
+            y = torch.full((local, L), -100, dtype=torch.int64)  # -100: ignored by cross-entropy
+            for j, (a, e) in enumerate(step_rows[rt.rank * local: (rt.rank + 1) * local]):
                 x[j, : e - a], y[j, : e - a] = span[a:e], span[a + 1: e + 1]
             x, y = x.to(rt.device), y.to(rt.device)
             with autocast(rt):
@@ -1884,6 +1885,7 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
     tally = tally or Tally(rt.device)
     scorer = StreamScorer(model, 1, cfg, rt, tables.bos_id) if cfg.eval_mode == "stream" else None
     score_s, adapt_s, adapted, adapting, stale = 0.0, 0.0, 0, True, False  # stale: weights changed since the state
+    first_score_s = first_adapt_s = 0.0  # the first chunk's times include compiling its shapes: not a rate
     for c, chunk in enumerate(chunks):
         ts = time.perf_counter()
         if scorer is not None and cfg.ttt_state == "rebuild" and stale:  # the state anew, from the new weights
@@ -1896,14 +1898,16 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
         else:
             score_windows(model, tokens, rank_share(chunk.windows, rt), tables, cfg, rt, tally)
         score_s += time.perf_counter() - ts
+        first_score_s = first_score_s or score_s
         if observer:
             observer("score", chunk.lo, chunk.hi)
         if c == len(chunks) - 1:
             break
         if adapting and cfg.eval_max_seconds:
-            remaining = score_s / (c + 1) * (len(chunks) - c - 1)
-            next_adapt = adapt_s / adapted if adapted else 0.0
-            over = spent_s + time.perf_counter() - t0 + remaining + next_adapt > cfg.eval_max_seconds
+            per_score = (score_s - first_score_s) / c if c else 0.0  # decided from the second chunk on
+            per_adapt = (adapt_s - first_adapt_s) / (adapted - 1) if adapted > 1 else adapt_s
+            elapsed = spent_s + time.perf_counter() - t0
+            over = elapsed + per_score * (len(chunks) - c - 1) + per_adapt > cfg.eval_max_seconds
             if _agree_stop(over, rt):
                 adapting = False
                 log(f"ttt: EVAL_MAX_SECONDS={cfg.eval_max_seconds:.0f} would be exceeded; adaptation stops after "
@@ -1914,6 +1918,7 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
                 observer("train", chunk.lo, chunk.hi)
             ttt_adapt(model, opt, params, tokens[chunk.lo: chunk.hi + 1], cfg, rt)
             adapt_s += time.perf_counter() - ta
+            first_adapt_s = first_adapt_s or adapt_s
             adapted += 1
             stale = True
     log(f"ttt: {cfg.eval_mode} mode, {len(chunks)} chunks of {cfg.ttt_chunk_tokens} tokens, adapted on {adapted} "

@@ -1,5 +1,7 @@
 """Streaming evaluation and score-first TTT: exactness against one long forward, legality, and scoring rules."""
 
+import time
+
 import pytest
 import torch
 
@@ -213,6 +215,28 @@ def test_ttt_changes_the_score_and_eval_budget_stops_only_adaptation():
     assert any("adaptation stops after 0/" in m for m in lines)
 
 
+def test_eval_budget_is_not_fooled_by_the_first_chunks_compilation(monkeypatch):
+    """The first chunk's scoring includes compiling its shapes; projecting it onto every later chunk stopped
+    adaptation before the first chunk in an H100 run that had time for all of them."""
+    tokens = stream_of_documents(8, seed=6)[:300]
+    calls, score = [], tg.score_windows
+
+    def slow_first(*args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(1.0)  # stands in for compilation
+        return score(*args, **kw)
+
+    monkeypatch.setattr(tg, "score_windows", slow_first)
+    cfg = stream_cfg(**MODES["sliding_ttt"], eval_max_seconds=3.0)
+    events = []
+    tg.evaluate_ttt(tiny_model(layout="GSGs"), tokens, tables(), cfg, CPU, tg.Logger(None),
+                    observer=lambda event, lo, hi: events.append(event))
+    chunks = events.count("score")
+    assert chunks >= 4  # a projection from the first chunk alone (>= 3 s) would have stopped adaptation at once
+    assert events.count("train") == chunks - 1
+
+
 def test_ttt_chunks_cover_windows_in_order():
     cfg = tg.Config(eval_seq_len=32, eval_stride=8, ttt_chunk_tokens=50)
     chunks = tg.ttt_chunks(500, cfg)
@@ -232,7 +256,9 @@ def _ttt_worker(rank, world, port, mode, out_path):
     rt = tg.Runtime(rank, world, rank, torch.device("cpu"), 1)
     model = tiny_model(layout="GSGs")
     tokens = stream_of_documents(8, seed=7)[:300]
-    result = tg.evaluate_ttt(model, tokens, tables(), stream_cfg(**MODES[mode]), rt, tg.Logger(None))
+    # 4 sequences per chunk and 3 per step: two steps per chunk, the second uneven, split 2 + 1 over two ranks
+    cfg = stream_cfg(**MODES[mode], ttt_chunk_tokens=128, ttt_batch_seqs=3)
+    result = tg.evaluate_ttt(model, tokens, tables(), cfg, rt, tg.Logger(None))
     flat = torch.cat([p.detach().flatten() for p in model.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
