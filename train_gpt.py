@@ -127,6 +127,7 @@ class Config:
     #                           rebuild it with the new weights from the STREAM_WARMUP tokens before the next chunk
     ttt_seq_len: int = 0  # 0 -> EVAL_SEQ_LEN
     ttt_batch_seqs: int = 8  # sequences per step, all ranks together (the steps do not depend on the rank count)
+    ttt_compile: bool = False  # TTT's window scoring and adaptation steps compiled (COMPILE permitting); README, TTT
     eval_max_seconds: float = 540.0  # 0 = no limit; TTT adaptation stops when the evaluation would run past this
     val_max_tokens: int = 0  # 0 = the whole split; anything else is a partial, non-comparable score
     eval_only: bool = False
@@ -1694,8 +1695,10 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Co
 
 @torch.no_grad()
 def score_windows(model: nn.Module, tokens: torch.Tensor, windows: list[Window], tables: ByteTables, cfg: Config,
-                  rt: Runtime, tally: Tally) -> None:
-    batch = min(cfg.eval_batch_tokens // cfg.eval_len, len(windows))  # every batch padded to this one shape
+                  rt: Runtime, tally: Tally, batch: int = 0) -> None:
+    """Scores `windows` in batches of `batch` (default: as many as EVAL_BATCH_TOKENS holds), every batch padded to
+    that one shape so that a compiled model compiles once."""
+    batch = batch or min(cfg.eval_batch_tokens // cfg.eval_len, len(windows))
     was_training = model.training
     model.eval()
     for b in range(0, len(windows), batch):
@@ -1837,10 +1840,12 @@ def ttt_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
 
 
 def ttt_adapt(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], span: torch.Tensor,
-              cfg: Config, rt: Runtime) -> None:
+              cfg: Config, rt: Runtime, fwd: nn.Module | None = None) -> None:
     """TTT_EPOCHS passes over the chunk's sequences, TTT_BATCH_SEQS of them per step whatever the number of ranks:
     each rank takes its share of the step's sequences and the gradients are summed over ranks, so all ranks take
-    identical steps, and the same steps as one process would (a rescore on other hardware adapts alike)."""
+    identical steps, and the same steps as one process would (a rescore on other hardware adapts alike).
+    `fwd`: the model compiled (same parameters), for the forward and backward; one flat all-reduce per step."""
+    fwd = model if fwd is None else fwd  # (a compiled module has no truth value)
     L = cfg.ttt_seq_len or cfg.eval_len
     rows = [(a, min(a + L, len(span) - 1)) for a in range(0, len(span) - 1, L)]
     local = -(-cfg.ttt_batch_seqs // rt.world_size)  # this rank's sequences per step (the last ranks may idle)
@@ -1855,26 +1860,38 @@ def ttt_adapt(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Para
                 x[j, : e - a], y[j, : e - a] = span[a:e], span[a + 1: e + 1]
             x, y = x.to(rt.device), y.to(rt.device)
             with autocast(rt):
-                nll = model(x, y.clamp_min(0), reduction="none")
+                nll = fwd(x, y.clamp_min(0), reduction="none")
             ((nll * (y >= 0)).sum() / total).backward()
             for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                if rt.distributed:
-                    dist.all_reduce(p.grad)
+            if rt.distributed:
+                all_reduce_grads(params)
             opt.step()
             opt.zero_grad(set_to_none=True)
     model.eval()
 
 
+def all_reduce_grads(params: list[nn.Parameter]) -> None:
+    """Sums the gradients over ranks in one collective (one per parameter cost more than the TTT step's compute)."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    for g, synced in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(synced.view_as(g))
+
+
 def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Config, rt: Runtime, log: Logger,
-                 observer=None, tally: Tally | None = None, spent_s: float = 0.0) -> EvalResult:
+                 observer=None, tally: Tally | None = None, spent_s: float = 0.0,
+                 compiled: nn.Module | None = None) -> EvalResult:
     """Score-first TTT over chunks in stream order. Window mode: each chunk's windows are split over ranks. Stream
     mode: one lane carries its state across chunks (more lanes would let later tokens train the model before earlier
     ones are scored), or with TTT_STATE=rebuild recomputes it after each update from the STREAM_WARMUP tokens before
     the chunk; every rank computes it and rank 0 counts it. EVAL_MAX_SECONDS (counting `spent_s` already used
-    by the evaluation) stops adaptation, never scoring.
+    by the evaluation) stops adaptation, never scoring. `compiled` (the model compiled, same parameters) runs the
+    window scoring and the adaptation steps; the streaming scorer, whose state varies, runs `model`.
     `observer(event, lo, hi)` sees every 'score' and 'train' of a chunk (for tests)."""
+    fwd = model if compiled is None else compiled
     t0 = time.perf_counter()
     params = ttt_parameters(model, cfg.ttt_params)
     for p in model.parameters():
@@ -1882,6 +1899,7 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
     opt = (torch.optim.SGD(params, lr=cfg.ttt_lr, momentum=cfg.ttt_momentum) if cfg.ttt_optimizer == "sgd"
            else torch.optim.AdamW(params, lr=cfg.ttt_lr, weight_decay=0.0))
     chunks = ttt_chunks(len(tokens), cfg)
+    per_rank = max(len(rank_share(c.windows, rt)) for c in chunks)  # window mode: one padded batch shape
     tally = tally or Tally(rt.device)
     scorer = StreamScorer(model, 1, cfg, rt, tables.bos_id) if cfg.eval_mode == "stream" else None
     score_s, adapt_s, adapted, adapting, stale = 0.0, 0.0, 0, True, False  # stale: weights changed since the state
@@ -1896,7 +1914,8 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
         elif scorer is not None:
             scorer.run(tokens, [(chunk.lo, chunk.hi)], tables, tally if rt.is_main else None)
         else:
-            score_windows(model, tokens, rank_share(chunk.windows, rt), tables, cfg, rt, tally)
+            score_windows(fwd, tokens, rank_share(chunk.windows, rt), tables, cfg, rt, tally,
+                          batch=min(per_rank, cfg.eval_batch_tokens // cfg.eval_len))
         score_s += time.perf_counter() - ts
         first_score_s = first_score_s or score_s
         if observer:
@@ -1916,7 +1935,7 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
             ta = time.perf_counter()
             if observer:
                 observer("train", chunk.lo, chunk.hi)
-            ttt_adapt(model, opt, params, tokens[chunk.lo: chunk.hi + 1], cfg, rt)
+            ttt_adapt(model, opt, params, tokens[chunk.lo: chunk.hi + 1], cfg, rt, fwd)
             adapt_s += time.perf_counter() - ta
             first_adapt_s = first_adapt_s or adapt_s
             adapted += 1
@@ -2406,19 +2425,21 @@ def export_artifact(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, path
 def score_artifact(path: Path, cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables,
                    tag: str, with_ttt: bool = True) -> tuple[EvalResult, EvalResult]:
     """Reads the artifact from disk into a fresh model and scores it: (the configured evaluation, the same without
-    TTT). Window mode runs compiled; streaming and TTT, whose shapes and state vary, eagerly."""
+    TTT). Window scoring runs compiled, and TTT's steps too with TTT_COMPILE=1; streaming, whose state varies,
+    eagerly."""
     mc, state = read_artifact(path)
     backends = resolve_backends(cfg, rt, mc, log, check=False)
     model = build_model(mc, backends, rt)
     load_exported_state(model, state, str(path))
-    scorer = maybe_compile(model, cfg, rt) if cfg.eval_mode == "window" else model
-    base = evaluate_base(scorer, val_tokens, tables, cfg, rt)  # before TTT changes the weights
+    compiled = maybe_compile(model, cfg, rt)
+    base = evaluate_base(compiled if cfg.eval_mode == "window" else model, val_tokens, tables, cfg, rt)
     base_tag = tag.removesuffix("_ttt")
     log(base.line(base_tag))
     log(base.exact_line(base_tag))
     if not (cfg.ttt_enabled and with_ttt):
         return base, base
-    final = evaluate_ttt(model, val_tokens, tables, cfg, rt, log, spent_s=base.seconds)
+    final = evaluate_ttt(model, val_tokens, tables, cfg, rt, log, spent_s=base.seconds,
+                         compiled=compiled if cfg.ttt_compile else None)
     final.seconds += base.seconds  # the whole evaluation: the score without TTT is part of it
     log(final.line(tag))
     log(final.exact_line(tag))

@@ -1,5 +1,6 @@
 """Streaming evaluation and score-first TTT: exactness against one long forward, legality, and scoring rules."""
 
+import shutil
 import time
 
 import pytest
@@ -158,12 +159,12 @@ def test_ttt_trains_only_on_tokens_already_scored(mode, monkeypatch):
     trained = []
     real = tg.ttt_adapt
 
-    def spy(model_, opt, params, span, cfg_, rt_):
+    def spy(model_, opt, params, span, cfg_, rt_, fwd=None):
         lo = next(i for i in range(len(tokens)) if torch.equal(tokens[i: i + len(span)], span))
         targets = range(lo + 1, lo + len(span))
         assert all(tally.hits[j] == 1 for j in targets), "trained on a token not yet scored"
         trained.append((lo, lo + len(span) - 1, int(tally.hits.sum())))
-        return real(model_, opt, params, span, cfg_, rt_)
+        return real(model_, opt, params, span, cfg_, rt_, fwd)
 
     monkeypatch.setattr(tg, "ttt_adapt", spy)
     before = [p.detach().clone() for p in model.parameters()]
@@ -235,6 +236,22 @@ def test_eval_budget_is_not_fooled_by_the_first_chunks_compilation(monkeypatch):
     chunks = events.count("score")
     assert chunks >= 4  # a projection from the first chunk alone (>= 3 s) would have stopped adaptation at once
     assert events.count("train") == chunks - 1
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
+def test_compiled_ttt_scores_as_the_eager_model():
+    """TTT_COMPILE=1: window scoring and adaptation steps through torch.compile (the module that compile returns
+    has no truth value, and switches between eval and train graphs); the same score as eager, in float32."""
+    tokens = stream_of_documents(8, seed=6)[:300]
+    cfg = stream_cfg(**MODES["sliding_ttt"], compile="1")
+    eager_model, compiled_model = tiny_model(layout="GSGs"), tiny_model(layout="GSGs")
+    eager = tg.evaluate_ttt(eager_model, tokens, tables(), cfg, CPU, tg.Logger(None))
+    fast = tg.evaluate_ttt(compiled_model, tokens, tables(), cfg, CPU, tg.Logger(None),
+                           compiled=tg.maybe_compile(compiled_model, cfg, CPU))
+    assert fast.tokens == eager.tokens == len(tokens) - 1
+    assert fast.loss == pytest.approx(eager.loss, rel=1e-6)
+    for a, b in zip(eager_model.parameters(), compiled_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)  # the same adaptation steps
 
 
 def test_ttt_chunks_cover_windows_in_order():
