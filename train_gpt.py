@@ -109,8 +109,9 @@ class Config:
     ema_decay: float = 0.997  # 0 = evaluate the raw weights
     # evaluation
     eval_seq_len: int = 0  # 0 -> train_seq_len
-    eval_stride: int = 0  # 0 -> eval_seq_len (plain, non-overlapping windows)
-    eval_mode: str = "stream"  # window (plain, or sliding with EVAL_STRIDE) | stream (carried state, see section 9)
+    eval_stride: int = 512  # window mode: later windows score their last EVAL_STRIDE targets (at most EVAL_SEQ_LEN;
+    #                         0 or EVAL_SEQ_LEN: plain, non-overlapping windows)
+    eval_mode: str = "window"  # window (plain, or sliding with EVAL_STRIDE) | stream (carried state, see section 9)
     eval_batch_tokens: int = 262_144  # tokens per forward pass per rank (windows; lanes x segment when streaming)
     stream_segment: int = 32768  # tokens per lane per forward pass (stream mode)
     stream_lanes: int = 64  # lanes per rank (stream mode without TTT; TTT streams one lane)
@@ -123,8 +124,8 @@ class Config:
     ttt_lr: float = 0.01
     ttt_momentum: float = 0.9
     ttt_params: str = "all"  # all | mlp | scalar (norms, gates, decay parameters, convs) | gdn (GDN mixers)
-    ttt_state: str = "carry"  # stream mode, after an update: carry the lane's state (made by the earlier weights) |
-    #                           rebuild it with the new weights from the STREAM_WARMUP tokens before the next chunk
+    ttt_state: str = "rebuild"  # stream mode, after an update: rebuild the lane's state with the new weights from the
+    #                             STREAM_WARMUP tokens before the next chunk | carry it (made by the earlier weights)
     ttt_seq_len: int = 0  # 0 -> EVAL_SEQ_LEN
     ttt_batch_seqs: int = 8  # sequences per step, all ranks together (the steps do not depend on the rank count)
     ttt_compile: bool = False  # TTT's window scoring and adaptation steps compiled (COMPILE permitting); README, TTT
@@ -157,7 +158,7 @@ class Config:
             if f.name.upper() in env:
                 values[f.name] = _parse_env_value(f.name.upper(), env[f.name.upper()], f.type)
         cfg = cls(**values)
-        cfg.validate()
+        cfg.validate(cls.explicit_fields(env))
         return cfg
 
     @staticmethod
@@ -172,7 +173,9 @@ class Config:
 
     @property
     def stride(self) -> int:
-        return self.eval_stride or self.eval_len
+        """The sliding-window stride: EVAL_STRIDE, at most one window (the default 512 with a shorter EVAL_SEQ_LEN
+        gives plain windows; an EVAL_STRIDE set above EVAL_SEQ_LEN is refused by `validate`)."""
+        return min(self.eval_stride or self.eval_len, self.eval_len)
 
     @property
     def train_budget_seconds(self) -> float:
@@ -181,7 +184,9 @@ class Config:
             return 0.0
         return self.max_wallclock_seconds - (self.gptq_reserve_seconds if self.quant_method == "gptq" else 0.0)
 
-    def validate(self) -> None:
+    def validate(self, explicit: set[str] = frozenset()) -> None:
+        """Raises ValueError naming the bad setting. `explicit`: the fields set in the environment (some values are
+        only wrong when asked for, e.g. EVAL_STRIDE in stream mode, where the default stride is simply unused)."""
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise ValueError(f"invalid configuration: {msg}")
@@ -215,8 +220,9 @@ class Config:
         need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"),
              f"ATTN_BACKEND={self.attn_backend!r} must be auto, fa3, varlen or sdpa")
         need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay} must be in [0, 1)")
-        need(self.eval_len > 0 and 0 < self.stride <= self.eval_len,
-             f"EVAL_STRIDE={self.stride} must be in 1..EVAL_SEQ_LEN={self.eval_len}")
+        need(self.eval_len > 0 and self.eval_stride >= 0, f"EVAL_SEQ_LEN and EVAL_STRIDE={self.eval_stride} must be >= 0")
+        need("eval_stride" not in explicit or self.eval_stride <= self.eval_len,
+             f"EVAL_STRIDE={self.eval_stride} must be in 1..EVAL_SEQ_LEN={self.eval_len}")
         need(self.eval_batch_tokens >= self.eval_len,
              f"EVAL_BATCH_TOKENS={self.eval_batch_tokens} must hold at least one window of {self.eval_len}")
         need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must be in 2..8")
@@ -227,7 +233,7 @@ class Config:
         need(self.max_wallclock_seconds == 0 or self.train_budget_seconds > 0,
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time in {self.max_wallclock_seconds}s")
         need(self.eval_mode in ("window", "stream"), f"EVAL_MODE={self.eval_mode!r} must be window or stream")
-        need(self.eval_stride == 0 or self.eval_mode == "window",
+        need("eval_stride" not in explicit or self.eval_stride == 0 or self.eval_mode == "window",
              f"EVAL_STRIDE={self.eval_stride} applies to sliding windows; add EVAL_MODE=window (the mode is {self.eval_mode})")
         need(self.stream_segment > 0 and self.stream_lanes > 0, "STREAM_SEGMENT and STREAM_LANES must be positive")
         need(self.stream_warmup >= 0, "STREAM_WARMUP must be >= 0")
@@ -251,8 +257,8 @@ PRESETS: dict[str, dict] = {
         iterations=12, train_batch_tokens=1024, train_seq_len=64, max_wallclock_seconds=0.0, warmup_steps=2,
         lr_warmup_steps=2, train_log_every=4, layout="GSGs", model_dim=64, mlp_mult=2.0, num_heads=4,
         num_kv_heads=2, swa_window=16, gdn_heads=2, gdn_head_dim=16, compile="0", eval_batch_tokens=4096,
-        ema_decay=0.9, matrix_lr=0.02, scalar_lr=0.02, embed_lr=0.05, gptq_calib_tokens=2048, stream_segment=64,
-        stream_lanes=4, ttt_chunk_tokens=2048, ttt_batch_seqs=4,
+        ema_decay=0.9, matrix_lr=0.02, scalar_lr=0.02, embed_lr=0.05, gptq_calib_tokens=2048, eval_stride=16,
+        stream_segment=64, stream_lanes=4, ttt_chunk_tokens=2048, ttt_batch_seqs=4,
     ),
 }
 

@@ -24,7 +24,7 @@ def test_preset_sets_values_and_env_still_wins():
     ({"NUM_HEADS": "3"}, "MODEL_DIM=512 not divisible by NUM_HEADS=3"),
     ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS=3"),
     ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096"),
-    ({"EVAL_STRIDE": "64"}, "add EVAL_MODE=window"),  # the default stream mode has no stride to apply
+    ({"EVAL_STRIDE": "64", "EVAL_MODE": "stream"}, "add EVAL_MODE=window"),  # stream mode has no stride to apply
     ({"COMPRESSOR": "zip"}, "COMPRESSOR='zip'"),
     ({"ATTN_BACKEND": "flash"}, "ATTN_BACKEND='flash'"),
     ({"GDN_BACKEND": "tilelang"}, "GDN_BACKEND='tilelang'"),
@@ -83,3 +83,10 @@ def test_fast_gdn_backends_refuse_a_machine_or_model_they_cannot_run():
     small = tg.ModelConfig.from_config(tg.Config.from_env({"GDN_HEADS": "8", "GDN_HEAD_DIM": "64"}))
     reason = tg.qla_unavailable(small)
     assert reason and ("flash_qla is not installed" in reason or "GDN_HEAD_DIM=128" in reason)
+
+
+def test_default_stride_slides_and_is_capped_at_the_window():
+    assert tg.Config.from_env({}).stride == 512 and tg.Config.from_env({}).eval_len == 2048
+    assert tg.Config.from_env({"EVAL_SEQ_LEN": "256"}).stride == 256  # the default stride: plain windows of 256
+    assert tg.Config.from_env({"EVAL_STRIDE": "0"}).stride == 2048  # 0: plain windows
+    assert tg.Config.from_env({"EVAL_MODE": "stream"}).eval_mode == "stream"  # the default stride is not in the way

@@ -30,8 +30,9 @@ def tiny_env(tiny_data, run_id: str) -> dict:
             "TOKENIZER_PATH": tiny_data["tokenizer_path"], "VOCAB_SIZE": str(tiny_data["vocab_size"])}
 
 
-def exact_line(text: str, tag: str = "final_int6_brotli_roundtrip_stream_ttt") -> str:
-    """The `<tag>_exact val_loss:... val_bpb:...` line (the default evaluation is streaming + score-first TTT)."""
+def exact_line(text: str, tag: str = "final_int6_brotli_roundtrip_sliding16_ttt") -> str:
+    """The `<tag>_exact val_loss:... val_bpb:...` line (the default evaluation is sliding windows + score-first TTT;
+    the tiny preset's stride is 16)."""
     lines = [line for line in text.splitlines() if line.startswith(f"{tag}_exact val_loss:")]
     assert len(lines) == 1, text[-2000:]
     return lines[0]
@@ -60,7 +61,7 @@ def test_training_writes_log_artifact_and_final_score(trained):
     assert s["final"]["tokens"] == s["final_no_ttt"]["tokens"] == s["pre_quant"]["tokens"] > 0
     assert 0 < s["final"]["bpb"] < 20
     assert abs(s["final_no_ttt"]["bpb"] - s["pre_quant"]["bpb"]) < 0.05  # int6/int8 barely moves a 12-step model
-    assert exact_line(out, "final_int6_brotli_roundtrip_stream")  # the round trip scored without TTT as well
+    assert exact_line(out, "final_int6_brotli_roundtrip_sliding16")  # the round trip scored without TTT as well
     assert re.search(r"step:12/12 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms tok/s:\d+", out)
     assert not list((cwd / "artifacts").glob("*.tmp*"))
 
@@ -74,7 +75,7 @@ def test_eval_only_reproduces_the_score(trained, tiny_data):
 
 
 @pytest.mark.parametrize("mode,env,tag", [
-    ("plain", {"EVAL_MODE": "window", "TTT_ENABLED": "0"}, ""),
+    ("plain", {"EVAL_MODE": "window", "EVAL_STRIDE": "0", "TTT_ENABLED": "0"}, ""),
     ("sliding", {"EVAL_MODE": "window", "EVAL_STRIDE": "16", "TTT_ENABLED": "0"}, "_sliding16"),
     ("stream", {"EVAL_MODE": "stream", "TTT_ENABLED": "0"}, "_stream"),
     ("stream_reset", {"EVAL_MODE": "stream", "STREAM_RESET": "1", "TTT_ENABLED": "0"}, "_stream_reset"),

@@ -81,7 +81,7 @@ def build(runs: list[dict], args: argparse.Namespace) -> dict:
 def technique_summary(config: dict) -> str:
     c = config
     seq = c.get("EVAL_SEQ_LEN", "0") if c.get("EVAL_SEQ_LEN", "0") != "0" else c.get("TRAIN_SEQ_LEN")
-    stride = c.get("EVAL_STRIDE", "0")
+    stride = str(min(int(c.get("EVAL_STRIDE", "0")) or int(seq), int(seq)))  # train_gpt.py caps it at the window
     if c.get("EVAL_MODE") == "stream":
         evaluation = f"streaming evaluation (carried GDN/SWA state, {c.get('STREAM_SEGMENT')}-token segments)"
     elif stride not in ("0", seq):
