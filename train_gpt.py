@@ -128,7 +128,7 @@ class Config:
     #                             STREAM_WARMUP tokens before the next chunk | carry it (made by the earlier weights)
     ttt_seq_len: int = 0  # 0 -> EVAL_SEQ_LEN
     ttt_batch_seqs: int = 8  # sequences per step, all ranks together (the steps do not depend on the rank count)
-    ttt_compile: bool = False  # TTT's window scoring and adaptation steps compiled (COMPILE permitting); README, TTT
+    ttt_compile: bool = False  # TTT's window scoring and adaptation steps through torch.compile (COMPILE permitting)
     eval_max_seconds: float = 540.0  # 0 = no limit; TTT adaptation stops when the evaluation would run past this
     val_max_tokens: int = 0  # 0 = the whole split; anything else is a partial, non-comparable score
     eval_only: bool = False
@@ -220,7 +220,8 @@ class Config:
         need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"),
              f"ATTN_BACKEND={self.attn_backend!r} must be auto, fa3, varlen or sdpa")
         need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay} must be in [0, 1)")
-        need(self.eval_len > 0 and self.eval_stride >= 0, f"EVAL_SEQ_LEN and EVAL_STRIDE={self.eval_stride} must be >= 0")
+        need(self.eval_len > 0 and self.eval_stride >= 0,
+             f"EVAL_SEQ_LEN={self.eval_len} must be positive and EVAL_STRIDE={self.eval_stride} not negative")
         need("eval_stride" not in explicit or self.eval_stride <= self.eval_len,
              f"EVAL_STRIDE={self.eval_stride} must be in 1..EVAL_SEQ_LEN={self.eval_len}")
         need(self.eval_batch_tokens >= self.eval_len,
@@ -1908,8 +1909,7 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
     per_rank = max(len(rank_share(c.windows, rt)) for c in chunks)  # window mode: one padded batch shape
     tally = tally or Tally(rt.device)
     scorer = StreamScorer(model, 1, cfg, rt, tables.bos_id) if cfg.eval_mode == "stream" else None
-    score_s, adapt_s, adapted, adapting, stale = 0.0, 0.0, 0, True, False  # stale: weights changed since the state
-    first_score_s = first_adapt_s = 0.0  # the first chunk's times include compiling its shapes: not a rate
+    score_times, adapt_times, adapting, stale = [], [], True, False  # stale: weights changed since the state
     for c, chunk in enumerate(chunks):
         ts = time.perf_counter()
         if scorer is not None and cfg.ttt_state == "rebuild" and stale:  # the state anew, from the new weights
@@ -1922,33 +1922,31 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
         else:
             score_windows(fwd, tokens, rank_share(chunk.windows, rt), tables, cfg, rt, tally,
                           batch=min(per_rank, cfg.eval_batch_tokens // cfg.eval_len))
-        score_s += time.perf_counter() - ts
-        first_score_s = first_score_s or score_s
+        score_times.append(time.perf_counter() - ts)
         if observer:
             observer("score", chunk.lo, chunk.hi)
         if c == len(chunks) - 1:
             break
         if adapting and cfg.eval_max_seconds:
-            per_score = (score_s - first_score_s) / c if c else 0.0  # decided from the second chunk on
-            per_adapt = (adapt_s - first_adapt_s) / (adapted - 1) if adapted > 1 else adapt_s
+            # rates from the second chunk on: the first one's times include compiling its shapes
+            per_score = sum(score_times[1:]) / c if c else 0.0
+            per_adapt = sum(adapt_times[1:]) / (len(adapt_times) - 1) if len(adapt_times) > 1 else sum(adapt_times)
             elapsed = spent_s + time.perf_counter() - t0
             over = elapsed + per_score * (len(chunks) - c - 1) + per_adapt > cfg.eval_max_seconds
             if _agree_stop(over, rt):
                 adapting = False
                 log(f"ttt: EVAL_MAX_SECONDS={cfg.eval_max_seconds:.0f} would be exceeded; adaptation stops after "
-                    f"{adapted}/{len(chunks) - 1} chunks, scoring continues")
+                    f"{len(adapt_times)}/{len(chunks) - 1} chunks, scoring continues")
         if adapting:
             ta = time.perf_counter()
             if observer:
                 observer("train", chunk.lo, chunk.hi)
             ttt_adapt(model, opt, params, tokens[chunk.lo: chunk.hi + 1], cfg, rt, fwd)
-            adapt_s += time.perf_counter() - ta
-            first_adapt_s = first_adapt_s or adapt_s
-            adapted += 1
+            adapt_times.append(time.perf_counter() - ta)
             stale = True
-    log(f"ttt: {cfg.eval_mode} mode, {len(chunks)} chunks of {cfg.ttt_chunk_tokens} tokens, adapted on {adapted} "
-        f"({sum(p.numel() for p in params):,} parameters, {cfg.ttt_params}); scoring {score_s:.1f}s, "
-        f"adaptation {adapt_s:.1f}s")
+    log(f"ttt: {cfg.eval_mode} mode, {len(chunks)} chunks of {cfg.ttt_chunk_tokens} tokens, adapted on "
+        f"{len(adapt_times)} ({sum(p.numel() for p in params):,} parameters, {cfg.ttt_params}); scoring "
+        f"{sum(score_times):.1f}s, adaptation {sum(adapt_times):.1f}s")
     return tally.result(rt, len(tokens) - 1, time.perf_counter() - t0)
 
 
@@ -2438,6 +2436,7 @@ def score_artifact(path: Path, cfg: Config, rt: Runtime, log: Logger, val_tokens
     model = build_model(mc, backends, rt)
     load_exported_state(model, state, str(path))
     compiled = maybe_compile(model, cfg, rt)
+    # the score without TTT, before TTT changes the weights
     base = evaluate_base(compiled if cfg.eval_mode == "window" else model, val_tokens, tables, cfg, rt)
     base_tag = tag.removesuffix("_ttt")
     log(base.line(base_tag))
