@@ -1702,10 +1702,13 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Co
 
 @torch.no_grad()
 def score_windows(model: nn.Module, tokens: torch.Tensor, windows: list[Window], tables: ByteTables, cfg: Config,
-                  rt: Runtime, tally: Tally, batch: int = 0) -> None:
-    """Scores `windows` in batches of `batch` (default: as many as EVAL_BATCH_TOKENS holds), every batch padded to
-    that one shape so that a compiled model compiles once."""
-    batch = batch or min(cfg.eval_batch_tokens // cfg.eval_len, len(windows))
+                  rt: Runtime, tally: Tally, pad_to: int = 0) -> None:
+    """Scores `windows` in batches of as many as EVAL_BATCH_TOKENS holds, at most `pad_to` (default: all of them),
+    every batch padded to that one shape so that a compiled model compiles once (callers with several window lists
+    pass one `pad_to` for all)."""
+    if not windows:  # a rank's share can be empty
+        return
+    batch = min(cfg.eval_batch_tokens // cfg.eval_len, pad_to or len(windows))
     was_training = model.training
     model.eval()
     for b in range(0, len(windows), batch):
@@ -1782,6 +1785,12 @@ class StreamScorer:
             if tally is not None:
                 tally.add(nll, x, y, mask, tables, pos)
 
+    def run_warmed(self, tokens: torch.Tensor, spans: list[tuple[int, int]], tables: ByteTables,
+                   tally: Tally | None) -> None:
+        """`run` over spans (s, e) that each first read the STREAM_WARMUP tokens before s, unscored."""
+        warm = self.cfg.stream_warmup
+        self.run(tokens, [(max(0, s - warm), e) for s, e in spans], tables, tally, [s for s, _ in spans])
+
     def _since_bos(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T) tokens since the latest BOS at or before each position, carried across segments."""
         idx = torch.arange(x.shape[1], device=x.device).expand_as(x)
@@ -1802,8 +1811,7 @@ def evaluate_stream(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, 
     group = max(1, cfg.eval_batch_tokens // cfg.stream_segment)  # lanes per forward pass: bounds the memory
     for g in range(0, len(mine), group):
         spans = mine[g: g + group]
-        StreamScorer(model, len(spans), cfg, rt, tables.bos_id).run(
-            tokens, [(max(0, s - cfg.stream_warmup), e) for s, e in spans], tables, tally, [s for s, _ in spans])
+        StreamScorer(model, len(spans), cfg, rt, tables.bos_id).run_warmed(tokens, spans, tables, tally)
     return tally.result(rt, len(tokens) - 1, time.perf_counter() - t0)
 
 
@@ -1847,12 +1855,12 @@ def ttt_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
 
 
 def ttt_adapt(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], span: torch.Tensor,
-              cfg: Config, rt: Runtime, fwd: nn.Module | None = None) -> None:
+              cfg: Config, rt: Runtime, fwd: nn.Module) -> None:
     """TTT_EPOCHS passes over the chunk's sequences, TTT_BATCH_SEQS of them per step whatever the number of ranks:
     each rank takes its share of the step's sequences and the gradients are summed over ranks, so all ranks take
     identical steps, and the same steps as one process would (a rescore on other hardware adapts alike).
-    `fwd`: the model compiled (same parameters), for the forward and backward; one flat all-reduce per step."""
-    fwd = model if fwd is None else fwd  # (a compiled module has no truth value)
+    `fwd` runs the forward and backward: `model` itself, or it compiled (same parameters). One flat all-reduce
+    per step."""
     L = cfg.ttt_seq_len or cfg.eval_len
     rows = [(a, min(a + L, len(span) - 1)) for a in range(0, len(span) - 1, L)]
     local = -(-cfg.ttt_batch_seqs // rt.world_size)  # this rank's sequences per step (the last ranks may idle)
@@ -1898,7 +1906,7 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
     by the evaluation) stops adaptation, never scoring. `compiled` (the model compiled, same parameters) runs the
     window scoring and the adaptation steps; the streaming scorer, whose state varies, runs `model`.
     `observer(event, lo, hi)` sees every 'score' and 'train' of a chunk (for tests)."""
-    fwd = model if compiled is None else compiled
+    fwd = model if compiled is None else compiled  # (a compiled module has no truth value: no `or`)
     t0 = time.perf_counter()
     params = ttt_parameters(model, cfg.ttt_params)
     for p in model.parameters():
@@ -1915,13 +1923,11 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
         if scorer is not None and cfg.ttt_state == "rebuild" and stale:  # the state anew, from the new weights
             stale = False
             scorer = StreamScorer(model, 1, cfg, rt, tables.bos_id)
-            scorer.run(tokens, [(max(0, chunk.lo - cfg.stream_warmup), chunk.hi)], tables,
-                       tally if rt.is_main else None, [chunk.lo])
+            scorer.run_warmed(tokens, [(chunk.lo, chunk.hi)], tables, tally if rt.is_main else None)
         elif scorer is not None:
             scorer.run(tokens, [(chunk.lo, chunk.hi)], tables, tally if rt.is_main else None)
         else:
-            score_windows(fwd, tokens, rank_share(chunk.windows, rt), tables, cfg, rt, tally,
-                          batch=min(per_rank, cfg.eval_batch_tokens // cfg.eval_len))
+            score_windows(fwd, tokens, rank_share(chunk.windows, rt), tables, cfg, rt, tally, pad_to=per_rank)
         score_times.append(time.perf_counter() - ts)
         if observer:
             observer("score", chunk.lo, chunk.hi)

@@ -76,3 +76,22 @@ def test_sliding_differs_from_plain_but_counts_the_same(tiny_tokenizer):
     slide = tg.evaluate(model, tokens, tables, tg.Config(eval_seq_len=32, eval_stride=4, eval_batch_tokens=64), rt)
     assert (plain.tokens, plain.bytes) == (slide.tokens, slide.bytes)
     assert plain.loss != slide.loss
+
+
+def test_a_rank_with_no_windows_scores_nothing_and_pads_to_the_shape_asked(tiny_tokenizer):
+    """With more ranks than windows a rank's share is empty; TTT pads every chunk's windows to one batch shape."""
+    import sentencepiece as spm
+
+    tables = tg.build_byte_tables(spm.SentencePieceProcessor(model_file=str(tiny_tokenizer)))
+    model = tiny_model(layout="GSG")
+    tokens = torch.randint(4, 97, (300,), generator=torch.Generator().manual_seed(5))
+    cfg = tg.Config(eval_seq_len=32, eval_stride=8, eval_batch_tokens=256)
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
+    empty = tg.Tally(rt.device)
+    tg.score_windows(model, tokens, [], tables, cfg, rt, empty)
+    assert int(empty.count) == 0
+    shapes, forward = [], model.forward
+    model.forward = lambda x, *a, **k: shapes.append(tuple(x.shape)) or forward(x, *a, **k)
+    windows = tg.make_windows(len(tokens), 32, 8)[:3]
+    tg.score_windows(model, tokens, windows, tables, cfg, rt, tg.Tally(rt.device), pad_to=5)
+    assert shapes == [(5, 32)]

@@ -159,7 +159,7 @@ def test_ttt_trains_only_on_tokens_already_scored(mode, monkeypatch):
     trained = []
     real = tg.ttt_adapt
 
-    def spy(model_, opt, params, span, cfg_, rt_, fwd=None):
+    def spy(model_, opt, params, span, cfg_, rt_, fwd):
         lo = next(i for i in range(len(tokens)) if torch.equal(tokens[i: i + len(span)], span))
         targets = range(lo + 1, lo + len(span))
         assert all(tally.hits[j] == 1 for j in targets), "trained on a token not yet scored"
