@@ -51,3 +51,34 @@ def test_bench_fusion_runs_on_the_cpu(tmp_path):
     bench = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("bench "))[6:])
     assert [r["mixer"] for r in bench["fusion"]] == ["fused (train_gpt.py)", "one matmul per projection"]
     assert all(r["ms"] > 0 for r in bench["fusion"])
+
+
+def test_bench_ttt_times_one_adaptation_step_per_call(tmp_path):
+    """BENCH_TTT's premise: ttt_adapt over b sequences with TTT_BATCH_SEQS=b and one epoch takes exactly one step."""
+    cfg = tg.Config.from_env({"PRESET": "tiny"})
+    mc = tg.ModelConfig.from_config(cfg)
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
+    model = tg.GPT(mc, tg.Backends("torch", "sdpa"))
+    params = list(model.parameters())
+    steps = []
+
+    class Spy(torch.optim.SGD):
+        def step(self, closure=None):
+            steps.append(1)
+            return super().step(closure)
+
+    opt = Spy(params, lr=1e-3)
+    for b in (1, 3):
+        steps.clear()
+        span = torch.randint(0, mc.vocab_size, (b * cfg.eval_len + 1,))
+        tg.ttt_adapt(model, opt, params, span, tg.Config(**{**cfg.__dict__, "ttt_batch_seqs": b, "ttt_epochs": 1}),
+                     rt, model)
+        assert len(steps) == 1
+    env = {**os.environ, "PRESET": "tiny", "BENCH_STEPS": "1", "BENCH_WARMUP": "1", "OMP_NUM_THREADS": "1",
+           "BENCH_TTT": "1,2", "BENCH_COMPARE": "0", "BENCH_BREAKDOWN": "0"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    bench = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("bench "))[6:])
+    assert [(r["seqs"], r["mode"]) for r in bench["ttt"]] == [(1, "eager"), (2, "eager")]
+    assert all(r["ms"] > 0 and r["seq_len"] == cfg.eval_len for r in bench["ttt"])

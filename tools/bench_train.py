@@ -16,6 +16,9 @@ TOKENIZER_PATH are not needed: the loader is timed on synthetic shards written t
 BENCH_COMPARE=0 skips the all-attention stack; BENCH_BREAKDOWN=0 the breakdown; BENCH_FUSION=1 times one GDN mixer
 with its fused input projections against one matmul per projection; BENCH_PROFILE=1 prints each stack's top GPU
 kernels from torch.profiler. BENCH_VARIANTS adds whole-step timings of other settings (name:KEY=VALUE,KEY=VALUE;...) in the same process.
+BENCH_TTT=1,8 times one score-first TTT adaptation step (train_gpt.ttt_adapt: forward, backward, SGD) of 1 and 8
+sequences of EVAL_SEQ_LEN, eager and compiled, with the GPU kernels' share of the eager step's time (a step whose
+kernels take a fraction of its wall time is bound by launch latency, not by the GPU).
 BENCH_GDN_SHAPES times the delta-rule kernel alone (forward + backward at the micro-batch shape) for head layouts
 HEADSxDIM: our fla custom op, and fla's public entry point with each backend it can dispatch to here (flash-qla when
 installed, K = V = 128), every one first checked against the float64 reference; plus the attention kernels for scale.
@@ -335,6 +338,47 @@ def bench_fusion(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, repeat: 
     return rows
 
 
+def gpu_kernel_ms(fn) -> float:
+    """GPU time of one call of `fn`, summed over its kernels (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") / 1000
+
+
+def bench_ttt(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, spec: str, repeat: int) -> list[dict]:
+    """One TTT adaptation step (ttt_adapt with one epoch over exactly one step's sequences), eager and compiled,
+    per batch size in `spec` (sequences of EVAL_SEQ_LEN, as one rank of one process takes them)."""
+    mc = tg.ModelConfig.from_config(cfg)
+    L, rows = cfg.eval_len, []
+    model = tg.GPT(mc, backends).to(rt.device)
+    params = tg.ttt_parameters(model, cfg.ttt_params)
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in params))
+    opt = torch.optim.SGD(params, lr=1e-6, momentum=cfg.ttt_momentum)  # tiny steps: the weights barely move
+    variants = [("eager", model)]
+    if cfg.compile == "1" or (cfg.compile == "auto" and rt.cuda):
+        variants.append(("compiled", tg.maybe_compile(model, cfg, rt)))
+    timer = Timer(rt.device)
+    for b in (int(x) for x in spec.split(",")):
+        tcfg = tg.Config(**{**cfg.__dict__, "ttt_batch_seqs": b, "ttt_epochs": 1})
+        span = torch.randint(0, mc.vocab_size, (b * L + 1,))
+        for name, fwd in variants:
+            def run(fwd=fwd):
+                tg.ttt_adapt(model, opt, params, span, tcfg, rt, fwd)
+
+            timer(run, 3)
+            ms = timer(run, repeat)
+            kernels = gpu_kernel_ms(run) if rt.cuda else None
+            rows.append(dict(seqs=b, seq_len=L, mode=name, ms=round(ms, 2),
+                             gpu_kernel_ms=None if kernels is None else round(kernels, 2)))
+            share = "" if kernels is None else f"  GPU kernels {kernels:.2f} ms ({100 * kernels / ms:.0f}%)"
+            print(f"  {b:>3} x {L:<6}{name:<10}{ms:>9.2f} ms/step{share}", flush=True)
+    return rows
+
+
 def print_kernel(r: dict) -> None:
     err = "" if r["max_rel_err"] is None else f"  max rel err {r['max_rel_err']:.1e}"
     ms = "-" if r["ms"] is None else f"{r['ms']:.3f}"
@@ -358,7 +402,10 @@ def main() -> int:
     device_name = torch.cuda.get_device_name() if rt.cuda else "cpu"
     print(f"device: {device_name}, torch {torch.__version__}, backends gdn:{backends.gdn} attention:{backends.attn}, "
           f"batch {cfg.train_batch_tokens} tokens x seq {cfg.train_seq_len}, {steps} timed steps", flush=True)
-    kernels = []
+    kernels, ttt = [], []
+    if os.environ.get("BENCH_TTT"):
+        print(f"TTT adaptation step ({cfg.ttt_params} parameters, SGD):", flush=True)
+        ttt = bench_ttt(cfg, rt, backends, os.environ["BENCH_TTT"], steps)
     if os.environ.get("BENCH_GDN_SHAPES"):
         print("sequence-mixer kernels alone, forward + backward per micro-batch (ms):", flush=True)
         kcfg = tg.Config(**{**cfg.__dict__, "attn_backend": backends.attn})
@@ -391,7 +438,8 @@ def main() -> int:
             parts = bench_components(cfg, rt, backends, steps,
                                      lambda name, ms: print(f"  {name:<28}{ms:>10.1f}", flush=True))
     print("bench " + json.dumps(dict(device=device_name, torch=torch.__version__, backends=backends.__dict__,
-                                     runs=results, ratio=ratio, breakdown_ms=parts, kernels=kernels, fusion=fusion),
+                                     runs=results, ratio=ratio, breakdown_ms=parts, kernels=kernels, fusion=fusion,
+                                     ttt=ttt),
                                 sort_keys=True))
     return 0
 
