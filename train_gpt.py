@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import struct
 import time
 import zlib
@@ -128,7 +129,7 @@ class Config:
     #                             STREAM_WARMUP tokens before the next chunk | carry it (made by the earlier weights)
     ttt_seq_len: int = 0  # 0 -> EVAL_SEQ_LEN
     ttt_batch_seqs: int = 8  # sequences per step, all ranks together (the steps do not depend on the rank count)
-    ttt_compile: bool = False  # TTT's window scoring and adaptation steps through torch.compile (COMPILE permitting)
+    ttt_compile: str = "0"  # TTT's window scoring and steps: 0 eager | 1 torch.compile | graphs (+ CUDA graphs)
     eval_max_seconds: float = 540.0  # 0 = no limit; TTT adaptation stops when the evaluation would run past this
     val_max_tokens: int = 0  # 0 = the whole split; anything else is a partial, non-comparable score
     eval_only: bool = False
@@ -244,6 +245,9 @@ class Config:
         need(self.ttt_params in ("all", "mlp", "scalar", "gdn"),
              f"TTT_PARAMS={self.ttt_params!r} must be all, mlp, scalar or gdn")
         need(self.ttt_state in ("carry", "rebuild"), f"TTT_STATE={self.ttt_state!r} must be carry or rebuild")
+        need(self.ttt_compile in ("0", "1", "graphs"), f"TTT_COMPILE={self.ttt_compile!r} must be 0, 1 or graphs")
+        need(self.ttt_compile == "0" or "ttt_compile" not in explicit or self.compile != "0",
+             f"TTT_COMPILE={self.ttt_compile} needs the model compiled; COMPILE=0 turns that off")
         need(self.ttt_chunk_tokens > 0 and self.ttt_epochs >= 0 and self.ttt_batch_seqs > 0,
              "TTT_CHUNK_TOKENS, TTT_BATCH_SEQS must be positive and TTT_EPOCHS >= 0")
         need(self.val_max_tokens == 0 or self.val_max_tokens > self.eval_len,
@@ -1713,6 +1717,7 @@ def score_windows(model: nn.Module, tokens: torch.Tensor, windows: list[Window],
     model.eval()
     for b in range(0, len(windows), batch):
         x, y, mask, pos = (t.to(rt.device) for t in _window_batch(tokens, windows[b: b + batch], batch, cfg.eval_len))
+        torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs (TTT_COMPILE=graphs): the last batch's nll is tallied
         with autocast(rt):
             nll = model(x, y, reduction="none")
         tally.add(nll, x, y, mask, tables, pos)
@@ -1864,16 +1869,19 @@ def ttt_adapt(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Para
     L = cfg.ttt_seq_len or cfg.eval_len
     rows = [(a, min(a + L, len(span) - 1)) for a in range(0, len(span) - 1, L)]
     local = -(-cfg.ttt_batch_seqs // rt.world_size)  # this rank's sequences per step (the last ranks may idle)
+    # One host-to-device copy per chunk: a copy from pageable memory per step would wait for the previous step's
+    # kernels, and the host could not queue a step while the device runs the one before.
+    span = span.to(rt.device)
     model.train()
     for _ in range(cfg.ttt_epochs):
         for b in range(0, len(rows), cfg.ttt_batch_seqs):
             step_rows = rows[b: b + cfg.ttt_batch_seqs]
             total = sum(e - a for a, e in step_rows)
-            x = torch.zeros(local, L, dtype=torch.int64)
-            y = torch.full((local, L), -100, dtype=torch.int64)  # -100: ignored by cross-entropy
+            x = torch.zeros(local, L, dtype=torch.int64, device=rt.device)
+            y = torch.full((local, L), -100, dtype=torch.int64, device=rt.device)  # -100: ignored by the loss
             for j, (a, e) in enumerate(step_rows[rt.rank * local: (rt.rank + 1) * local]):
                 x[j, : e - a], y[j, : e - a] = span[a:e], span[a + 1: e + 1]
-            x, y = x.to(rt.device), y.to(rt.device)
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA graphs: the last step's outputs are no longer read
             with autocast(rt):
                 nll = fwd(x, y.clamp_min(0), reduction="none")
             ((nll * (y >= 0)).sum() / total).backward()
@@ -1885,6 +1893,10 @@ def ttt_adapt(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Para
             opt.step()
             opt.zero_grad(set_to_none=True)
     model.eval()
+
+
+def _median_ms(seconds: list[float]) -> float:
+    return 1000 * statistics.median(seconds) if seconds else 0.0
 
 
 def all_reduce_grads(params: list[nn.Parameter]) -> None:
@@ -1952,7 +1964,8 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
             stale = True
     log(f"ttt: {cfg.eval_mode} mode, {len(chunks)} chunks of {cfg.ttt_chunk_tokens} tokens, adapted on "
         f"{len(adapt_times)} ({sum(p.numel() for p in params):,} parameters, {cfg.ttt_params}); scoring "
-        f"{sum(score_times):.1f}s, adaptation {sum(adapt_times):.1f}s")
+        f"{sum(score_times):.1f}s, adaptation {sum(adapt_times):.1f}s; per chunk after the first (which compiles): "
+        f"scoring {_median_ms(score_times[1:]):.1f}ms, adaptation {_median_ms(adapt_times[1:]):.1f}ms (medians)")
     return tally.result(rt, len(tokens) - 1, time.perf_counter() - t0)
 
 
@@ -2435,8 +2448,8 @@ def export_artifact(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, path
 def score_artifact(path: Path, cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables,
                    tag: str, with_ttt: bool = True) -> tuple[EvalResult, EvalResult]:
     """Reads the artifact from disk into a fresh model and scores it: (the configured evaluation, the same without
-    TTT). Window scoring runs compiled, and TTT's steps too with TTT_COMPILE=1; streaming, whose state varies,
-    eagerly."""
+    TTT). Window scoring runs compiled; TTT's scoring and steps as TTT_COMPILE says (`ttt_module`); streaming, whose
+    state varies, eagerly."""
     mc, state = read_artifact(path)
     backends = resolve_backends(cfg, rt, mc, log, check=False)
     model = build_model(mc, backends, rt)
@@ -2449,13 +2462,28 @@ def score_artifact(path: Path, cfg: Config, rt: Runtime, log: Logger, val_tokens
     log(base.exact_line(base_tag))
     if not (cfg.ttt_enabled and with_ttt):
         return base, base
-    final = evaluate_ttt(model, val_tokens, tables, cfg, rt, log, spent_s=base.seconds,
-                         compiled=compiled if cfg.ttt_compile else None)
+    fast = ttt_module(model, compiled, cfg, rt)
+    log(f"ttt: window scoring and steps run {'eager' if fast is None else 'compiled'}"
+        f"{' with CUDA graphs' if fast is not None and fast is not compiled else ''} (TTT_COMPILE={cfg.ttt_compile})")
+    final = evaluate_ttt(model, val_tokens, tables, cfg, rt, log, spent_s=base.seconds, compiled=fast)
     final.seconds += base.seconds  # the whole evaluation: the score without TTT is part of it
     log(final.line(tag))
     log(final.exact_line(tag))
     log(f"ttt_gain: {final.bpb - base.bpb:+.5f} bpb")
     return final, base
+
+
+def ttt_module(model: nn.Module, compiled: nn.Module, cfg: Config, rt: Runtime) -> nn.Module | None:
+    """What runs TTT's window scoring and steps, with `model`'s parameters: None (the eager model) for TTT_COMPILE=0
+    or a model that is not compiled at all; `compiled` for TTT_COMPILE=1; for TTT_COMPILE=graphs on CUDA the model
+    compiled again in torch.compile's reduce-overhead mode, which replays each shape's kernels as one CUDA graph (a
+    step of one sequence per rank is bound by kernel-launch latency, not by the GPU). The optimizer updates the
+    parameters in place between replays, which the graphs read at their fixed addresses."""
+    if cfg.ttt_compile == "0" or compiled is model:
+        return None
+    if cfg.ttt_compile == "graphs" and rt.cuda:
+        return torch.compile(model, dynamic=False, mode="reduce-overhead")
+    return compiled
 
 
 def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> dict:

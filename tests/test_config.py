@@ -1,6 +1,7 @@
 """Configuration: environment parsing, validation and the layout string."""
 
 import pytest
+import torch
 
 import train_gpt as tg
 
@@ -90,3 +91,18 @@ def test_default_stride_slides_and_is_capped_at_the_window():
     assert tg.Config.from_env({"EVAL_SEQ_LEN": "256"}).stride == 256  # the default stride: plain windows of 256
     assert tg.Config.from_env({"EVAL_STRIDE": "0"}).stride == 2048  # 0: plain windows
     assert tg.Config.from_env({"EVAL_MODE": "stream"}).eval_mode == "stream"  # the default stride is not in the way
+
+
+def test_ttt_compile_modes_and_what_runs_ttt():
+    with pytest.raises(ValueError, match="TTT_COMPILE='2' must be 0, 1 or graphs"):
+        tg.Config.from_env({"TTT_COMPILE": "2"})
+    with pytest.raises(ValueError, match="COMPILE=0"):
+        tg.Config.from_env({"TTT_COMPILE": "graphs", "COMPILE": "0"})
+    model = torch.nn.Linear(2, 2)
+    compiled = torch.compile(model)
+    cpu = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
+    pick = lambda mode, c: tg.ttt_module(model, c, tg.Config(ttt_compile=mode), cpu)  # noqa: E731
+    assert pick("0", compiled) is None
+    assert pick("1", model) is None  # the model is not compiled at all (COMPILE=auto on a CPU)
+    assert pick("1", compiled) is compiled
+    assert pick("graphs", compiled) is compiled  # CUDA graphs need CUDA: compiled without them

@@ -142,27 +142,31 @@ def test_model_streaming_on_gpu_matches_one_long_forward(attn):
 
 
 @needs_fla
-def test_compiled_sliding_ttt_matches_eager_ttt():
-    """The default evaluation runs TTT's window scoring and adaptation steps compiled; it must score as the eager
-    model does (bf16 compute: a small tolerance, over several adaptation steps)."""
+@pytest.mark.parametrize("mode", ["1", "graphs"])
+def test_compiled_sliding_ttt_matches_eager_ttt(mode):
+    """TTT_COMPILE=1 runs TTT's window scoring and adaptation steps compiled, TTT_COMPILE=graphs compiled and
+    replayed as CUDA graphs while the optimizer updates the weights in place between replays; both must score and
+    adapt as the eager model does (bf16 compute: a small tolerance, over several adaptation steps)."""
     torch.manual_seed(0)
     mc = model_config(layout="GGSGs", model_dim=256, gdn_heads=4, gdn_head_dim=64, num_heads=4, num_kv_heads=2,
                       swa_window=64)
     attn = "varlen" if tg._varlen_has_window() else "sdpa"
     rt = tg.Runtime(0, 1, 0, torch.device("cuda"), 1)
     cfg = tg.Config(eval_mode="window", eval_seq_len=256, eval_stride=64, eval_batch_tokens=4096, swa_window=64,
-                    ttt_chunk_tokens=1024, ttt_batch_seqs=2, ttt_epochs=2, ttt_lr=0.01, compile="1")
+                    ttt_chunk_tokens=1024, ttt_batch_seqs=2, ttt_epochs=2, ttt_lr=0.01, compile="1", ttt_compile=mode)
     tokens = torch.randint(0, mc.vocab_size, (6000,))
     bos = torch.zeros(mc.vocab_size, dtype=torch.bool)
     tables = tg.ByteTables(torch.ones(mc.vocab_size, dtype=torch.long), bos, bos, 1).to(rt.device)
     init = tg.GPT(mc, tg.Backends("fla", attn)).state_dict()
-    results = []
-    for compiled in (False, True):
+    results, weights = [], []
+    for fast in (False, True):
         model = tg.GPT(mc, tg.Backends("fla", attn)).cuda()
         model.load_state_dict(init)
+        module = tg.ttt_module(model, tg.maybe_compile(model, cfg, rt), cfg, rt) if fast else None
+        assert not fast or module is not None
         with tg.fla_hopper_guard_lifted(True):
-            results.append(tg.evaluate_ttt(model, tokens, tables, cfg, rt, tg.Logger(None),
-                                           compiled=tg.maybe_compile(model, cfg, rt) if compiled else None))
+            results.append(tg.evaluate_ttt(model, tokens, tables, cfg, rt, tg.Logger(None), compiled=module))
+        weights.append(torch.cat([p.detach().float().flatten() for p in model.parameters()]))
     eager, fast = results
     untouched = tg.GPT(mc, tg.Backends("fla", attn)).cuda()
     untouched.load_state_dict(init)
@@ -171,3 +175,5 @@ def test_compiled_sliding_ttt_matches_eager_ttt():
     assert eager.tokens == fast.tokens == len(tokens) - 1
     assert abs(fast.loss - eager.loss) < 2e-3 * eager.loss
     assert abs(eager.loss - base.loss) > 10 * abs(fast.loss - eager.loss)  # TTT moved the score; both moved alike
+    moved = (weights[0] - torch.cat([p.detach().float().flatten() for p in untouched.parameters()])).norm()
+    assert (weights[1] - weights[0]).norm() < 0.05 * moved  # the same adaptation steps, to bf16 rounding

@@ -17,8 +17,9 @@ BENCH_COMPARE=0 skips the all-attention stack; BENCH_BREAKDOWN=0 the breakdown; 
 with its fused input projections against one matmul per projection; BENCH_PROFILE=1 prints each stack's top GPU
 kernels from torch.profiler. BENCH_VARIANTS adds whole-step timings of other settings (name:KEY=VALUE,KEY=VALUE;...) in the same process.
 BENCH_TTT=1,8 times one score-first TTT adaptation step (train_gpt.ttt_adapt: forward, backward, SGD) of 1 and 8
-sequences of EVAL_SEQ_LEN, eager and compiled, with the GPU kernels' share of the eager step's time (a step whose
-kernels take a fraction of its wall time is bound by launch latency, not by the GPU).
+sequences of EVAL_SEQ_LEN, eager and compiled (and with CUDA graphs, torch.compile's reduce-overhead mode, with
+BENCH_TTT_GRAPHS=1), with the GPU kernels' share of each step's time (a step whose kernels take a fraction of its
+wall time is bound by launch latency, not by the GPU).
 BENCH_GDN_SHAPES times the delta-rule kernel alone (forward + backward at the micro-batch shape) for head layouts
 HEADSxDIM: our fla custom op, and fla's public entry point with each backend it can dispatch to here (flash-qla when
 installed, K = V = 128), every one first checked against the float64 reference; plus the attention kernels for scale.
@@ -361,6 +362,8 @@ def bench_ttt(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, spec: str, 
     variants = [("eager", model)]
     if cfg.compile == "1" or (cfg.compile == "auto" and rt.cuda):
         variants.append(("compiled", tg.maybe_compile(model, cfg, rt)))
+    if rt.cuda and os.environ.get("BENCH_TTT_GRAPHS", "0") != "0":
+        variants.append(("cudagraphs", torch.compile(model, dynamic=False, mode="reduce-overhead")))
     timer = Timer(rt.device)
     for b in (int(x) for x in spec.split(",")):
         tcfg = tg.Config(**{**cfg.__dict__, "ttt_batch_seqs": b, "ttt_epochs": 1})
@@ -369,7 +372,12 @@ def bench_ttt(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, spec: str, 
             def run(fwd=fwd):
                 tg.ttt_adapt(model, opt, params, span, tcfg, rt, fwd)
 
-            timer(run, 3)
+            try:
+                timer(run, 3)
+            except Exception as e:  # an experimental variant that cannot run here is reported, not timed
+                rows.append(dict(seqs=b, seq_len=L, mode=name, ms=None, error=f"{type(e).__name__}: {e}"[:300]))
+                print(f"  {b:>3} x {L:<6}{name:<10} failed: {rows[-1]['error']}", flush=True)
+                continue
             ms = timer(run, repeat)
             kernels = gpu_kernel_ms(run) if rt.cuda else None
             rows.append(dict(seqs=b, seq_len=L, mode=name, ms=round(ms, 2),
