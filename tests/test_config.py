@@ -59,10 +59,16 @@ def test_invalid_layouts_name_the_problem(layout, needle):
     assert needle in str(err.value)
 
 
-def test_world_size_must_divide_eight(monkeypatch):
+def test_a_world_size_that_cannot_split_the_batch_is_refused(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(ValueError, match="WORLD_SIZE=3 must divide 8"):
+    with pytest.raises(ValueError, match="over 3 ranks x 1 accumulation steps"):
         tg.init_runtime(tg.Config())
+
+
+def test_default_accumulation_keeps_micro_batches_of_32_sequences():
+    for batch, world, accum in ((262_144, 1, 4), (262_144, 2, 2), (262_144, 8, 1), (524_288, 1, 8), (524_288, 8, 1),
+                                (1024, 1, 1)):
+        assert tg.default_accum(tg.Config(train_batch_tokens=batch), world) == accum
 
 
 def test_batch_must_split_into_whole_sequences(monkeypatch):

@@ -403,7 +403,7 @@ def main() -> int:
     cfg = tg.Config.from_env()
     steps, warmup = env_int("BENCH_STEPS", 10), env_int("BENCH_WARMUP", 3)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    rt = tg.Runtime(0, 1, 0, device, cfg.grad_accum_steps or tg.GPU_COUNT_OF_RECORD)
+    rt = tg.Runtime(0, 1, 0, device, cfg.grad_accum_steps or tg.default_accum(cfg, 1))
     log = tg.Logger(None)
     mc = tg.ModelConfig.from_config(cfg)
     backends = tg.resolve_backends(cfg, rt, mc, log, check=True)  # the kernel check, as before training
@@ -436,7 +436,7 @@ def main() -> int:
             print(f"hybrid / all-attention tokens/s: {ratio:.3f}", flush=True)
         for name, overrides in parse_variants(os.environ.get("BENCH_VARIANTS", "")):
             vcfg = variant_config(cfg, overrides)
-            vrt = tg.Runtime(0, 1, 0, device, vcfg.grad_accum_steps or tg.GPU_COUNT_OF_RECORD)
+            vrt = tg.Runtime(0, 1, 0, device, vcfg.grad_accum_steps or tg.default_accum(vcfg, 1))
             vb = tg.resolve_backends(vcfg, vrt, tg.ModelConfig.from_config(vcfg), log, check=True)
             results.append({**bench_steps(vcfg, vrt, vb, steps, warmup), "layout": name})
             print_run(results[-1])
