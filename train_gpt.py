@@ -2469,7 +2469,8 @@ def score_artifact(path: Path, cfg: Config, rt: Runtime, log: Logger, val_tokens
     if not (cfg.ttt_enabled and with_ttt):
         return base, base
     fast = ttt_module(model, compiled, cfg, rt)
-    log(f"ttt: window scoring and steps run {'eager' if fast is None else 'compiled'}"
+    log(f"ttt: {'window scoring and ' if cfg.eval_mode == 'window' else ''}steps run "
+        f"{'eager' if fast is None else 'compiled'}"
         f"{' with CUDA graphs' if fast is not None and fast is not compiled else ''} (TTT_COMPILE={cfg.ttt_compile})")
     final = evaluate_ttt(model, val_tokens, tables, cfg, rt, log, spent_s=base.seconds, compiled=fast)
     final.seconds += base.seconds  # the whole evaluation: the score without TTT is part of it
