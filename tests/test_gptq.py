@@ -82,9 +82,9 @@ def test_calibration_sees_only_training_tokens(tiny_data, monkeypatch):
             assert not occurs(row, val_stream)
 
 
-def test_hessians_cover_every_quantized_matrix_including_fused_gdn_projections():
-    """The GDN mixer applies its six input projections as one matmul, so no hook on those Linear layers fires;
-    their statistics must still be x x^T of the mixer's input, and no quantized matrix may be left without any."""
+def test_hessians_cover_every_quantized_matrix_including_the_gdn_input_projections():
+    """The GDN input projections' statistics are x x^T of the mixer's input, summed over both layers of a shared
+    mixer, and no quantized matrix is left without any."""
     cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": "GSgs"})  # layer 2 reuses GDN mixer 0
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
     mc = tg.ModelConfig.from_config(cfg)

@@ -13,9 +13,10 @@ train_gpt.py on one rank) with CUDA events after warmup, and reports tokens/s, m
 configuration. The breakdown times each component alone, forward + backward at the training shape (mixers, MLP),
 the optimizer step, and the loader; the parts need not add up to the whole (fusion, overlap). DATA_PATH and
 TOKENIZER_PATH are not needed: the loader is timed on synthetic shards written to a temporary folder.
-BENCH_COMPARE=0 skips the all-attention stack; BENCH_BREAKDOWN=0 the breakdown; BENCH_FUSION=1 times one GDN mixer
-with its fused input projections against one matmul per projection; BENCH_PROFILE=1 prints each stack's top GPU
-kernels from torch.profiler. BENCH_VARIANTS adds whole-step timings of other settings (name:KEY=VALUE,KEY=VALUE;...) in the same process.
+BENCH_COMPARE=0 skips the all-attention stack; BENCH_BREAKDOWN=0 the breakdown; BENCH_FUSION=1 times one GDN
+mixer (one matmul per input projection) against the same with the projections fused into one matmul;
+BENCH_PROFILE=1 prints each stack's top GPU kernels from torch.profiler. BENCH_VARIANTS adds whole-step timings of
+other settings (name:KEY=VALUE,KEY=VALUE;...) in the same process.
 BENCH_TTT=1,8 times one score-first TTT adaptation step (train_gpt.ttt_adapt: forward, backward, SGD) of 1 and 8
 sequences of EVAL_SEQ_LEN, eager and compiled (and with CUDA graphs, torch.compile's reduce-overhead mode, with
 BENCH_TTT_GRAPHS=1), with the GPU kernels' share of each step's time (a step whose kernels take a fraction of its
@@ -292,32 +293,36 @@ def bench_gdn_kernels(cfg: tg.Config, rt: tg.Runtime, spec: str, repeat: int, re
     return rows
 
 
-class UnfusedGDN(tg.GatedDeltaNet):
-    """The GDN mixer's training forward with one matmul per projection and one convolution per branch, the layout
-    before the fusion; timed against the fused production forward (BENCH_FUSION=1)."""
+class FusedGDN(tg.GatedDeltaNet):
+    """The GDN mixer's training forward with its six input projections as one matmul and its three convolutions as
+    one (weights concatenated on the fly), the layout train_gpt.py used from 7498479 until BENCH_FUSION measured it
+    slower; timed against the production mixer (BENCH_FUSION=1)."""
 
     def forward(self, x, state=None, stream=None):
         B, T, _ = x.shape
-        H = self.heads
-        qkv = [F.silu(tg.short_conv(proj(x), conv.weight)).view(B, T, H, d) for proj, conv, d in (
-            (self.q_proj, self.q_conv, self.k_dim), (self.k_proj, self.k_conv, self.k_dim),
-            (self.v_proj, self.v_conv, self.v_dim))]
+        H, hk, hv = self.heads, self.heads * self.k_dim, self.heads * self.v_dim
+        projections = (self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.a_proj, self.b_proj)
+        pre = F.linear(x, torch.cat([p.weight for p in projections]))
+        pre_qkv, pre_g, pre_a, pre_b = pre.split([2 * hk + hv, hv, H, H], dim=-1)
+        conv_w = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
+        qkv = [t.reshape(B, T, H, -1) for t in F.silu(tg.short_conv(pre_qkv, conv_w)).split([hk, hk, hv], dim=-1)]
         q, k = F.normalize(qkv[0].float(), dim=-1), F.normalize(qkv[1].float(), dim=-1)
-        beta = torch.sigmoid(self.b_proj(x).float())
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        beta = torch.sigmoid(pre_b.float())
+        g = -self.A_log.float().exp() * F.softplus(pre_a.float() + self.dt_bias.float())
         o, _ = tg.gdn_core(self.backend, q, k, qkv[2], g, beta, self.k_dim ** -0.5)
-        gate = F.silu(self.g_proj(x).float()).view(B, T, H, self.v_dim)
+        gate = F.silu(pre_g.float()).view(B, T, H, self.v_dim)
         o = tg.rms_norm(o.float(), self.o_norm_weight.float()) * gate
         return self.o_proj(o.reshape(B, T, H * self.v_dim).to(x.dtype))
 
 
 def bench_fusion(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, repeat: int) -> list[dict]:
-    """One GDN mixer, compiled, forward + backward at the micro-batch shape: fused projections vs one per branch."""
+    """One GDN mixer, compiled, forward + backward at the micro-batch shape: one matmul per projection (production)
+    vs the six projections as one matmul."""
     mc = tg.ModelConfig.from_config(cfg)
     B, T = cfg.train_batch_tokens // rt.grad_accum_steps // cfg.train_seq_len, cfg.train_seq_len
     x = torch.randn(B, T, mc.model_dim, device=rt.device)
     timer, rows = Timer(rt.device), []
-    for name, cls in (("fused (train_gpt.py)", tg.GatedDeltaNet), ("one matmul per projection", UnfusedGDN)):
+    for name, cls in (("one matmul per projection (train_gpt.py)", tg.GatedDeltaNet), ("fused projections", FusedGDN)):
         torch.manual_seed(0)
         mixer = cls(mc.model_dim, mc.gdn_heads, mc.gdn_head_dim, mc.gdn_expand_v, mc.gdn_conv_size,
                     backends.gdn).to(rt.device)
