@@ -15,12 +15,17 @@ import bench_train  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 
-def test_bench_train_reports_both_stacks_and_a_breakdown(tmp_path):
-    env = {**os.environ, "PRESET": "tiny", "BENCH_STEPS": "2", "BENCH_WARMUP": "1", "OMP_NUM_THREADS": "1"}
+def run_bench(tmp_path, **settings) -> dict:
+    """tools/bench_train.py on the tiny preset, in its own process; the figures of its `bench {json}` line."""
+    env = {**os.environ, "PRESET": "tiny", "BENCH_WARMUP": "1", "OMP_NUM_THREADS": "1", **settings}
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    bench = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("bench "))[6:])
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("bench "))[6:])
+
+
+def test_bench_train_reports_both_stacks_and_a_breakdown(tmp_path):
+    bench = run_bench(tmp_path, BENCH_STEPS="2")
     hybrid, attn = bench["runs"]
     assert hybrid["layout"] == "GSGs" and set(attn["layout"]) == {"A"}
     assert abs(attn["params"] - hybrid["params"]) < 0.2 * hybrid["params"]
@@ -44,12 +49,7 @@ def test_bench_fusion_alternative_is_the_same_mixer_fused():
 
 
 def test_bench_fusion_runs_on_the_cpu(tmp_path):
-    env = {**os.environ, "PRESET": "tiny", "BENCH_STEPS": "1", "BENCH_WARMUP": "1", "OMP_NUM_THREADS": "1",
-           "BENCH_FUSION": "1", "BENCH_COMPARE": "0", "BENCH_BREAKDOWN": "0"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    bench = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("bench "))[6:])
+    bench = run_bench(tmp_path, BENCH_STEPS="1", BENCH_FUSION="1", BENCH_COMPARE="0", BENCH_BREAKDOWN="0")
     assert [r["mixer"] for r in bench["fusion"]] == ["one matmul per projection (train_gpt.py)", "fused projections"]
     assert all(r["ms"] > 0 for r in bench["fusion"])
 
@@ -75,11 +75,6 @@ def test_bench_ttt_times_one_adaptation_step_per_call(tmp_path):
         tg.ttt_adapt(model, opt, params, span, tg.Config(**{**cfg.__dict__, "ttt_batch_seqs": b, "ttt_epochs": 1}),
                      rt, model)
         assert len(steps) == 1
-    env = {**os.environ, "PRESET": "tiny", "BENCH_STEPS": "1", "BENCH_WARMUP": "1", "OMP_NUM_THREADS": "1",
-           "BENCH_TTT": "1,2", "BENCH_COMPARE": "0", "BENCH_BREAKDOWN": "0"}
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    bench = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("bench "))[6:])
+    bench = run_bench(tmp_path, BENCH_STEPS="1", BENCH_TTT="1,2", BENCH_COMPARE="0", BENCH_BREAKDOWN="0")
     assert [(r["seqs"], r["mode"]) for r in bench["ttt"]] == [(1, "eager"), (2, "eager")]
     assert all(r["ms"] > 0 and r["seq_len"] == cfg.eval_len for r in bench["ttt"])
