@@ -2453,10 +2453,9 @@ def score_artifact(path: Path, cfg: Config, rt: Runtime, log: Logger, val_tokens
     log(base.exact_line(base_tag))
     if not (cfg.ttt_enabled and with_ttt):
         return base, base
-    fast = ttt_module(model, compiled, cfg, rt)
-    log(f"ttt: {'window scoring and ' if cfg.eval_mode == 'window' else ''}steps run "
-        f"{'eager' if fast is None else 'compiled'}"
-        f"{' with CUDA graphs' if fast is not None and fast is not compiled else ''} (TTT_COMPILE={cfg.ttt_compile})")
+    fast, how = ttt_module(model, compiled, cfg, rt)
+    log(f"ttt: {'window scoring and ' if cfg.eval_mode == 'window' else ''}steps run {how} "
+        f"(TTT_COMPILE={cfg.ttt_compile})")
     final = evaluate_ttt(model, val_tokens, tables, cfg, rt, log, spent_s=base.seconds, compiled=fast)
     final.seconds += base.seconds  # the whole evaluation: the score without TTT is part of it
     log(final.line(tag))
@@ -2465,17 +2464,19 @@ def score_artifact(path: Path, cfg: Config, rt: Runtime, log: Logger, val_tokens
     return final, base
 
 
-def ttt_module(model: nn.Module, compiled: nn.Module, cfg: Config, rt: Runtime) -> nn.Module | None:
-    """What runs TTT's window scoring and steps, with `model`'s parameters: None (the eager model) for TTT_COMPILE=0
-    or a model that is not compiled at all; `compiled` for TTT_COMPILE=1; for TTT_COMPILE=graphs on CUDA the model
-    compiled again in torch.compile's reduce-overhead mode, which replays each shape's kernels as one CUDA graph (a
-    step of one sequence per rank is bound by kernel-launch latency, not by the GPU). The optimizer updates the
-    parameters in place between replays, which the graphs read at their fixed addresses."""
+def ttt_module(model: nn.Module, compiled: nn.Module, cfg: Config,
+               rt: Runtime) -> tuple[nn.Module | None, str]:
+    """What runs TTT's window scoring and steps, with `model`'s parameters, and how, for the log: None (the eager
+    model) for TTT_COMPILE=0 or a model that is not compiled at all; `compiled` for TTT_COMPILE=1; for
+    TTT_COMPILE=graphs on CUDA the model compiled again in torch.compile's reduce-overhead mode, which replays each
+    shape's kernels as one CUDA graph (a step of one sequence per rank is bound by kernel-launch latency, not by the
+    GPU). The optimizer updates the parameters in place between replays, which the graphs read at their fixed
+    addresses."""
     if cfg.ttt_compile == "0" or compiled is model:
-        return None
+        return None, "eager"
     if cfg.ttt_compile == "graphs" and rt.cuda:
-        return torch.compile(model, dynamic=False, mode="reduce-overhead")
-    return compiled
+        return torch.compile(model, dynamic=False, mode="reduce-overhead"), "compiled with CUDA graphs"
+    return compiled, "compiled"
 
 
 def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> dict:

@@ -108,7 +108,7 @@ def test_ttt_compile_modes_and_what_runs_ttt():
     compiled = torch.compile(model)
     cpu = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
     pick = lambda mode, c: tg.ttt_module(model, c, tg.Config(ttt_compile=mode), cpu)  # noqa: E731
-    assert pick("0", compiled) is None
-    assert pick("1", model) is None  # the model is not compiled at all (COMPILE=auto on a CPU)
-    assert pick("1", compiled) is compiled
-    assert pick("graphs", compiled) is compiled  # CUDA graphs need CUDA: compiled without them
+    assert pick("0", compiled) == (None, "eager")
+    assert pick("1", model) == (None, "eager")  # the model is not compiled at all (COMPILE=auto on a CPU)
+    assert pick("1", compiled) == (compiled, "compiled")
+    assert pick("graphs", compiled) == (compiled, "compiled")  # CUDA graphs need CUDA: compiled without them

@@ -162,7 +162,7 @@ def test_compiled_sliding_ttt_matches_eager_ttt(mode):
     for fast in (False, True):
         model = tg.GPT(mc, tg.Backends("fla", attn)).cuda()
         model.load_state_dict(init)
-        module = tg.ttt_module(model, tg.maybe_compile(model, cfg, rt), cfg, rt) if fast else None
+        module = tg.ttt_module(model, tg.maybe_compile(model, cfg, rt), cfg, rt)[0] if fast else None
         assert not fast or module is not None
         with tg.fla_hopper_guard_lifted(True):
             results.append(tg.evaluate_ttt(model, tokens, tables, cfg, rt, tg.Logger(None), compiled=module))

@@ -355,8 +355,9 @@ def gpu_kernel_ms(fn) -> float:
 
 
 def bench_ttt(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, spec: str, repeat: int) -> list[dict]:
-    """One TTT adaptation step (ttt_adapt with one epoch over exactly one step's sequences), eager and compiled,
-    per batch size in `spec` (sequences of EVAL_SEQ_LEN, as one rank of one process takes them)."""
+    """One TTT adaptation step (ttt_adapt with one epoch over exactly one step's sequences) with each module that
+    TTT_COMPILE can pick here (eager, compiled, and with BENCH_TTT_GRAPHS=1 CUDA graphs), per batch size in `spec`
+    (sequences of EVAL_SEQ_LEN, as one rank of one process takes them)."""
     mc = tg.ModelConfig.from_config(cfg)
     L, rows = cfg.eval_len, []
     model = tg.GPT(mc, backends).to(rt.device)
@@ -364,16 +365,17 @@ def bench_ttt(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, spec: str, 
     for p in model.parameters():
         p.requires_grad_(any(p is q for q in params))
     opt = torch.optim.SGD(params, lr=1e-6, momentum=cfg.ttt_momentum)  # tiny steps: the weights barely move
-    variants = [("eager", model)]
-    if cfg.compile == "1" or (cfg.compile == "auto" and rt.cuda):
-        variants.append(("compiled", tg.maybe_compile(model, cfg, rt)))
-    if rt.cuda and os.environ.get("BENCH_TTT_GRAPHS", "0") != "0":
-        variants.append(("cudagraphs", torch.compile(model, dynamic=False, mode="reduce-overhead")))
+    # the modules train_gpt.py would run TTT with (ttt_module), one per TTT_COMPILE that applies here
+    modes = ("0", "1", "graphs") if os.environ.get("BENCH_TTT_GRAPHS", "0") != "0" else ("0", "1")
+    compiled, variants = tg.maybe_compile(model, cfg, rt), {}
+    for mode in modes:
+        fwd, how = tg.ttt_module(model, compiled, tg.Config(**{**cfg.__dict__, "ttt_compile": mode}), rt)
+        variants.setdefault(how, fwd or model)
     timer = Timer(rt.device)
     for b in (int(x) for x in spec.split(",")):
         tcfg = tg.Config(**{**cfg.__dict__, "ttt_batch_seqs": b, "ttt_epochs": 1})
         span = torch.randint(0, mc.vocab_size, (b * L + 1,))
-        for name, fwd in variants:
+        for name, fwd in variants.items():
             def run(fwd=fwd):
                 tg.ttt_adapt(model, opt, params, span, tcfg, rt, fwd)
 
@@ -381,14 +383,14 @@ def bench_ttt(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, spec: str, 
                 timer(run, 3)
             except Exception as e:  # an experimental variant that cannot run here is reported, not timed
                 rows.append(dict(seqs=b, seq_len=L, mode=name, ms=None, error=f"{type(e).__name__}: {e}"[:300]))
-                print(f"  {b:>3} x {L:<6}{name:<10} failed: {rows[-1]['error']}", flush=True)
+                print(f"  {b:>3} x {L:<6}{name:<26} failed: {rows[-1]['error']}", flush=True)
                 continue
             ms = timer(run, repeat)
             kernels = gpu_kernel_ms(run) if rt.cuda else None
             rows.append(dict(seqs=b, seq_len=L, mode=name, ms=round(ms, 2),
                              gpu_kernel_ms=None if kernels is None else round(kernels, 2)))
             share = "" if kernels is None else f"  GPU kernels {kernels:.2f} ms ({100 * kernels / ms:.0f}%)"
-            print(f"  {b:>3} x {L:<6}{name:<10}{ms:>9.2f} ms/step{share}", flush=True)
+            print(f"  {b:>3} x {L:<6}{name:<26}{ms:>9.2f} ms/step{share}", flush=True)
     return rows
 
 
