@@ -19,6 +19,7 @@ Sections, in the order data flows:
 import contextlib
 import dataclasses
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -91,6 +92,8 @@ class Config:
     # kernels
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
     gdn_backend: str = "auto"  # auto (qla where it applies, else fla, on CUDA) | fla | qla (FlashQLA, K=V=128) | torch
+    gdn_conv: str = "auto"  # GDN short conv + SiLU when training: auto (fla's Triton kernel with a fast GDN backend) |
+    #                         fla | torch (shifted multiply-adds, fused by torch.compile)
     attn_backend: str = "auto"  # auto | fa3 | varlen | sdpa
     kernel_check: bool = True
     kernel_check_tol: float = 2e-2  # relative error allowed between a fast kernel and its float64 reference
@@ -218,6 +221,7 @@ class Config:
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r} must be auto, 0 or 1")
         need(self.gdn_backend in ("auto", "fla", "qla", "torch"),
              f"GDN_BACKEND={self.gdn_backend!r} must be auto, fla, qla or torch")
+        need(self.gdn_conv in ("auto", "fla", "torch"), f"GDN_CONV={self.gdn_conv!r} must be auto, fla or torch")
         need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"),
              f"ATTN_BACKEND={self.attn_backend!r} must be auto, fa3, varlen or sdpa")
         need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay} must be in [0, 1)")
@@ -796,6 +800,57 @@ def gdn_core(backend: str, q, k, v, g, beta, scale: float, initial_state=None):
     return o.to(q.dtype), state
 
 
+# The GDN short convolution + SiLU of the training path as one custom op around fla's Triton kernels (forward: conv and
+# SiLU in one pass; backward: dx and the per-chunk conv-weight partial sums in one pass), for the same reason as the
+# delta rule's op: one opaque node for torch.compile. short_conv + F.silu is its reference (GDN_CONV=torch), and the
+# kernel check compares the two on the GPU in use before training.
+@torch.library.custom_op("pgolf::conv_silu_fwd", mutates_args=())
+def _conv_silu_fwd_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    from fla.modules.causal_conv1d.ops import causal_conv1d_fwd  # noqa: PLC0415 (CUDA only)
+
+    y, _ = causal_conv1d_fwd(x=x, weight=weight, bias=None, residual=None, activation="silu")
+    return y
+
+
+@_conv_silu_fwd_op.register_fake
+def _(x, weight):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("pgolf::conv_silu_bwd", mutates_args=())
+def _conv_silu_bwd_op(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    from fla.modules.causal_conv1d.ops import causal_conv1d_bwd  # noqa: PLC0415 (CUDA only)
+
+    dx, dw, _, _, _ = causal_conv1d_bwd(x=x, dy=dy.contiguous(), dht=None, weight=weight, bias=None, residual=None,
+                                        initial_state=None, activation="silu")
+    return dx, dw.to(weight.dtype)
+
+
+@_conv_silu_bwd_op.register_fake
+def _(x, weight, dy):
+    return torch.empty_like(x), torch.empty_like(weight)
+
+
+def _conv_silu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _conv_silu_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    return _conv_silu_bwd_op(x, weight, dy)
+
+
+_conv_silu_fwd_op.register_autograd(_conv_silu_backward, setup_context=_conv_silu_setup_context)
+
+
+def conv_silu(x: torch.Tensor, weight: torch.Tensor, impl: str) -> torch.Tensor:
+    """silu(short_conv(x, weight)) over whole sequences (no carried inputs, no document masks): x (B, T, C) in the
+    compute dtype, weight (C, K) fp32. impl: fla (the custom op) | torch (the reference)."""
+    if impl == "fla":
+        return _conv_silu_fwd_op(x.contiguous(), weight)
+    return F.silu(short_conv(x, weight))
+
+
 @dataclass
 class StreamContext:
     """What the layers need to continue B parallel lanes of the validation stream across segments (streaming
@@ -857,10 +912,11 @@ class GatedDeltaNet(nn.Module):
     + 2*D*H (a, b) + conv (2*H*K + H*V) * conv_size + 2*H (A_log, dt_bias) + V (norm weight).
     """
 
-    def __init__(self, dim: int, heads: int, head_dim: int, expand_v: float, conv_size: int, backend: str):
+    def __init__(self, dim: int, heads: int, head_dim: int, expand_v: float, conv_size: int, backend: str,
+                 conv_backend: str = "torch"):
         super().__init__()
         self.heads, self.k_dim, self.v_dim = heads, head_dim, int(head_dim * expand_v)
-        self.backend = backend
+        self.backend, self.conv_backend = backend, conv_backend
         hk, hv = heads * self.k_dim, heads * self.v_dim
         self.q_proj, self.k_proj, self.v_proj = Linear(dim, hk), Linear(dim, hk), Linear(dim, hv)
         self.q_conv, self.k_conv, self.v_conv = ShortConv(hk, conv_size), ShortConv(hk, conv_size), ShortConv(hv, conv_size)
@@ -885,10 +941,12 @@ class GatedDeltaNet(nn.Module):
         for name, proj, conv in (("q", self.q_proj, self.q_conv), ("k", self.k_proj, self.k_conv),
                                  ("v", self.v_proj, self.v_conv)):
             pre = proj(x)
-            tail = None if state is None else state.get(name)
+            if state is None:  # whole sequences: the training path (GDN_CONV picks the kernel)
+                qkv.append(conv_silu(pre, conv.weight, self.conv_backend).reshape(B, T, H, -1))
+                continue
+            tail = state.get(name)
             qkv.append(F.silu(short_conv(pre, conv.weight, tail, since)).reshape(B, T, H, -1))
-            if state is not None:
-                state[name] = next_tail(tail, pre, conv.weight.shape[1])
+            state[name] = next_tail(tail, pre, conv.weight.shape[1])
         q, k = F.normalize(qkv[0].float(), dim=-1), F.normalize(qkv[1].float(), dim=-1)
         v = qkv[2]
         beta = torch.sigmoid(self.b_proj(x).float())
@@ -1045,6 +1103,7 @@ class ModelConfig:
 class Backends:
     gdn: str  # fla | qla | torch
     attn: str  # fa3 | varlen | sdpa
+    conv: str = "torch"  # the GDN short conv + SiLU when training: fla | torch
 
 
 class GPT(nn.Module):
@@ -1073,7 +1132,8 @@ class GPT(nn.Module):
     def _make_mixer(self, kind: str, backends: Backends) -> nn.Module:
         mc = self.mc
         if kind == "gdn":
-            return GatedDeltaNet(mc.model_dim, mc.gdn_heads, mc.gdn_head_dim, mc.gdn_expand_v, mc.gdn_conv_size, backends.gdn)
+            return GatedDeltaNet(mc.model_dim, mc.gdn_heads, mc.gdn_head_dim, mc.gdn_expand_v, mc.gdn_conv_size,
+                                 backends.gdn, backends.conv)
         window = mc.swa_window if kind == "swa" else 0
         return Attention(mc.model_dim, mc.num_heads, mc.num_kv_heads, window, mc.rope_dims, mc.rope_base, backends.attn)
 
@@ -2042,6 +2102,25 @@ def gdn_stream_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed
     return {"o": rel_err(o, o_ref), "state": rel_err(s1, s_ref)}
 
 
+def conv_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed: int = 0, impl: str = "fla"
+                       ) -> dict[str, float]:
+    """The training path's short conv + SiLU (conv_silu) against the float64 reference at a GDN branch's shape:
+    relative errors of y, dx and the conv-weight gradient dw."""
+    gen = torch.Generator().manual_seed(seed)
+    C = mc.gdn_heads * mc.gdn_head_dim
+    x = torch.randn(2, T, C, generator=gen).to(device, torch.bfloat16)
+    w = (torch.rand(C, mc.gdn_conv_size, generator=gen) * 2 - 1).mul(mc.gdn_conv_size ** -0.5).to(device)
+    fast_in = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
+    ref_in = [x.double().requires_grad_(True), w.double().requires_grad_(True)]
+    y_fast = conv_silu(*fast_in, impl)
+    y_ref = conv_silu(*ref_in, "torch")
+    dy = torch.randn(y_ref.shape, generator=gen).to(device)
+    y_fast.backward(dy.to(y_fast.dtype))
+    y_ref.backward(dy.double())
+    return {"y": rel_err(y_fast, y_ref), "dx": rel_err(fast_in[0].grad, ref_in[0].grad),
+            "dw": rel_err(fast_in[1].grad, ref_in[1].grad)}
+
+
 @contextlib.contextmanager
 def fla_hopper_guard_lifted(lift: bool):
     """fla 0.6.0 refuses its gated backward on Hopper with Triton < 3.7.1 (fla #640, wrong gradients seen on another
@@ -2160,17 +2239,29 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
     if attn in ("fa3", "varlen") and not rt.cuda:
         raise ValueError(f"ATTN_BACKEND={attn} needs a CUDA GPU")
     has_gdn, has_swa = "G" in mc.layout.upper(), "S" in mc.layout.upper()
+    conv = cfg.gdn_conv
+    if conv == "auto":  # fla's kernel wherever the delta rule runs on a fast kernel (README, throughput)
+        conv = "fla" if gdn in FAST_GDN_BACKENDS and importlib.util.find_spec("fla") is not None else "torch"
+    if conv == "fla" and not rt.cuda:
+        raise ValueError("GDN_CONV=fla needs a CUDA GPU")
     t0 = time.perf_counter()
     checked = check and cfg.kernel_check and rt.cuda
     if checked:
         if gdn in FAST_GDN_BACKENDS and has_gdn:
             check_gdn_kernel(mc, cfg, log, gdn)
-            if cfg.eval_mode == "stream":
-                errs = gdn_stream_kernel_errors(mc, cfg.stream_segment, rt.device, impl=gdn)
-                log(f"kernel_check gdn_stream({gdn}, state + restarts) vs float64 reference: "
-                    + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
-                if not all(v <= cfg.kernel_check_tol for v in errs.values()):
-                    raise RuntimeError(f"the streaming path of GDN_BACKEND={gdn} disagrees with the reference: {errs}")
+        if conv == "fla" and has_gdn:
+            errs = conv_kernel_errors(mc, cfg.train_seq_len, rt.device)
+            log("kernel_check conv_silu(fla) vs float64 reference: " + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
+            if not all(v <= cfg.kernel_check_tol for v in errs.values()):
+                raise RuntimeError(f"fla's short-convolution kernel disagrees with the reference on "
+                                   f"{torch.cuda.get_device_name()}: {errs}; refusing to train (GDN_CONV=torch runs "
+                                   "the reference, fused by torch.compile)")
+        if gdn in FAST_GDN_BACKENDS and has_gdn and cfg.eval_mode == "stream":
+            errs = gdn_stream_kernel_errors(mc, cfg.stream_segment, rt.device, impl=gdn)
+            log(f"kernel_check gdn_stream({gdn}, state + restarts) vs float64 reference: "
+                + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
+            if not all(v <= cfg.kernel_check_tol for v in errs.values()):
+                raise RuntimeError(f"the streaming path of GDN_BACKEND={gdn} disagrees with the reference: {errs}")
         if attn != "sdpa" and has_swa and mc.swa_window < cfg.train_seq_len:
             cases = [("", cfg.train_seq_len, 0)]
             if cfg.eval_mode == "stream" and not cfg.stream_reset:  # keys carried from the previous segment
@@ -2183,8 +2274,8 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
                     raise RuntimeError(f"attention backend {attn}{label} disagrees with the reference: {errs}; "
                                        "set ATTN_BACKEND=sdpa")
     took = f"; kernel checks {time.perf_counter() - t0:.1f}s (first kernel compiles included)" if checked else ""
-    log(f"backends: gdn:{gdn} attention:{attn} (window {mc.swa_window}){took}")
-    return Backends(gdn, attn)
+    log(f"backends: gdn:{gdn} conv:{conv} attention:{attn} (window {mc.swa_window}){took}")
+    return Backends(gdn, attn, conv)
 
 
 # ------------------------------------------------------------------------------------------------------------------

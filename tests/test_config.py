@@ -86,7 +86,13 @@ def test_fast_gdn_backends_refuse_a_machine_or_model_they_cannot_run():
         with pytest.raises(ValueError, match=f"GDN_BACKEND={backend} needs a CUDA GPU"):
             tg.resolve_backends(cfg, rt, tg.ModelConfig.from_config(cfg), log, check=False)
     auto = tg.Config.from_env({})
-    assert tg.resolve_backends(auto, rt, tg.ModelConfig.from_config(auto), log, check=False).gdn == "torch"
+    assert tg.resolve_backends(auto, rt, tg.ModelConfig.from_config(auto), log, check=False) == \
+        tg.Backends("torch", "sdpa", "torch")
+    conv = tg.Config.from_env({"GDN_CONV": "fla"})
+    with pytest.raises(ValueError, match="GDN_CONV=fla needs a CUDA GPU"):
+        tg.resolve_backends(conv, rt, tg.ModelConfig.from_config(conv), log, check=False)
+    with pytest.raises(ValueError, match="GDN_CONV='triton' must be auto, fla or torch"):
+        tg.Config.from_env({"GDN_CONV": "triton"})
     small = tg.ModelConfig.from_config(tg.Config.from_env({"GDN_HEADS": "8", "GDN_HEAD_DIM": "64"}))
     reason = tg.qla_unavailable(small)
     assert reason and ("flash_qla is not installed" in reason or "GDN_HEAD_DIM=128" in reason)

@@ -63,6 +63,28 @@ def test_custom_op_registration_passes_opcheck(impl):
                                                                 "test_autograd_registration"))
 
 
+@needs_fla
+@pytest.mark.parametrize("T,heads,head_dim", [(2048, 4, 128), (333, 8, 64)])
+def test_fla_conv_matches_float64_reference(T, heads, head_dim):
+    mc = model_config(gdn_heads=heads, gdn_head_dim=head_dim)
+    errs = tg.conv_kernel_errors(mc, T, torch.device("cuda"))
+    print(f"conv T={T} C={heads * head_dim} " + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
+    assert all(v <= 2e-2 for v in errs.values()), errs
+    x = torch.randn(2, 64, 16, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(16, 4, device="cuda")
+    y = tg.conv_silu(x.double(), w.double(), "torch")
+    assert tg.rel_err(tg.conv_silu(x, w, "fla"), y) < 2e-2
+    assert tg.rel_err(tg.conv_silu(x, w.flip(1), "fla"), y) > 0.1  # the comparison sees the taps' order
+
+
+@needs_fla
+def test_conv_custom_op_registration_passes_opcheck():
+    x = torch.randn(2, 96, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(64, 4, device="cuda", requires_grad=True)
+    torch.library.opcheck(tg._conv_silu_fwd_op, (x, w), test_utils=("test_schema", "test_faketensor",
+                                                                     "test_autograd_registration"))
+
+
 @cuda
 @pytest.mark.parametrize("cached", [0, 511])
 @pytest.mark.parametrize("backend", ["varlen", "fa3"])
@@ -86,8 +108,8 @@ def test_model_fast_path_matches_torch_path_and_compiles_without_breaks(impl):
     if impl == "qla":
         skip_unless_qla(mc)
     attn = "varlen" if tg._varlen_has_window() else "sdpa"
-    fast = tg.GPT(mc, tg.Backends(impl, attn)).cuda()
-    ref = tg.GPT(mc, tg.Backends("torch", "sdpa")).cuda()
+    fast = tg.GPT(mc, tg.Backends(impl, attn, "fla")).cuda()
+    ref = tg.GPT(mc, tg.Backends("torch", "sdpa", "torch")).cuda()
     for p in fast.parameters():  # non-zero output projections so every layer contributes
         torch.nn.init.normal_(p, std=0.05)
     ref.load_state_dict(fast.state_dict())
@@ -159,8 +181,8 @@ def test_compiled_sliding_ttt_matches_eager_ttt(mode):
     tables = tg.ByteTables(torch.ones(mc.vocab_size, dtype=torch.long), bos, bos, 1).to(rt.device)
     init = tg.GPT(mc, tg.Backends("fla", attn)).state_dict()
     results, weights = [], []
-    for fast in (False, True):
-        model = tg.GPT(mc, tg.Backends("fla", attn)).cuda()
+    for fast in (False, True):  # the compiled model runs fla's short-convolution kernel too
+        model = tg.GPT(mc, tg.Backends("fla", attn, "fla" if fast else "torch")).cuda()
         model.load_state_dict(init)
         module = tg.ttt_module(model, tg.maybe_compile(model, cfg, rt), cfg, rt)[0] if fast else None
         assert not fast or module is not None
