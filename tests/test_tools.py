@@ -48,9 +48,26 @@ def test_bench_fusion_alternative_is_the_same_mixer_fused():
     assert torch.allclose(plain(x), fused(x), atol=1e-5)
 
 
+def test_bench_bf16_mixer_is_the_production_mixer_up_to_rounding():
+    """The bf16 candidate differs from the production mixer only in where it rounds: in float32 on the CPU the two
+    compute the same function; the no-convolution ablation does not (or it would time nothing)."""
+    torch.manual_seed(0)
+    plain = tg.GatedDeltaNet(32, 2, 8, 1.0, 4, "torch")
+    with torch.no_grad():
+        plain.o_proj.weight.normal_()
+    others = {}
+    for cls in (bench_train.BF16GDN, bench_train.NoConvGDN):
+        others[cls] = cls(32, 2, 8, 1.0, 4, "torch")
+        others[cls].load_state_dict(plain.state_dict())
+    x = torch.randn(2, 24, 32)
+    assert torch.allclose(plain(x), others[bench_train.BF16GDN](x), atol=1e-5)
+    assert not torch.allclose(plain(x), others[bench_train.NoConvGDN](x), atol=1e-3)
+
+
 def test_bench_fusion_runs_on_the_cpu(tmp_path):
     bench = run_bench(tmp_path, BENCH_STEPS="1", BENCH_FUSION="1", BENCH_COMPARE="0", BENCH_BREAKDOWN="0")
-    assert [r["mixer"] for r in bench["fusion"]] == ["one matmul per projection (train_gpt.py)", "fused projections"]
+    assert [r["mixer"] for r in bench["fusion"]] == ["train_gpt.py (conv torch)"] + [
+        name for name, _, _ in bench_train.MIXER_VARIANTS[1:]]
     assert all(r["ms"] > 0 for r in bench["fusion"])
 
 

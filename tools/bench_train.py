@@ -14,8 +14,9 @@ configuration. The breakdown times each component alone, forward + backward at t
 the optimizer step, and the loader; the parts need not add up to the whole (fusion, overlap). DATA_PATH and
 TOKENIZER_PATH are not needed: the loader is timed on synthetic shards written to a temporary folder.
 BENCH_COMPARE=0 skips the all-attention stack; BENCH_BREAKDOWN=0 the breakdown; BENCH_FUSION=1 times one GDN
-mixer (one matmul per input projection) against the same with the projections fused into one matmul;
-BENCH_PROFILE=1 prints each stack's top GPU kernels from torch.profiler. BENCH_VARIANTS adds whole-step timings of
+mixer (one matmul per input projection) against other forms of it (MIXER_VARIANTS: the projections fused into one
+matmul, bf16 between kernels, and an ablation without the short convolutions that shows what they cost);
+BENCH_PROFILE=1 prints each stack's (and each BENCH_FUSION mixer's) top GPU kernels from torch.profiler. BENCH_VARIANTS adds whole-step timings of
 other settings (name:KEY=VALUE,KEY=VALUE;...) in the same process.
 BENCH_TTT=1,8 times one score-first TTT adaptation step (train_gpt.ttt_adapt: forward, backward, SGD) of 1 and 8
 sequences of EVAL_SEQ_LEN, eager and compiled (and with CUDA graphs, torch.compile's reduce-overhead mode, with
@@ -315,17 +316,63 @@ class FusedGDN(tg.GatedDeltaNet):
         return self.o_proj(o.reshape(B, T, H * self.v_dim).to(x.dtype))
 
 
+class BF16GDN(tg.GatedDeltaNet):
+    """The production mixer without its explicit float32 casts: q, k normalized, the output norm and its gate
+    computed from bf16 tensors (torch.compile still computes inside its kernels in float32, but what is stored
+    between them, and saved for the backward, is bf16). Not the same rounding: a candidate, timed only."""
+
+    def forward(self, x, state=None, stream=None):
+        B, T, _ = x.shape
+        H = self.heads
+        q, k, v = (F.silu(tg.short_conv(p(x), c.weight)).reshape(B, T, H, -1) for p, c in (
+            (self.q_proj, self.q_conv), (self.k_proj, self.k_conv), (self.v_proj, self.v_conv)))
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        beta = torch.sigmoid(self.b_proj(x).float())
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        o, _ = tg.gdn_core(self.backend, q, k, v, g, beta, self.k_dim ** -0.5)
+        gate = F.silu(self.g_proj(x)).reshape(B, T, H, self.v_dim)
+        o = tg.rms_norm(o.to(x.dtype), self.o_norm_weight.to(x.dtype)) * gate
+        return self.o_proj(o.reshape(B, T, H * self.v_dim))
+
+
+class NoConvGDN(tg.GatedDeltaNet):
+    """Ablation for the breakdown, not a model: the production mixer with its three short convolutions skipped
+    (SiLU applied to the projections directly). Its time against the production mixer's is what the convolutions
+    cost, forward and backward."""
+
+    def forward(self, x, state=None, stream=None):
+        B, T, _ = x.shape
+        H = self.heads
+        q, k, v = (F.silu(p(x)).reshape(B, T, H, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+        beta = torch.sigmoid(self.b_proj(x).float())
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        o, _ = tg.gdn_core(self.backend, q, k, v, g, beta, self.k_dim ** -0.5)
+        gate = F.silu(self.g_proj(x).float()).reshape(B, T, H, self.v_dim)
+        o = tg.rms_norm(o.float(), self.o_norm_weight.float()) * gate
+        return self.o_proj(o.reshape(B, T, H * self.v_dim).to(x.dtype))
+
+
+# (label, class, conv backend: None = what resolve_backends picked, as train_gpt.py runs)
+MIXER_VARIANTS = (("train_gpt.py", tg.GatedDeltaNet, None), ("short conv by torch.compile", tg.GatedDeltaNet, "torch"),
+                  ("fused projections", FusedGDN, "torch"), ("bf16 between kernels", BF16GDN, "torch"),
+                  ("ablation: no short convs", NoConvGDN, "torch"))
+
+
 def bench_fusion(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, repeat: int) -> list[dict]:
-    """One GDN mixer, compiled, forward + backward at the micro-batch shape: one matmul per projection (production)
-    vs the six projections as one matmul."""
+    """One GDN mixer, compiled, forward + backward at the micro-batch shape, in each form of MIXER_VARIANTS (the
+    production mixer first); with BENCH_PROFILE=1 also each form's top GPU kernels. Every form is compiled and warmed
+    up before any is timed: on an H100, whichever form was timed first after the kernel checks once took 7.9 and
+    9.1 ms, against 5.3-5.5 for the same forms timed later in the same process (logs/bench/h100_j16_*, h100_j17_*)."""
     mc = tg.ModelConfig.from_config(cfg)
     B, T = cfg.train_batch_tokens // rt.grad_accum_steps // cfg.train_seq_len, cfg.train_seq_len
     x = torch.randn(B, T, mc.model_dim, device=rt.device)
-    timer, rows = Timer(rt.device), []
-    for name, cls in (("one matmul per projection (train_gpt.py)", tg.GatedDeltaNet), ("fused projections", FusedGDN)):
+    timer, forms, rows = Timer(rt.device), [], []
+    for name, cls, conv in MIXER_VARIANTS:
         torch.manual_seed(0)
+        name, conv = (f"{name} (conv {backends.conv})", backends.conv) if conv is None else (name, conv)
         mixer = cls(mc.model_dim, mc.gdn_heads, mc.gdn_head_dim, mc.gdn_expand_v, mc.gdn_conv_size,
-                    backends.gdn).to(rt.device)
+                    backends.gdn, conv).to(rt.device)
         fn = tg.maybe_compile(mixer, cfg, rt)
 
         def run(fn=fn):
@@ -335,12 +382,17 @@ def bench_fusion(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, repeat: 
             y.float().sum().backward()
 
         timer(run, 3)
+        forms.append((name, run))
+    for name, run in forms:
+        timer(run, 2)
         if rt.cuda:
             torch.cuda.reset_peak_memory_stats()
         ms = timer(run, repeat)
         peak = torch.cuda.max_memory_allocated() / 2**20 if rt.cuda else 0.0
         rows.append(dict(mixer=name, ms=round(ms, 3), peak_mem_mib=round(peak)))
-        print(f"  {name:<30}{ms:>9.3f} ms  peak {peak:,.0f} MiB", flush=True)
+        print(f"  {name:<42}{ms:>9.3f} ms  peak {peak:,.0f} MiB", flush=True)
+        if rt.cuda and os.environ.get("BENCH_PROFILE", "0") != "0":
+            print_profile(run, name, env_int("BENCH_PROFILE_ROWS", 30))
     return rows
 
 
@@ -415,7 +467,7 @@ def main() -> int:
     mc = tg.ModelConfig.from_config(cfg)
     backends = tg.resolve_backends(cfg, rt, mc, log, check=True)  # the kernel check, as before training
     device_name = torch.cuda.get_device_name() if rt.cuda else "cpu"
-    print(f"device: {device_name}, torch {torch.__version__}, backends gdn:{backends.gdn} attention:{backends.attn}, "
+    print(f"device: {device_name}, torch {torch.__version__}, backends gdn:{backends.gdn} conv:{backends.conv} attention:{backends.attn}, "
           f"batch {cfg.train_batch_tokens} tokens x seq {cfg.train_seq_len}, {steps} timed steps", flush=True)
     kernels, ttt = [], []
     if os.environ.get("BENCH_TTT"):
