@@ -25,7 +25,8 @@ def test_preset_sets_values_and_env_still_wins():
     ({"NUM_HEADS": "3"}, "MODEL_DIM=512 not divisible by NUM_HEADS=3"),
     ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS=3"),
     ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096"),
-    ({"EVAL_STRIDE": "64", "EVAL_MODE": "stream"}, "add EVAL_MODE=window"),  # stream mode has no stride to apply
+    ({"EVAL_STRIDE": "64", "EVAL_MODE": "stream", "LAYOUT": "GGSGs"}, "add EVAL_MODE=window"),  # no stride to apply
+    ({"EVAL_MODE": "stream"}, "LAYOUT=AAAGAAAAAAGAAA has full attention"),  # refused before training, not after it
     ({"COMPRESSOR": "zip"}, "COMPRESSOR='zip'"),
     ({"ATTN_BACKEND": "flash"}, "ATTN_BACKEND='flash'"),
     ({"GDN_BACKEND": "tilelang"}, "GDN_BACKEND='tilelang'"),
@@ -102,7 +103,10 @@ def test_default_stride_slides_and_is_capped_at_the_window():
     assert tg.Config.from_env({}).stride == 512 and tg.Config.from_env({}).eval_len == 2048
     assert tg.Config.from_env({"EVAL_SEQ_LEN": "256"}).stride == 256  # the default stride: plain windows of 256
     assert tg.Config.from_env({"EVAL_STRIDE": "0"}).stride == 2048  # 0: plain windows
-    assert tg.Config.from_env({"EVAL_MODE": "stream"}).eval_mode == "stream"  # the default stride is not in the way
+    stream = tg.Config.from_env({"EVAL_MODE": "stream", "LAYOUT": "GGGGGSGGGGGs"})
+    assert stream.eval_mode == "stream"  # the default stride is not in the way
+    assert tg.Config.from_env({"EVAL_MODE": "stream", "EVAL_ONLY": "1", "ARTIFACT_PATH": "a.pgz"}).eval_only  # the
+    # artifact's layout decides, when it is read
 
 
 def test_ttt_compile_modes_and_what_runs_ttt():
