@@ -16,8 +16,8 @@ TOKENIZER_PATH are not needed: the loader is timed on synthetic shards written t
 BENCH_COMPARE=0 skips the all-attention stack; BENCH_BREAKDOWN=0 the breakdown; BENCH_FUSION=1 times one GDN
 mixer (one matmul per input projection) against other forms of it (MIXER_VARIANTS: the projections fused into one
 matmul, bf16 between kernels, and an ablation without the short convolutions that shows what they cost);
-BENCH_PROFILE=1 prints each stack's (and each BENCH_FUSION mixer's) top GPU kernels from torch.profiler. BENCH_VARIANTS adds whole-step timings of
-other settings (name:KEY=VALUE,KEY=VALUE;...) in the same process.
+BENCH_PROFILE=1 prints each stack's (and each BENCH_FUSION mixer's) top GPU kernels from torch.profiler.
+BENCH_VARIANTS adds whole-step timings of other settings (name:KEY=VALUE,KEY=VALUE;...) in the same process.
 BENCH_TTT=1,8 times one score-first TTT adaptation step (train_gpt.ttt_adapt: forward, backward, SGD) of 1 and 8
 sequences of EVAL_SEQ_LEN, eager and compiled (and with CUDA graphs, torch.compile's reduce-overhead mode, with
 BENCH_TTT_GRAPHS=1), with the GPU kernels' share of each step's time (a step whose kernels take a fraction of its
@@ -467,8 +467,8 @@ def main() -> int:
     mc = tg.ModelConfig.from_config(cfg)
     backends = tg.resolve_backends(cfg, rt, mc, log, check=True)  # the kernel check, as before training
     device_name = torch.cuda.get_device_name() if rt.cuda else "cpu"
-    print(f"device: {device_name}, torch {torch.__version__}, backends gdn:{backends.gdn} conv:{backends.conv} attention:{backends.attn}, "
-          f"batch {cfg.train_batch_tokens} tokens x seq {cfg.train_seq_len}, {steps} timed steps", flush=True)
+    print(f"device: {device_name}, torch {torch.__version__}, backends gdn:{backends.gdn} conv:{backends.conv} "
+          f"attention:{backends.attn}, batch {cfg.train_batch_tokens} tokens x seq {cfg.train_seq_len}, {steps} timed steps", flush=True)
     kernels, ttt = [], []
     if os.environ.get("BENCH_TTT"):
         print(f"TTT adaptation step ({cfg.ttt_params} parameters, SGD):", flush=True)
