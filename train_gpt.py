@@ -44,6 +44,7 @@ import torch.nn.functional as F
 # ------------------------------------------------------------------------------------------------------------------
 
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: counted code + compressed model
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 MICRO_BATCH_TOKENS = 65_536  # the default accumulation: each rank's share of a step in micro-batches of at most this
 
 
@@ -90,8 +91,13 @@ class Config:
     smear_gate: bool = False  # SmearGate: add a gated copy of the previous token's embedding (never across a BOS)
     unet_skips: bool = False  # U-Net skips: the first half's layer outputs feed the mirrored layers of the second half
     bos_id: int = 1  # the tokenizer's BOS (SPEC: 1); BigramHash and SmearGate never look back across it
+    residual_bf16: bool = False  # under autocast (CUDA) keep the residual stream in bf16 instead of fp32: half the
+    #                              memory traffic of the norms and residual adds (README, Throughput)
     # kernels
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
+    compile_mode: str = "default"  # torch.compile mode of the training model: default | max-autotune-no-cudagraphs
+    #                                (Triton matmul templates autotuned, element-wise code fused into them; slower to
+    #                                compile, inside the warmup steps before the timer)
     gdn_backend: str = "auto"  # auto (qla where it applies, else fla, on CUDA) | fla | qla (FlashQLA, K=V=128) | torch
     gdn_conv: str = "auto"  # GDN short conv + SiLU when training: auto (fla's Triton kernel with a fast GDN backend) |
     #                         fla | torch (shifted multiply-adds, fused by torch.compile)
@@ -223,6 +229,8 @@ class Config:
              f"EVAL_MODE=stream needs layers with bounded state, and LAYOUT={self.layout} has full attention (A): "
              "use S (sliding window) layers, or EVAL_MODE=window")  # before training, not after it
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r} must be auto, 0 or 1")
+        need(self.compile_mode in COMPILE_MODES,
+             f"COMPILE_MODE={self.compile_mode!r} must be one of {', '.join(COMPILE_MODES)}")
         need(self.gdn_backend in ("auto", "fla", "qla", "torch"),
              f"GDN_BACKEND={self.gdn_backend!r} must be auto, fla, qla or torch")
         need(self.gdn_conv in ("auto", "fla", "torch"), f"GDN_CONV={self.gdn_conv!r} must be auto, fla or torch")
@@ -1069,7 +1077,8 @@ class Attention(nn.Module):
 
 MODEL_FIELDS = ("vocab_size", "layout", "model_dim", "mlp_mult", "num_heads", "num_kv_heads", "swa_window", "rope_dims",
                 "rope_base", "gdn_heads", "gdn_head_dim", "gdn_expand_v", "gdn_conv_size", "logit_softcap",
-                "tied_embed_init_std", "bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id")
+                "tied_embed_init_std", "bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id",
+                "residual_bf16")
 
 
 @dataclass(frozen=True)
@@ -1097,6 +1106,7 @@ class ModelConfig:
     smear_gate: bool = False
     unet_skips: bool = False
     bos_id: int = 1
+    residual_bf16: bool = False  # artifacts from before the setting were trained with an fp32 residual stream
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ModelConfig":
@@ -1146,10 +1156,12 @@ class GPT(nn.Module):
         """input_ids (B, T) -> logits (B, T, V) if no targets, else the cross-entropy ('mean' or per token (B, T)).
         With `stream`, every layer continues from (and updates) its carried state."""
         x = rms_norm(self.embed(input_ids, stream))
+        if self.mc.residual_bf16 and torch.is_autocast_enabled(x.device.type):  # the mixers and MLPs return bf16
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         skips, L = [], len(self.layer_mixer)
         for i, m in enumerate(self.layer_mixer):
             if i >= L - self.n_skips:  # second half: the mirrored first-half layer's output (U-Net)
-                x = x + self.skip_weights[i - (L - self.n_skips)] * skips.pop()
+                x = x + self.skip_weights[i - (L - self.n_skips)].to(x.dtype) * skips.pop()
             x = x + self.mixers[m](rms_norm(x), None if stream is None else stream.layers[i], stream)
             x = x + self.mlps[i](rms_norm(x))
             if i < self.n_skips:
@@ -2467,7 +2479,7 @@ def log_header(cfg: Config, rt: Runtime, log: Logger, run_id: str) -> None:
 
 def maybe_compile(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
     if cfg.compile == "1" or (cfg.compile == "auto" and rt.cuda):
-        return torch.compile(model, dynamic=False)
+        return torch.compile(model, dynamic=False, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     return model
 
 

@@ -29,6 +29,7 @@ def test_preset_sets_values_and_env_still_wins():
     ({"EVAL_MODE": "stream"}, "LAYOUT=AAAGAAAAAAGAAA has full attention"),  # refused before training, not after it
     ({"COMPRESSOR": "zip"}, "COMPRESSOR='zip'"),
     ({"ATTN_BACKEND": "flash"}, "ATTN_BACKEND='flash'"),
+    ({"COMPILE_MODE": "max-autotune"}, "COMPILE_MODE='max-autotune' must be one of"),
     ({"GDN_BACKEND": "tilelang"}, "GDN_BACKEND='tilelang'"),
     ({"BIGRAM_BUCKETS": "1"}, "BIGRAM_BUCKETS=1"),
     ({"BOS_ID": "1024"}, "BOS_ID=1024"),

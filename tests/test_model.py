@@ -220,6 +220,26 @@ def test_unet_skips_pair_mirrored_layers_and_zero_weights_remove_them():
 def test_artifacts_from_before_the_new_model_fields_still_load_with_the_features_off():
     cfg = tg.Config.from_env({"PRESET": "tiny"})
     old_fields = {k: v for k, v in tg.ModelConfig.from_config(cfg).__dict__.items()
-                  if k not in ("bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id")}
+                  if k not in ("bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id", "residual_bf16")}
     mc = tg.ModelConfig(**old_fields)
-    assert (mc.bigram_buckets, mc.smear_gate, mc.unet_skips) == (0, False, False)
+    assert (mc.bigram_buckets, mc.smear_gate, mc.unet_skips, mc.residual_bf16) == (0, False, False, False)
+
+
+def test_residual_bf16_keeps_the_stream_in_bf16_under_autocast_and_changes_nothing_without_it():
+    ids, targets = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
+    models = {flag: tiny_model(layout="GSA", RESIDUAL_BF16=flag, UNET_SKIPS="1") for flag in ("0", "1")}
+    seen = {}
+    for flag, model in models.items():  # the dtype each MLP and the head's norm are fed
+        for i, mlp in enumerate(model.mlps):
+            mlp.register_forward_pre_hook(lambda _m, args, flag=flag, i=i: seen.__setitem__((flag, i), args[0].dtype))
+    with torch.no_grad():
+        assert torch.equal(models["0"](ids, targets), models["1"](ids, targets))  # no autocast: fp32 throughout
+        assert set(seen.values()) == {torch.float32}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = {flag: model(ids, targets).float() for flag, model in models.items()}
+            compiled = torch.compile(models["1"], fullgraph=True)(ids, targets).float()
+    assert {seen[("1", i)] for i in range(3)} == {torch.bfloat16}
+    assert {seen[("0", i)] for i in range(3)} == {torch.float32}
+    assert losses["0"] != losses["1"]  # the stream really is rounded differently
+    assert abs(losses["0"] - losses["1"]) < 0.02 * losses["0"]
+    assert abs(compiled - losses["1"]) < 0.02 * losses["1"]

@@ -463,9 +463,10 @@ def main() -> int:
     steps, warmup = env_int("BENCH_STEPS", 10), env_int("BENCH_WARMUP", 3)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     rt = tg.Runtime(0, 1, 0, device, cfg.grad_accum_steps or tg.default_accum(cfg, 1))
-    log = tg.Logger(None)
+    log = tg.Logger(None)  # silent: the variants' kernel checks
     mc = tg.ModelConfig.from_config(cfg)
-    backends = tg.resolve_backends(cfg, rt, mc, log, check=True)  # the kernel check, as before training
+    backends = tg.resolve_backends(cfg, rt, mc, lambda msg, console=True: print(msg, flush=True),
+                                   check=True)  # the kernel check, as before training, with its errors printed
     device_name = torch.cuda.get_device_name() if rt.cuda else "cpu"
     print(f"device: {device_name}, torch {torch.__version__}, backends gdn:{backends.gdn} conv:{backends.conv} "
           f"attention:{backends.attn}, batch {cfg.train_batch_tokens} tokens x seq {cfg.train_seq_len}, {steps} timed steps", flush=True)
