@@ -67,9 +67,9 @@ def test_a_world_size_that_cannot_split_the_batch_is_refused(monkeypatch):
         tg.init_runtime(tg.Config())
 
 
-def test_default_accumulation_keeps_micro_batches_of_32_sequences():
-    for batch, world, accum in ((262_144, 1, 4), (262_144, 2, 2), (262_144, 8, 1), (524_288, 1, 8), (524_288, 8, 1),
-                                (1024, 1, 1)):
+def test_default_accumulation_keeps_micro_batches_of_64_sequences():
+    for batch, world, accum in ((262_144, 1, 2), (262_144, 2, 1), (262_144, 8, 1), (524_288, 1, 4), (524_288, 2, 2),
+                                (524_288, 8, 1), (393_216, 1, 3), (1024, 1, 1)):
         assert tg.default_accum(tg.Config(train_batch_tokens=batch), world) == accum
 
 

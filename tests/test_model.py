@@ -223,6 +223,7 @@ def test_artifacts_from_before_the_new_model_fields_still_load_with_the_features
                   if k not in ("bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id", "residual_bf16")}
     mc = tg.ModelConfig(**old_fields)
     assert (mc.bigram_buckets, mc.smear_gate, mc.unet_skips, mc.residual_bf16) == (0, False, False, False)
+    assert tg.Config().residual_bf16  # new runs keep the stream in bf16; old artifacts are rescored as trained
 
 
 def test_residual_bf16_keeps_the_stream_in_bf16_under_autocast_and_changes_nothing_without_it():
