@@ -2485,6 +2485,15 @@ def maybe_compile(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
     return model
 
 
+def wrap_ddp(compiled: nn.Module, rt: Runtime) -> nn.Module:
+    """The training model on several ranks: DDP around the compiled module (gradients averaged at each step's last
+    micro-batch); on one rank the compiled module itself."""
+    if not rt.distributed:
+        return compiled
+    return nn.parallel.DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.cuda else None,
+                                               broadcast_buffers=False)
+
+
 def build_model(mc: ModelConfig, backends: Backends, rt: Runtime) -> nn.Module:
     return GPT(mc, backends).to(rt.device)
 
@@ -2619,8 +2628,7 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
     for line in describe_routes(base):
         log(line)
     compiled = maybe_compile(base, cfg, rt)
-    model = nn.parallel.DistributedDataParallel(compiled, device_ids=[rt.local_rank] if rt.cuda else None,
-                                                broadcast_buffers=False) if rt.distributed else compiled
+    model = wrap_ddp(compiled, rt)
     warmup_then_restore(base, model, opts, cfg, rt, log)
     ema = EMA(base, cfg.ema_decay) if cfg.ema_decay > 0 else None
     stats = train(base, model, opts, ema, cfg, rt, log, val_tokens, tables)

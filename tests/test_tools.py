@@ -95,3 +95,23 @@ def test_bench_ttt_times_one_adaptation_step_per_call(tmp_path):
     bench = run_bench(tmp_path, BENCH_STEPS="1", BENCH_TTT="1,2", BENCH_COMPARE="0", BENCH_BREAKDOWN="0")
     assert [(r["seqs"], r["mode"]) for r in bench["ttt"]] == [(1, "eager"), (2, "eager")]
     assert all(r["ms"] > 0 and r["seq_len"] == cfg.eval_len for r in bench["ttt"])
+
+
+def test_bench_ddp_times_the_step_and_its_parts_on_two_ranks(tmp_path):
+    """tools/bench_ddp.py under torchrun (two CPU ranks, gloo): the whole step and every part, slowest rank."""
+    env = {**os.environ, "PRESET": "tiny", "BENCH_STEPS": "2", "BENCH_WARMUP": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "tools" / "bench_ddp.py")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("bench ")]
+    assert len(lines) == 1  # rank 0 reports, once
+    bench = json.loads(lines[0][6:])
+    assert bench["world_size"] == 2 and bench["grad_accum_steps"] == tg.PRESETS["tiny"]["grad_accum_steps"]
+    assert set(bench["parts_ms"]) == {"forward + backward (no gradient sync)", "gradient all-reduce",
+                                      "Muon's update all-reduce", "optimizer step (Muon + Adam)", "EMA update",
+                                      "data loader"}
+    assert all(v > 0 for v in bench["parts_ms"].values())
+    assert bench["tokens_per_s"] == round(tg.PRESETS["tiny"]["train_batch_tokens"] / (bench["ms_per_step"] / 1000))
+    forward_backward = bench["parts_ms"]["forward + backward (no gradient sync)"]
+    assert bench["unshared_ms"] == round(bench["ms_per_step"] - forward_backward, 2)
