@@ -230,7 +230,7 @@ def test_residual_bf16_keeps_the_stream_in_bf16_under_autocast_and_changes_nothi
     ids, targets = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
     models = {flag: tiny_model(layout="GSA", RESIDUAL_BF16=flag, UNET_SKIPS="1") for flag in ("0", "1")}
     seen = {}
-    for flag, model in models.items():  # the dtype each MLP and the head's norm are fed
+    for flag, model in models.items():  # the dtype of the stream each MLP is fed (its pre-norm keeps the dtype)
         for i, mlp in enumerate(model.mlps):
             mlp.register_forward_pre_hook(lambda _m, args, flag=flag, i=i: seen.__setitem__((flag, i), args[0].dtype))
     with torch.no_grad():

@@ -19,6 +19,7 @@ not needed: the loader reads synthetic shards written to a temporary folder. Fig
 `bench {json}` line (rank 0).
 """
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -48,7 +49,7 @@ def bench_parts(model, base, opts, ema, loader, cfg: tg.Config, rt: tg.Runtime, 
     def forward_backward():
         for _ in range(rt.grad_accum_steps):
             x, y = loader.next_batch()
-            with model.no_sync() if rt.distributed else tg.contextlib.nullcontext(), tg.autocast(rt):
+            with model.no_sync() if rt.distributed else contextlib.nullcontext(), tg.autocast(rt):
                 loss = model(x, y)
             (loss / rt.grad_accum_steps).backward()
         for p in base.parameters():
