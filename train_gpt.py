@@ -2164,6 +2164,13 @@ def guarded_gdn_kernel_errors(mc: ModelConfig, T: int) -> tuple[dict[str, float]
         return gdn_kernel_errors(mc, T, torch.device("cuda")), True
 
 
+def require_close(log: Logger, label: str, errs: dict[str, float], tol: float, what: str, advice: str = "") -> None:
+    """Logs a kernel check's relative errors and refuses to go on when any exceeds tol."""
+    log(f"kernel_check {label}: " + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
+    if not all(v <= tol for v in errs.values()):
+        raise RuntimeError(f"{what} disagrees with the reference: {errs}" + (f"; {advice}" if advice else ""))
+
+
 def check_gdn_kernel(mc: ModelConfig, cfg: Config, log: Logger, impl: str) -> None:
     """Refuses to train unless the kernel's forward and backward match the float64 reference at the configured shapes.
     If fla's Hopper guard blocked the backward (and tilelang is absent), the guard is lifted only after the check
@@ -2193,8 +2200,6 @@ def check_gdn_kernel(mc: ModelConfig, cfg: Config, log: Logger, impl: str) -> No
 def qla_unavailable(mc: ModelConfig) -> str:
     """Why FlashQLA cannot run this model here ('' if it can): it needs the package, K = V = 128, and a GPU it
     implements both directions for (sm90, sm100, sm103)."""
-    import importlib.util  # noqa: PLC0415
-
     if importlib.util.find_spec("flash_qla") is None:
         return "flash_qla is not installed"
     if mc.gdn_head_dim != 128 or mc.gdn_expand_v != 1.0:
@@ -2268,29 +2273,22 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
         if gdn in FAST_GDN_BACKENDS and has_gdn:
             check_gdn_kernel(mc, cfg, log, gdn)
         if conv == "fla" and has_gdn:
-            errs = conv_kernel_errors(mc, cfg.train_seq_len, rt.device)
-            log("kernel_check conv_silu(fla) vs float64 reference: " + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
-            if not all(v <= cfg.kernel_check_tol for v in errs.values()):
-                raise RuntimeError(f"fla's short-convolution kernel disagrees with the reference on "
-                                   f"{torch.cuda.get_device_name()}: {errs}; refusing to train (GDN_CONV=torch runs "
-                                   "the reference, fused by torch.compile)")
+            require_close(log, "conv_silu(fla) vs float64 reference",
+                          conv_kernel_errors(mc, cfg.train_seq_len, rt.device), cfg.kernel_check_tol,
+                          f"fla's short-convolution kernel on {torch.cuda.get_device_name()}",
+                          "refusing to train (GDN_CONV=torch runs the reference, fused by torch.compile)")
         if gdn in FAST_GDN_BACKENDS and has_gdn and cfg.eval_mode == "stream":
-            errs = gdn_stream_kernel_errors(mc, cfg.stream_segment, rt.device, impl=gdn)
-            log(f"kernel_check gdn_stream({gdn}, state + restarts) vs float64 reference: "
-                + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
-            if not all(v <= cfg.kernel_check_tol for v in errs.values()):
-                raise RuntimeError(f"the streaming path of GDN_BACKEND={gdn} disagrees with the reference: {errs}")
+            require_close(log, f"gdn_stream({gdn}, state + restarts) vs float64 reference",
+                          gdn_stream_kernel_errors(mc, cfg.stream_segment, rt.device, impl=gdn), cfg.kernel_check_tol,
+                          f"the streaming path of GDN_BACKEND={gdn}")
         if attn != "sdpa" and has_swa and mc.swa_window < cfg.train_seq_len:
             cases = [("", cfg.train_seq_len, 0)]
             if cfg.eval_mode == "stream" and not cfg.stream_reset:  # keys carried from the previous segment
                 cases.append((" streaming", min(cfg.stream_segment, 4096), mc.swa_window - 1))
             for label, T, cached in cases:
-                errs = attention_kernel_errors(mc, attn, T, rt.device, cached=cached)
-                log(f"kernel_check swa({attn}){label} vs fp32 masked SDPA: "
-                    + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
-                if not all(v <= cfg.kernel_check_tol for v in errs.values()):
-                    raise RuntimeError(f"attention backend {attn}{label} disagrees with the reference: {errs}; "
-                                       "set ATTN_BACKEND=sdpa")
+                require_close(log, f"swa({attn}){label} vs fp32 masked SDPA",
+                              attention_kernel_errors(mc, attn, T, rt.device, cached=cached), cfg.kernel_check_tol,
+                              f"attention backend {attn}{label}", "set ATTN_BACKEND=sdpa")
     took = f"; kernel checks {time.perf_counter() - t0:.1f}s (first kernel compiles included)" if checked else ""
     log(f"backends: gdn:{gdn} conv:{conv} attention:{attn} (window {mc.swa_window}){took}")
     return Backends(gdn, attn, conv)

@@ -123,3 +123,13 @@ def test_ttt_compile_modes_and_what_runs_ttt():
     assert pick("1", model) == (None, "eager")  # the model is not compiled at all (COMPILE=auto on a CPU)
     assert pick("1", compiled) == (compiled, "compiled")
     assert pick("graphs", compiled) == (compiled, "compiled")  # CUDA graphs need CUDA: compiled without them
+
+
+def test_a_kernel_check_logs_its_errors_and_refuses_above_the_tolerance():
+    lines = []
+    tg.require_close(lines.append, "conv_silu(fla) vs float64 reference", {"y": 1e-3, "dx": 2e-2}, 2e-2, "kernel")
+    assert lines == ["kernel_check conv_silu(fla) vs float64 reference: y:1.00e-03 dx:2.00e-02"]
+    with pytest.raises(RuntimeError, match=r"^backend X disagrees with the reference: \{'dx': 0.03\}; set Y$"):
+        tg.require_close(lines.append, "x", {"dx": 0.03}, 2e-2, "backend X", "set Y")
+    with pytest.raises(RuntimeError, match=r"^path Z disagrees with the reference: \{'o': nan\}$"):
+        tg.require_close(lines.append, "z", {"o": float("nan")}, 2e-2, "path Z")  # NaN is never within tolerance
