@@ -1242,42 +1242,57 @@ def newton_schulz(G: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tenso
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, then the update orthogonalized by Newton-Schulz and scaled by sqrt(max(1, rows/cols)).
-    With several ranks each orthogonalizes every world_size-th matrix and one all-reduce shares the results.
-    Matrices of one shape go through Newton-Schulz together, as one batched product per iteration."""
+    Matrices of one shape go through Newton-Schulz together, as one batched product per iteration. With several
+    ranks each shape's matrices are split into contiguous runs, one per rank; each rank writes its run's updates
+    into one bf16 buffer that is zero elsewhere, and one all-reduce of that buffer gives every rank all updates
+    (exact: each element is nonzero on one rank only). A step launches a few kernels per shape, not per matrix."""
 
     def __init__(self, params, lr: float, momentum: float, ns_steps: int, weight_decay: float, rt: Runtime):
         super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay))
         self.rt = rt
 
+    def _plan(self, params: list) -> list[tuple[tuple, list, int, int, int]]:
+        """(shape, its matrices, offset of the shape's block in the flat buffer, this rank's first and end index)."""
+        by_shape: dict[tuple, list] = {}
+        for p in params:
+            if p.grad is not None:
+                by_shape.setdefault(tuple(p.shape), []).append(p)
+        plan, offset, W, r = [], 0, self.rt.world_size, self.rt.rank
+        for shape, ps in by_shape.items():
+            n = len(ps)
+            plan.append((shape, ps, offset, r * n // W, (r + 1) * n // W))
+            offset += n * math.prod(shape)
+        return plan
+
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            params = group["params"]
-            if not params:
+            plan = self._plan(group["params"])
+            if not plan:
                 continue
-            offsets = [0]
-            for p in params:
-                offsets.append(offsets[-1] + p.numel())
-            flat = torch.zeros(offsets[-1], dtype=torch.float32, device=params[0].device)
-            mine = [i for i, p in enumerate(params) if i % self.rt.world_size == self.rt.rank and p.grad is not None]
-            by_shape: dict[tuple, list[int]] = {}
-            for i in mine:
-                by_shape.setdefault(tuple(params[i].shape), []).append(i)
-            for shape, idx in by_shape.items():
-                grads = [params[i].grad for i in idx]
-                bufs = [self.state[params[i]].setdefault("momentum_buffer", torch.zeros_like(g)) for i, g in zip(idx, grads)]
-                torch._foreach_mul_(bufs, group["momentum"])
-                torch._foreach_add_(bufs, grads)
-                nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
-                update = newton_schulz(nesterov, group["ns_steps"]).float() * max(1.0, shape[0] / shape[1]) ** 0.5
-                for j, i in enumerate(idx):
-                    flat[offsets[i]: offsets[i + 1]] = update[j].flatten()
-            if self.rt.distributed:
+            size = sum(len(ps) * math.prod(shape) for shape, ps, *_ in plan)
+            dtype = torch.bfloat16 if plan[0][1][0].is_cuda else torch.float32
+            flat = torch.zeros(size, dtype=dtype, device=plan[0][1][0].device) if self.rt.distributed else None
+            updates = []
+            for shape, ps, offset, lo, hi in plan:
+                numel = math.prod(shape)
+                block = (flat[offset: offset + len(ps) * numel].view(len(ps), *shape) if flat is not None
+                         else torch.empty(len(ps), *shape, dtype=dtype, device=ps[0].device))
+                if hi > lo:
+                    grads = [p.grad for p in ps[lo:hi]]
+                    bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(g)) for p, g in zip(ps[lo:hi], grads)]
+                    torch._foreach_mul_(bufs, group["momentum"])
+                    torch._foreach_add_(bufs, grads)
+                    nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
+                    block[lo:hi] = newton_schulz(nesterov, group["ns_steps"])
+                updates.append((shape, ps, block))
+            if flat is not None:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            for i, p in enumerate(params):
+            for shape, ps, block in updates:
                 if group["weight_decay"]:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offsets[i]: offsets[i + 1]].view_as(p), alpha=-group["lr"])
+                    torch._foreach_mul_(ps, 1.0 - group["lr"] * group["weight_decay"])
+                scaled = block.float() * max(1.0, shape[0] / shape[1]) ** 0.5
+                torch._foreach_add_(ps, list(scaled.unbind(0)), alpha=-group["lr"])
 
 
 # First matching rule wins. Every parameter must match one rule (checked by route_parameters).

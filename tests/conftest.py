@@ -4,6 +4,7 @@ so every test runs without ../shared/data; tests that use the shared tokenizers 
 import importlib.util
 import json
 import random
+import socket
 import sys
 from pathlib import Path
 
@@ -12,6 +13,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
+
+def spawn_ranks(worker, world: int, *args) -> None:
+    """Runs worker(rank, world, port, *args) in `world` fresh processes (gloo on a free local port; the worker joins
+    the process group itself) and waits for all of them; a failing rank fails the test."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(worker, args=(world, port, *args), nprocs=world, join=True, start_method="spawn")
+
 
 WORDS = ("the of and to in a is was for on that with as by at from his he it an were are which this be "
          "city river 1984 2,500 3.14 café naïve Zürich 東京 — data model golf byte token shard").split()

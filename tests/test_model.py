@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
+from conftest import spawn_ranks
 
 CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), grad_accum_steps=1)
 
@@ -126,6 +127,51 @@ def test_muon_with_mixed_shapes_and_momentum_matches_a_per_matrix_reference():
             ref[i] = ref[i] * (1 - 0.05 * 0.01) - 0.05 * upd
     for p, r in zip(params, ref):
         assert torch.allclose(p.detach(), r, atol=1e-5)
+
+
+MUON_SHAPES = [(16, 32), (32, 16), (16, 32), (8, 8), (16, 32), (32, 16), (16, 32)]
+
+
+def _muon_worker(rank, world, port, out_path):
+    """Three Muon steps on the same gradients on every rank; rank 0 saves the weights and the largest gap between
+    the ranks' weights."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch.manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in MUON_SHAPES]
+    init = torch.cat([p.detach().flatten() for p in params])
+    opt = tg.Muon(params, lr=0.05, momentum=0.9, ns_steps=5, weight_decay=0.01,
+                  rt=tg.Runtime(rank, world, rank, torch.device("cpu"), 1))
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    flat = torch.cat([p.detach().flatten() for p in params])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(gathered, flat)
+    if rank == 0:
+        torch.save((init, flat, max((g - flat).abs().max().item() for g in gathered)), out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_muon_on_two_ranks_matches_one_rank(tmp_path):
+    """Each rank orthogonalizes its run of each shape's matrices (3 of 5 and 1 of 2 here, uneven) and one
+    all-reduce shares them: the weights equal one rank's, on both ranks."""
+    results = {}
+    for world in (1, 2):
+        out = tmp_path / f"world{world}.pt"
+        spawn_ranks(_muon_worker, world, str(out))
+        results[world] = torch.load(out)
+    (init, w1, _), (_, w2, spread) = results[1], results[2]
+    assert spread == 0.0, "ranks ended with different weights"
+    assert (w1 - init).abs().min() > 0  # every weight moved
+    assert torch.allclose(w1, w2, atol=1e-6)
 
 
 def test_muon_step_moves_along_the_orthogonalized_momentum():

@@ -8,6 +8,7 @@ import torch
 
 import train_gpt as tg
 
+from conftest import spawn_ranks
 from test_model import FEATURES, tiny_model
 
 CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
@@ -294,18 +295,10 @@ def _ttt_worker(rank, world, port, mode, out_path):
 
 @pytest.mark.parametrize("mode", ["sliding_ttt", "stream_ttt"])
 def test_ttt_on_two_ranks_keeps_weights_identical_and_matches_one_rank(mode, tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
     results = {}
     for world in (1, 2):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
         out = tmp_path / f"world{world}.pt"
-        mp.start_processes(_ttt_worker, args=(world, port, mode, str(out)), nprocs=world, join=True,
-                           start_method="spawn")
+        spawn_ranks(_ttt_worker, world, mode, str(out))
         results[world] = torch.load(out)
     (loss1, n1, _, w1), (loss2, n2, spread, w2) = results[1], results[2]
     assert spread == 0.0, "ranks ended with different weights"
