@@ -174,6 +174,43 @@ def test_muon_on_two_ranks_matches_one_rank(tmp_path):
     assert torch.allclose(w1, w2, atol=1e-6)
 
 
+def _ddp_graphs_worker(rank, world, port, overlap, out_path):
+    """Counts the graphs dynamo compiles for a model in two 8 MiB gradient buckets, compiled, then wrapped."""
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(1024, 2048, bias=False), torch.nn.Linear(2048, 1024, bias=False)] * 2)
+    cfg = tg.Config.from_env({"PRESET": "tiny", "DDP_OVERLAP": overlap})
+    ddp = tg.wrap_ddp(torch.compile(model, backend=backend), cfg, tg.Runtime(rank, world, rank, torch.device("cpu"), 1))
+    ddp(torch.randn(4, 1024)).sum().backward()
+    if rank == 0:
+        torch.save(len(graphs), out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ddp_overlap_decides_whether_dynamo_splits_the_compiled_graph(tmp_path):
+    """DDP_OVERLAP=1: dynamo's DDPOptimizer cuts the graph at DDP's 25 MB buckets (32 MiB of weights: 2 graphs);
+    DDP_OVERLAP=0 (default): one graph."""
+    counts = {}
+    for overlap in ("0", "1"):
+        out = tmp_path / f"overlap{overlap}.pt"
+        spawn_ranks(_ddp_graphs_worker, 2, overlap, str(out))
+        counts[overlap] = torch.load(out)
+    assert counts == {"0": 1, "1": 2}
+
+
 def test_muon_step_moves_along_the_orthogonalized_momentum():
     torch.manual_seed(2)
     p = torch.nn.Parameter(torch.randn(16, 32))

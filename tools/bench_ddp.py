@@ -87,7 +87,7 @@ def main() -> int:
         cfg = tg.Config(**{**cfg.__dict__, "data_path": data})
         base = tg.build_model(mc, backends, rt)
         opts = tg.build_optimizers(base, cfg, rt)
-        model = tg.wrap_ddp(tg.maybe_compile(base, cfg, rt), rt)
+        model = tg.wrap_ddp(tg.maybe_compile(base, cfg, rt), cfg, rt)
         ema = tg.EMA(base, cfg.ema_decay) if cfg.ema_decay > 0 else None
         loader = tg.TrainLoader(cfg, rt)
 
