@@ -29,6 +29,7 @@ import statistics
 import struct
 import time
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -2338,16 +2339,21 @@ def muon_momentum(step: int, cfg: Config) -> float:
 
 
 def train_step(model: nn.Module, opts: Optimizers, loader: TrainLoader, cfg: Config, rt: Runtime, step: int,
-               lr_mult: float) -> torch.Tensor:
-    """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (a tensor, not synced)."""
+               lr_mult: float, mark: Callable[[str], None] | None = None) -> torch.Tensor:
+    """One optimizer step over grad_accum_steps micro-batches; returns the mean loss (a tensor, not synced).
+    mark (benchmarks) is called with a phase's name as each phase has been launched."""
+    mark = mark or (lambda phase: None)
     total = torch.zeros((), device=rt.device)
     for micro in range(rt.grad_accum_steps):
         x, y = loader.next_batch()
+        mark("data")
         sync = micro == rt.grad_accum_steps - 1
         with (contextlib.nullcontext() if sync or not rt.distributed else model.no_sync()):
             with autocast(rt):
                 loss = model(x, y)
+            mark("forward")
             (loss / rt.grad_accum_steps).backward()
+        mark("backward (gradient all-reduce included)" if sync and rt.distributed else "backward")
         total += loss.detach()
     for o in opts.all():
         for g in o.param_groups:
@@ -2356,9 +2362,11 @@ def train_step(model: nn.Module, opts: Optimizers, loader: TrainLoader, cfg: Con
         g["momentum"] = muon_momentum(step, cfg)
     if cfg.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-    for o in opts.all():
+        mark("gradient clipping")
+    for name, o in (("Muon", opts.muon), ("Adam", opts.adam)):
         o.step()
         o.zero_grad(set_to_none=True)
+        mark(name)
     return total / rt.grad_accum_steps
 
 

@@ -115,3 +115,7 @@ def test_bench_ddp_times_the_step_and_its_parts_on_two_ranks(tmp_path):
     assert bench["tokens_per_s"] == round(tg.PRESETS["tiny"]["train_batch_tokens"] / (bench["ms_per_step"] / 1000))
     forward_backward = bench["parts_ms"]["forward + backward (no gradient sync)"]
     assert bench["unshared_ms"] == round(bench["ms_per_step"] - forward_backward, 2)
+    # the phases of a real step, the last micro-batch's backward carrying DDP's all-reduce
+    assert set(bench["phases_ms"]) == {"data", "forward", "backward", "backward (gradient all-reduce included)",
+                                       "Muon", "Adam", "EMA"}
+    assert all(v > 0 for v in bench["phases_ms"].values()) and bench["loop_ms_per_step"] > 0
