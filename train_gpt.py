@@ -1275,17 +1275,18 @@ class Muon(torch.optim.Optimizer):
             plan = self._plan(group["params"])
             if not plan:
                 continue
+            device = plan[0][1][0].device
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
             size = sum(len(ps) * math.prod(shape) for shape, ps, *_ in plan)
-            dtype = torch.bfloat16 if plan[0][1][0].is_cuda else torch.float32
-            flat = torch.zeros(size, dtype=dtype, device=plan[0][1][0].device) if self.rt.distributed else None
+            flat = torch.zeros(size, dtype=dtype, device=device) if self.rt.distributed else None
             updates = []
             for shape, ps, offset, lo, hi in plan:
-                numel = math.prod(shape)
-                block = (flat[offset: offset + len(ps) * numel].view(len(ps), *shape) if flat is not None
-                         else torch.empty(len(ps), *shape, dtype=dtype, device=ps[0].device))
+                block = (flat[offset: offset + len(ps) * math.prod(shape)].view(len(ps), *shape) if flat is not None
+                         else torch.empty(len(ps), *shape, dtype=dtype, device=device))
                 if hi > lo:
                     grads = [p.grad for p in ps[lo:hi]]
-                    bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(g)) for p, g in zip(ps[lo:hi], grads)]
+                    bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(g))
+                            for p, g in zip(ps[lo:hi], grads)]
                     torch._foreach_mul_(bufs, group["momentum"])
                     torch._foreach_add_(bufs, grads)
                     nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
+
 def spawn_ranks(worker, world: int, *args) -> None:
     """Runs worker(rank, world, port, *args) in `world` fresh processes (gloo on a free local port; the worker joins
     the process group itself) and waits for all of them; a failing rank fails the test."""

@@ -175,7 +175,8 @@ def test_muon_on_two_ranks_matches_one_rank(tmp_path):
 
 
 def _ddp_graphs_worker(rank, world, port, overlap, out_path):
-    """Counts the graphs dynamo compiles for a model in two 8 MiB gradient buckets, compiled, then wrapped."""
+    """Counts the graphs dynamo compiles for a model of two 8 MiB layers (each used twice), compiled, then wrapped
+    in DDP by wrap_ddp."""
     import os
 
     import torch.distributed as dist
@@ -201,8 +202,8 @@ def _ddp_graphs_worker(rank, world, port, overlap, out_path):
 
 
 def test_ddp_overlap_decides_whether_dynamo_splits_the_compiled_graph(tmp_path):
-    """DDP_OVERLAP=1: dynamo's DDPOptimizer cuts the graph at DDP's 25 MB buckets (32 MiB of weights: 2 graphs);
-    DDP_OVERLAP=0 (default): one graph."""
+    """DDP_OVERLAP=1: dynamo's DDPOptimizer cuts the graph where DDP's buckets close (the first at 1 MiB, the others
+    at 25 MB; here one cut, 2 graphs); DDP_OVERLAP=0 (default): one graph."""
     counts = {}
     for overlap in ("0", "1"):
         out = tmp_path / f"overlap{overlap}.pt"

@@ -23,7 +23,6 @@ not needed: the loader reads synthetic shards written to a temporary folder. Fig
 `bench {json}` line (rank 0).
 """
 
-
 import contextlib
 import json
 import os
