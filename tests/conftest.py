@@ -15,15 +15,31 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
 
+def _rank_main(rank: int, world: int, port: int, worker, args: tuple) -> None:
+    """One spawned rank: joins a gloo group on the local port, runs worker(rank, world, *args) on one thread, then
+    waits for every rank before the group is torn down (a rank leaving early was seen to abort the other)."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    worker(rank, world, *args)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def spawn_ranks(worker, world: int, *args) -> None:
-    """Runs worker(rank, world, port, *args) in `world` fresh processes (gloo on a free local port; the worker joins
-    the process group itself) and waits for all of them; a failing rank fails the test."""
+    """Runs worker(rank, world, *args) in `world` fresh processes, each in one gloo group on a free local port, and
+    waits for all of them; a failing rank fails the test."""
     import torch.multiprocessing as mp
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.start_processes(worker, args=(world, port, *args), nprocs=world, join=True, start_method="spawn")
+    mp.start_processes(_rank_main, args=(world, port, worker, args), nprocs=world, join=True, start_method="spawn")
 
 
 WORDS = ("the of and to in a is was for on that with as by at from his he it an were are which this be "

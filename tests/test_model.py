@@ -132,16 +132,11 @@ def test_muon_with_mixed_shapes_and_momentum_matches_a_per_matrix_reference():
 MUON_SHAPES = [(16, 32), (32, 16), (16, 32), (8, 8), (16, 32), (32, 16), (16, 32)]
 
 
-def _muon_worker(rank, world, port, out_path):
+def _muon_worker(rank, world, out_path):
     """Three Muon steps on the same gradients on every rank; rank 0 saves the weights and the largest gap between
     the ranks' weights."""
-    import os
-
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
     torch.manual_seed(4)
     params = [torch.nn.Parameter(torch.randn(s)) for s in MUON_SHAPES]
     init = torch.cat([p.detach().flatten() for p in params])
@@ -156,8 +151,6 @@ def _muon_worker(rank, world, port, out_path):
     dist.all_gather(gathered, flat)
     if rank == 0:
         torch.save((init, flat, max((g - flat).abs().max().item() for g in gathered)), out_path)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def test_muon_on_two_ranks_matches_one_rank(tmp_path):
@@ -174,16 +167,9 @@ def test_muon_on_two_ranks_matches_one_rank(tmp_path):
     assert torch.allclose(w1, w2, atol=1e-6)
 
 
-def _ddp_graphs_worker(rank, world, port, overlap, out_path):
+def _ddp_graphs_worker(rank, world, overlap, out_path):
     """Counts the graphs dynamo compiles for a model of two 8 MiB layers (each used twice), compiled, then wrapped
     in DDP by wrap_ddp."""
-    import os
-
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
     torch._dynamo.reset()
     graphs = []
 
@@ -197,8 +183,6 @@ def _ddp_graphs_worker(rank, world, port, overlap, out_path):
     ddp(torch.randn(4, 1024)).sum().backward()
     if rank == 0:
         torch.save(len(graphs), out_path)
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def test_ddp_overlap_decides_whether_dynamo_splits_the_compiled_graph(tmp_path):
