@@ -44,6 +44,11 @@ import torch.nn.functional as F
 # 1. Config
 # ------------------------------------------------------------------------------------------------------------------
 
+WARMDOWN_SHAPES = {  # u: the fraction of the warmdown done, 0 -> 1; each returns the LR multiplier, 1 -> 0
+    "linear": lambda u: 1.0 - u,
+    "cosine": lambda u: 0.5 * (1.0 + math.cos(math.pi * u)),
+    "sqrt": lambda u: 1.0 - math.sqrt(u),
+}
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: counted code + compressed model
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 MICRO_BATCH_TOKENS = 131_072  # the default accumulation: each rank's share of a step in micro-batches of this size
@@ -67,12 +72,15 @@ class Config:
     warmup_steps: int = 20  # compile/autotune steps before the timer, undone afterwards
     lr_warmup_steps: int = 20
     warmdown_frac: float = 0.35  # fraction of the run (steps or wallclock, whichever is further) spent decaying to 0
+    warmdown_shape: str = "linear"  # how the LR falls over the warmdown, u going 0 -> 1: linear 1 - u | cosine
+    #                                 (1 + cos(pi u)) / 2 | sqrt 1 - sqrt(u) (the "1-sqrt" cooldown)
     grad_clip_norm: float = 0.0  # 0 = off
     val_loss_every: int = 0  # 0 = only at the end
     train_log_every: int = 50
     # model
     layout: str = "AAAGAAAAAAGAAA"  # G = Gated DeltaNet, S = sliding-window attention, A = full attention; lower
-    #   case reuses the mixer weights of the nearest earlier upper-case layer of that kind. The default: the best hybrid
+    #   case reuses the mixer weights of the nearest earlier upper-case layer of that kind; '(...)N' runs a group of
+    #   layers N times, reusing its mixers and MLPs (depth recurrence, parse_layout). The default: the best hybrid
     #   of the 300 s comparisons on one H100 (README, Quality); at sequence 2048 full attention is faster than a window
     model_dim: int = 512
     mlp_mult: float = 3.0
@@ -121,6 +129,9 @@ class Config:
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
     muon_ns_steps: int = 5
+    muon_variant: str = "muon"  # muon | normuon: each row (output neuron) of the orthogonalized update divided by
+    #                             the root of its running mean square (MUON_BETA2), then rescaled to Muon's norm
+    muon_beta2: float = 0.95  # normuon: decay of the per-row second moment
     muon_weight_decay: float = 0.0
     embed_weight_decay: float = 0.0
     ema_decay: float = 0.997  # 0 = evaluate the raw weights
@@ -214,6 +225,10 @@ class Config:
         need(self.iterations > 0, f"ITERATIONS={self.iterations} must be positive")
         need(self.max_wallclock_seconds >= 0, f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} must be >= 0")
         need(0.0 <= self.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={self.warmdown_frac} must be in [0, 1]")
+        need(self.warmdown_shape in WARMDOWN_SHAPES,
+             f"WARMDOWN_SHAPE={self.warmdown_shape!r} must be one of {', '.join(WARMDOWN_SHAPES)}")
+        need(self.muon_variant in ("muon", "normuon"), f"MUON_VARIANT={self.muon_variant!r} must be muon or normuon")
+        need(0.0 <= self.muon_beta2 < 1.0, f"MUON_BETA2={self.muon_beta2} must be in [0, 1)")
         need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} not divisible by NUM_HEADS={self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} not divisible by NUM_KV_HEADS={self.num_kv_heads}")
         head_dim = self.model_dim // self.num_heads
@@ -313,29 +328,62 @@ class LayerSpec:
     kind: str  # gdn | swa | attn
     mixer: int  # index into the model's unique mixers
     shared: bool  # reuses an earlier layer's mixer weights
+    mlp: int  # index into the model's unique MLPs
+    repeat: bool = False  # a later pass of a repeated group: mixer and MLP are the first pass's
 
 
 def parse_layout(layout: str) -> list[LayerSpec]:
-    """'GGGGGSGGGGGs' -> one LayerSpec per layer. Spaces, '-' and '|' may separate groups for readability."""
+    """'GGGGGSGGGGGs' -> one LayerSpec per layer as run. Spaces, '-' and '|' may separate groups for readability.
+    Lower case reuses the mixer of the nearest earlier upper-case layer of that kind (its MLP is its own).
+    '(...)N' runs the bracketed layers N times in a row (depth recurrence): 'AA(GAA)2A' runs
+    A A G A A G A A A, and the second pass reuses the first pass's mixers and MLPs."""
     specs: list[LayerSpec] = []
     last_of_kind: dict[str, int] = {}
-    n_mixers = 0
+    n_mixers = n_mlps = 0
+    group_start = None
     chars = [c for c in layout if c not in " -|"]
-    if not chars:
-        raise ValueError(f"LAYOUT={layout!r} has no layers")
-    for pos, c in enumerate(chars):
+    i = 0
+    while i < len(chars):
+        c = chars[i]
+        if c == "(":
+            if group_start is not None:
+                raise ValueError(f"LAYOUT={layout!r}: repeated groups cannot nest")
+            group_start, i = len(specs), i + 1
+            continue
+        if c == ")":
+            if group_start is None:
+                raise ValueError(f"LAYOUT={layout!r}: ')' closes no group")
+            j = i + 1
+            while j < len(chars) and chars[j].isdigit():
+                j += 1
+            passes = int("".join(chars[i + 1: j]) or 0)
+            if passes < 2 or group_start == len(specs):
+                raise ValueError(f"LAYOUT={layout!r}: a repeated group needs layers and a pass count of at least 2 "
+                                 "after ')', e.g. 'AA(GAA)2A'")
+            group = specs[group_start:]
+            for _ in range(passes - 1):
+                specs.extend(dataclasses.replace(s, shared=True, repeat=True) for s in group)
+            group_start, i = None, j
+            continue
+        pos = len(specs)
         if c.upper() not in LAYER_KINDS:
             raise ValueError(f"LAYOUT={layout!r}: layer {pos} is {c!r}; use G (GDN), S (sliding window), A (attention),"
-                             " lower case to share the nearest earlier layer's weights")
+                             " lower case to share the nearest earlier layer's weights, '(...)N' to repeat layers")
         kind = LAYER_KINDS[c.upper()]
         if c.isupper():
             last_of_kind[kind] = n_mixers
-            specs.append(LayerSpec(kind, n_mixers, False))
+            specs.append(LayerSpec(kind, n_mixers, False, n_mlps))
             n_mixers += 1
         elif kind not in last_of_kind:
             raise ValueError(f"LAYOUT={layout!r}: layer {pos} ({c!r}) shares weights but no earlier {c.upper()!r} exists")
         else:
-            specs.append(LayerSpec(kind, last_of_kind[kind], True))
+            specs.append(LayerSpec(kind, last_of_kind[kind], True, n_mlps))
+        n_mlps += 1
+        i += 1
+    if group_start is not None:
+        raise ValueError(f"LAYOUT={layout!r}: '(' opens a group that is never closed")
+    if not specs:
+        raise ValueError(f"LAYOUT={layout!r} has no layers")
     return specs
 
 
@@ -1129,8 +1177,9 @@ class Backends:
 
 class GPT(nn.Module):
     """Token embedding -> layers (pre-norm mixer + pre-norm ReLU^2 MLP, residual) -> RMSNorm -> tied head with a tanh
-    logit softcap. Mixers live once in `self.mixers`; `self.layer_mixer[i]` says which one layer i uses, so shared
-    weights are stored, optimized and exported once."""
+    logit softcap. Mixers and MLPs live once in `self.mixers` and `self.mlps`; `self.layer_mixer[i]` and
+    `self.layer_mlp[i]` say which ones layer i (as run) uses, so shared and repeated weights are stored, optimized and
+    exported once."""
 
     def __init__(self, mc: ModelConfig, backends: Backends):
         super().__init__()
@@ -1138,10 +1187,11 @@ class GPT(nn.Module):
         specs = parse_layout(mc.layout)
         self.layer_mixer = [s.mixer for s in specs]
         self.layer_kinds = [s.kind for s in specs]
+        self.layer_mlp = [s.mlp for s in specs]
         self.tok_emb = nn.Embedding(mc.vocab_size, mc.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=mc.tied_embed_init_std)
         self.mixers = nn.ModuleList([self._make_mixer(s.kind, backends) for s in specs if not s.shared])
-        self.mlps = nn.ModuleList([MLP(mc.model_dim, mc.mlp_mult) for _ in specs])
+        self.mlps = nn.ModuleList([MLP(mc.model_dim, mc.mlp_mult) for s in specs if not s.repeat])
         if mc.bigram_buckets:
             self.bigram = BigramHash(mc.bigram_buckets, mc.bigram_dim, mc.model_dim)
         if mc.smear_gate:  # per channel; sigmoid(-3) = 0.05 of the previous token's embedding at the start
@@ -1170,7 +1220,7 @@ class GPT(nn.Module):
             if i >= L - self.n_skips:  # second half: the mirrored first-half layer's output (U-Net)
                 x = x + self.skip_weights[i - (L - self.n_skips)].to(x.dtype) * skips.pop()
             x = x + self.mixers[m](rms_norm(x), None if stream is None else stream.layers[i], stream)
-            x = x + self.mlps[i](rms_norm(x))
+            x = x + self.mlps[self.layer_mlp[i]](rms_norm(x))
             if i < self.n_skips:
                 skips.append(x)
         logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
@@ -1250,10 +1300,15 @@ class Muon(torch.optim.Optimizer):
     Matrices of one shape go through Newton-Schulz together, as one batched product per iteration. With several
     ranks each shape's matrices are split into contiguous runs, one per rank; each rank writes its run's updates
     into one bf16 buffer that is zero elsewhere, and one all-reduce of that buffer gives every rank all updates
-    (exact: each element is nonzero on one rank only). A step launches a few kernels per shape, not per matrix."""
+    (exact: each element is nonzero on one rank only). A step launches a few kernels per shape, not per matrix.
+    row_beta2 > 0 (MUON_VARIANT=normuon, after NorMuon, Li et al. 2025): each row of the orthogonalized update is
+    divided by the root of a running mean (decay row_beta2) of its mean square, then the matrix is rescaled to the
+    Frobenius norm it had, so the learning rates keep their meaning; rows that Newton-Schulz left large shrink."""
 
-    def __init__(self, params, lr: float, momentum: float, ns_steps: int, weight_decay: float, rt: Runtime):
-        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay))
+    def __init__(self, params, lr: float, momentum: float, ns_steps: int, weight_decay: float, rt: Runtime,
+                 row_beta2: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, ns_steps=ns_steps, weight_decay=weight_decay,
+                                      row_beta2=row_beta2))
         self.rt = rt
 
     def _plan(self, params: list) -> list[tuple[tuple, list, int, int, int]]:
@@ -1268,6 +1323,15 @@ class Muon(torch.optim.Optimizer):
             plan.append((shape, ps, offset, r * n // W, (r + 1) * n // W))
             offset += n * math.prod(shape)
         return plan
+
+    def _normalize_rows(self, ortho: torch.Tensor, ps: list, beta2: float, eps: float = 1e-8) -> torch.Tensor:
+        """ortho (n, rows, cols), the updates of ps: each row over the root of its running mean square, each
+        matrix rescaled to its Frobenius norm before."""
+        second = [self.state[p].setdefault("row_second_moment", torch.zeros(p.shape[0], device=p.device))
+                  for p in ps]
+        torch._foreach_lerp_(second, list(ortho.square().mean(dim=-1).unbind(0)), 1.0 - beta2)
+        normed = ortho / (torch.stack(second).sqrt()[..., None] + eps)
+        return normed * (ortho.norm(dim=(-2, -1), keepdim=True) / (normed.norm(dim=(-2, -1), keepdim=True) + eps))
 
     @torch.no_grad()
     def step(self):
@@ -1290,7 +1354,10 @@ class Muon(torch.optim.Optimizer):
                     torch._foreach_mul_(bufs, group["momentum"])
                     torch._foreach_add_(bufs, grads)
                     nesterov = torch.stack(torch._foreach_add(grads, bufs, alpha=group["momentum"]))
-                    block[lo:hi] = newton_schulz(nesterov, group["ns_steps"])
+                    ortho = newton_schulz(nesterov, group["ns_steps"])
+                    if group["row_beta2"]:
+                        ortho = self._normalize_rows(ortho.float(), ps[lo:hi], group["row_beta2"])
+                    block[lo:hi] = ortho
                 updates.append((shape, ps, block))
             if flat is not None:
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM)
@@ -1359,7 +1426,7 @@ class Optimizers:
 def build_optimizers(model: nn.Module, cfg: Config, rt: Runtime) -> Optimizers:
     routed = route_parameters(model)
     muon = Muon(params_of_group(routed, "muon"), cfg.matrix_lr, cfg.muon_momentum, cfg.muon_ns_steps,
-                cfg.muon_weight_decay, rt)
+                cfg.muon_weight_decay, rt, row_beta2=cfg.muon_beta2 if cfg.muon_variant == "normuon" else 0.0)
     adam = torch.optim.AdamW(
         [dict(params=params_of_group(routed, "embed"), lr=cfg.embed_lr, weight_decay=cfg.embed_weight_decay),
          dict(params=params_of_group(routed, "scalar"), lr=cfg.scalar_lr, weight_decay=0.0)],
@@ -2321,9 +2388,9 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
 
 
 def lr_multiplier(step: int, elapsed_s: float, cfg: Config) -> float:
-    """Linear warmup over LR_WARMUP_STEPS, then flat, then linear decay to 0 over the last WARMDOWN_FRAC of the run;
-    progress is the larger of steps done / ITERATIONS and wallclock used / the training budget (the cap less
-    GPTQ_RESERVE_SECONDS)."""
+    """Linear warmup over LR_WARMUP_STEPS, then flat, then a decay to 0 over the last WARMDOWN_FRAC of the run
+    (WARMDOWN_SHAPE); progress is the larger of steps done / ITERATIONS and wallclock used / the training budget
+    (the cap less GPTQ_RESERVE_SECONDS)."""
     if step < cfg.lr_warmup_steps:
         return (step + 1) / cfg.lr_warmup_steps
     progress = step / cfg.iterations
@@ -2331,7 +2398,9 @@ def lr_multiplier(step: int, elapsed_s: float, cfg: Config) -> float:
         progress = max(progress, elapsed_s / cfg.train_budget_seconds)
     if cfg.warmdown_frac <= 0 or progress < 1.0 - cfg.warmdown_frac:
         return 1.0
-    return max(0.0, (1.0 - progress) / cfg.warmdown_frac)
+    if progress >= 1.0:
+        return 0.0
+    return WARMDOWN_SHAPES[cfg.warmdown_shape]((progress - (1.0 - cfg.warmdown_frac)) / cfg.warmdown_frac)
 
 
 def muon_momentum(step: int, cfg: Config) -> float:
@@ -2652,7 +2721,7 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
     base = build_model(mc, backends, rt)
     opts = build_optimizers(base, cfg, rt)
     log(f"model: {count_parameters(base):,} parameters, layout {mc.layout} ({len(base.layer_mixer)} layers, "
-        f"{len(base.mixers)} distinct mixers); optimizer routing:")
+        f"{len(base.mixers)} distinct mixers, {len(base.mlps)} distinct MLPs); optimizer routing:")
     for line in describe_routes(base):
         log(line)
     compiled = maybe_compile(base, cfg, rt)

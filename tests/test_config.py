@@ -36,6 +36,10 @@ def test_preset_sets_values_and_env_still_wins():
     ({"LAYOUT": "GGXG"}, "layer 2 is 'X'"),
     ({"EVAL_ONLY": "1"}, "ARTIFACT_PATH"),
     ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE=70000"),
+    ({"WARMDOWN_SHAPE": "exp"}, "WARMDOWN_SHAPE='exp' must be one of linear, cosine, sqrt"),
+    ({"MUON_VARIANT": "adamuon"}, "MUON_VARIANT='adamuon'"),
+    ({"MUON_BETA2": "1"}, "MUON_BETA2=1.0"),
+    ({"LAYOUT": "AA(GA"}, "never closed"),
 ])
 def test_bad_settings_raise_with_the_name(env, needle):
     with pytest.raises(ValueError, match=None) as err:
@@ -52,9 +56,24 @@ def test_layout_parsing_and_sharing():
     assert len(specs) == 10 and not any(s.shared for s in specs)
     specs = tg.parse_layout("SGsGg")
     assert specs[2].mixer == specs[0].mixer and specs[4].mixer == specs[3].mixer
+    assert [s.mlp for s in specs] == [0, 1, 2, 3, 4]  # a shared mixer keeps its own MLP
 
 
-@pytest.mark.parametrize("layout,needle", [("", "no layers"), ("sG", "no earlier 'S'"), ("GGQ", "'Q'")])
+def test_layout_repeated_group_reuses_mixers_and_mlps():
+    specs = tg.parse_layout("AA(GAa)2A")
+    assert "".join(s.kind[0] for s in specs) == "aagaagaaa"
+    assert [s.mixer for s in specs] == [0, 1, 2, 3, 3, 2, 3, 3, 4]  # 'a' shares layer 3's mixer
+    assert [s.mlp for s in specs] == [0, 1, 2, 3, 4, 2, 3, 4, 5]
+    assert [s.repeat for s in specs] == [False] * 5 + [True] * 3 + [False]
+    assert all(s.shared for s in specs[5:8])
+    specs = tg.parse_layout("(GS)3 | A")
+    assert [s.mlp for s in specs] == [0, 1, 0, 1, 0, 1, 2] and [s.mixer for s in specs] == [0, 1, 0, 1, 0, 1, 2]
+
+
+@pytest.mark.parametrize("layout,needle", [("", "no layers"), ("sG", "no earlier 'S'"), ("GGQ", "'Q'"),
+                                           ("A(GA", "never closed"), ("AG)2", "closes no group"),
+                                           ("A(GA)", "pass count of at least 2"), ("A(GA)1", "pass count"),
+                                           ("A()2", "needs layers"), ("((GA)2)2", "cannot nest"), ("A2", "'2'")])
 def test_invalid_layouts_name_the_problem(layout, needle):
     with pytest.raises(ValueError) as err:
         tg.parse_layout(layout)

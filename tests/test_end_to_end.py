@@ -98,6 +98,19 @@ def test_eval_only_rescoring_in_every_mode(trained, tiny_data, mode, env, tag):
         assert abs(s["final"]["bpb"] - plain) < 0.3
 
 
+def test_repeated_layers_normuon_and_sqrt_warmdown_train_and_rescore(tmp_path, tiny_data):
+    """Depth recurrence, the NorMuon variant and the 1-sqrt warmdown through the whole script: the artifact records
+    the repeated layout, and EVAL_ONLY rebuilds the model from it and reproduces the score."""
+    env = {**tiny_env(tiny_data, "loop"), "LAYOUT": "G(Sg)2", "MUON_VARIANT": "normuon", "WARMDOWN_SHAPE": "sqrt",
+           "TTT_ENABLED": "0"}
+    out = run_script(tmp_path, env)
+    assert "layout G(Sg)2 (5 layers, 2 distinct mixers, 3 distinct MLPs)" in out
+    rescore = {**tiny_env(tiny_data, "loop_rescore"), "EVAL_ONLY": "1",
+               "ARTIFACT_PATH": str(tmp_path / "artifacts" / "loop.pgz"), "TTT_ENABLED": "0"}
+    tag = "final_int6_brotli_roundtrip_sliding16"
+    assert exact_line(run_script(tmp_path, rescore), tag) == exact_line(out, tag)
+
+
 def test_eval_only_rejects_settings_that_contradict_the_artifact(trained, tiny_data):
     cwd, _ = trained
     env = {**tiny_env(tiny_data, "bad"), "EVAL_ONLY": "1", "ARTIFACT_PATH": str(cwd / "artifacts" / "e2e.pgz"),

@@ -60,6 +60,29 @@ def test_shared_mixer_is_stored_once_and_used_twice():
     assert model.mixers[1].q_proj.weight.grad.abs().sum() > 0
 
 
+def test_repeated_group_runs_the_same_layers_again():
+    """'G(SA)2' stores the weights of 'GSA' once and runs layers 0 1 2 1 2: written out with the plain model's
+    modules, the outputs agree; both passes' uses reach the shared weights' gradients."""
+    looped, plain = tiny_model("G(SA)2"), tiny_model("GSA", seed=1)
+    assert [n for n, _ in looped.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    looped.load_state_dict(plain.state_dict())
+    assert looped.layer_mixer == [0, 1, 2, 1, 2] and looped.layer_mlp == [0, 1, 2, 1, 2]
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        x = tg.rms_norm(plain.embed(ids))
+        for i in (0, 1, 2, 1, 2):
+            x = x + plain.mixers[i](tg.rms_norm(x))
+            x = x + plain.mlps[i](tg.rms_norm(x))
+        logits = F.linear(tg.rms_norm(x), plain.tok_emb.weight)
+        logits = plain.mc.logit_softcap * torch.tanh(logits / plain.mc.logit_softcap)
+        assert torch.allclose(looped(ids), logits, atol=1e-5)
+        assert not torch.allclose(plain(ids), logits, atol=1e-3)  # the second pass matters
+    looped(ids, ids).backward()
+    one_pass = tiny_model("GSA", seed=1)
+    one_pass(ids, ids).backward()
+    assert not torch.allclose(looped.mlps[2].fc.weight.grad, one_pass.mlps[2].fc.weight.grad, atol=1e-6)
+
+
 def test_every_parameter_in_exactly_one_optimizer_group():
     model = tiny_model()
     opts = tg.build_optimizers(model, tg.Config.from_env({"PRESET": "tiny"}), CPU)
@@ -129,10 +152,53 @@ def test_muon_with_mixed_shapes_and_momentum_matches_a_per_matrix_reference():
         assert torch.allclose(p.detach(), r, atol=1e-5)
 
 
+def test_normuon_matches_a_per_matrix_reference():
+    """MUON_VARIANT=normuon over three steps: the orthogonalized momentum, each row over the root of its running
+    mean square, rescaled to the orthogonalized update's norm. Written out per matrix, with the same momentum."""
+    torch.manual_seed(5)
+    shapes = [(16, 32), (32, 16), (16, 32)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    ref = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(r) for r in ref]
+    second = [torch.zeros(s[0]) for s in shapes]
+    opt = tg.Muon(params, lr=0.05, momentum=0.9, ns_steps=5, weight_decay=0.0, rt=CPU, row_beta2=0.8)
+    plain = [p.detach().clone() for p in params]
+    for _ in range(3):
+        grads = [torch.randn(s) * torch.linspace(0.1, 3.0, s[0])[:, None] for s in shapes]  # uneven rows
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            bufs[i] = 0.9 * bufs[i] + g
+            o = tg.newton_schulz(g + 0.9 * bufs[i], 5)
+            second[i] = 0.8 * second[i] + 0.2 * o.square().mean(dim=1)
+            n = o / second[i].sqrt()[:, None]
+            upd = n * o.norm() / n.norm() * max(1.0, shapes[i][0] / shapes[i][1]) ** 0.5
+            ref[i] = ref[i] - 0.05 * upd
+            plain[i] = plain[i] - 0.05 * o * max(1.0, shapes[i][0] / shapes[i][1]) ** 0.5
+    for p, r, q in zip(params, ref, plain):
+        assert torch.allclose(p.detach(), r, atol=1e-5)
+        assert not torch.allclose(p.detach(), q, atol=1e-3)  # not plain Muon (whose momentum it shares)
+
+
+def test_normuon_evens_out_the_rows_of_one_update():
+    """With row_beta2 near 0 the second moment is this step's: every row of the step has the same norm, and the
+    step's norm is plain Muon's."""
+    torch.manual_seed(6)
+    g = torch.randn(16, 32) * torch.linspace(0.01, 5.0, 16)[:, None]
+    p, q = torch.nn.Parameter(torch.zeros(16, 32)), torch.nn.Parameter(torch.zeros(16, 32))
+    p.grad, q.grad = g.clone(), g.clone()
+    tg.Muon([p], lr=1.0, momentum=0.0, ns_steps=5, weight_decay=0.0, rt=CPU, row_beta2=1e-9).step()
+    tg.Muon([q], lr=1.0, momentum=0.0, ns_steps=5, weight_decay=0.0, rt=CPU).step()
+    rows, plain_rows = p.detach().norm(dim=1), q.detach().norm(dim=1)
+    assert rows.max() / rows.min() < 1 + 1e-4 and plain_rows.max() / plain_rows.min() > 1.05
+    assert torch.allclose(p.detach().norm(), q.detach().norm(), rtol=1e-5)
+
+
 MUON_SHAPES = [(16, 32), (32, 16), (16, 32), (8, 8), (16, 32), (32, 16), (16, 32)]
 
 
-def _muon_worker(rank, world, out_path):
+def _muon_worker(rank, world, out_path, row_beta2):
     """Three Muon steps on the same gradients on every rank; rank 0 saves the weights and the largest gap between
     the ranks' weights."""
     import torch.distributed as dist
@@ -141,7 +207,7 @@ def _muon_worker(rank, world, out_path):
     params = [torch.nn.Parameter(torch.randn(s)) for s in MUON_SHAPES]
     init = torch.cat([p.detach().flatten() for p in params])
     opt = tg.Muon(params, lr=0.05, momentum=0.9, ns_steps=5, weight_decay=0.01,
-                  rt=tg.Runtime(rank, world, rank, torch.device("cpu"), 1))
+                  rt=tg.Runtime(rank, world, rank, torch.device("cpu"), 1), row_beta2=row_beta2)
     for _ in range(3):
         for p in params:
             p.grad = torch.randn(p.shape)
@@ -153,13 +219,14 @@ def _muon_worker(rank, world, out_path):
         torch.save((init, flat, max((g - flat).abs().max().item() for g in gathered)), out_path)
 
 
-def test_muon_on_two_ranks_matches_one_rank(tmp_path):
+@pytest.mark.parametrize("row_beta2", [0.0, 0.9], ids=["muon", "normuon"])
+def test_muon_on_two_ranks_matches_one_rank(tmp_path, row_beta2):
     """Each rank orthogonalizes its run of each shape's matrices (3 of 5 and 1 of 2 here, uneven) and one
     all-reduce shares them: the weights equal one rank's, on both ranks."""
     results = {}
     for world in (1, 2):
         out = tmp_path / f"world{world}.pt"
-        spawn_ranks(_muon_worker, world, str(out))
+        spawn_ranks(_muon_worker, world, str(out), row_beta2)
         results[world] = torch.load(out)
     (init, w1, _), (_, w2, spread) = results[1], results[2]
     assert spread == 0.0, "ranks ended with different weights"
@@ -219,6 +286,17 @@ def test_lr_schedule_warmup_flat_warmdown():
                      quant_method="gptq", gptq_reserve_seconds=20)
     assert gptq.train_budget_seconds == 80  # calibration time is reserved inside the cap
     assert tg.lr_multiplier(50, 72.0, gptq) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("shape,at_half", [("linear", 0.5), ("cosine", 0.5), ("sqrt", 1 - 0.5 ** 0.5)])
+def test_warmdown_shapes_fall_from_one_to_zero(shape, at_half):
+    cfg = tg.Config(iterations=1000, max_wallclock_seconds=0, lr_warmup_steps=0, warmdown_frac=0.4,
+                    warmdown_shape=shape)
+    values = [tg.lr_multiplier(s, 0, cfg) for s in range(0, 1001, 10)]
+    assert values[:61] == [1.0] * 61 and values[-1] == 0.0  # flat until step 600, then the warmdown
+    assert all(a >= b for a, b in zip(values, values[1:])) and len(set(values[60:])) == len(values[60:])
+    assert tg.lr_multiplier(800, 0, cfg) == pytest.approx(at_half)  # half way through the warmdown
+    assert tg.lr_multiplier(700, 0, cfg) == pytest.approx(tg.WARMDOWN_SHAPES[shape](0.25))
 
 
 def test_ema_warms_up_then_averages():

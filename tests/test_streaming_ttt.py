@@ -52,12 +52,13 @@ def tracked(cfg, stream, fn, **kw):
     return result, tally
 
 
+@pytest.mark.parametrize("layout", ["GSGs", "G(Sg)2"])
 @pytest.mark.parametrize("features", [False, True])
 @pytest.mark.parametrize("segment", [399, 16, 7])
-def test_streaming_equals_one_long_forward(segment, features):
+def test_streaming_equals_one_long_forward(segment, features, layout):
     """One lane, no resets: the carried state (conv tails, GDN state, SWA keys, the previous token for BigramHash
-    and SmearGate) makes short segments exact."""
-    model = tiny_model(layout="GSGs", **(FEATURES if features else {}))  # SWA window 16 in the tiny preset
+    and SmearGate) makes short segments exact. A repeated group's passes share weights, not state."""
+    model = tiny_model(layout=layout, **(FEATURES if features else {}))  # SWA window 16 in the tiny preset
     tokens = stream_of_documents(6, seed=0)[:400]
     expect = full_nll(model, tokens)
     cfg = stream_cfg(stream_segment=segment)
