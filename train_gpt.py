@@ -129,8 +129,10 @@ class Config:
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
     muon_ns_steps: int = 5
-    muon_variant: str = "muon"  # muon | normuon: each row (output neuron) of the orthogonalized update divided by
-    #                             the root of its running mean square (MUON_BETA2), then rescaled to Muon's norm
+    muon_variant: str = "normuon"  # muon | normuon: each row (output neuron) of the orthogonalized update divided
+    #                                by the root of its running mean square (MUON_BETA2), then rescaled to Muon's
+    #                                norm. 300 s on one H100: the default hybrid 1.4198 against 1.4245 with muon;
+    #                                all-attention 1.4210 against 1.4190 (README, Quality)
     muon_beta2: float = 0.95  # normuon: decay of the per-row second moment
     muon_weight_decay: float = 0.0
     embed_weight_decay: float = 0.0

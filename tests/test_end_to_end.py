@@ -98,10 +98,10 @@ def test_eval_only_rescoring_in_every_mode(trained, tiny_data, mode, env, tag):
         assert abs(s["final"]["bpb"] - plain) < 0.3
 
 
-def test_repeated_layers_normuon_and_sqrt_warmdown_train_and_rescore(tmp_path, tiny_data):
-    """Depth recurrence, the NorMuon variant and the 1-sqrt warmdown through the whole script: the artifact records
-    the repeated layout, and EVAL_ONLY rebuilds the model from it and reproduces the score."""
-    env = {**tiny_env(tiny_data, "loop"), "LAYOUT": "G(Sg)2", "MUON_VARIANT": "normuon", "WARMDOWN_SHAPE": "sqrt",
+def test_repeated_layers_plain_muon_and_sqrt_warmdown_train_and_rescore(tmp_path, tiny_data):
+    """Depth recurrence, plain Muon (the default is normuon) and the 1-sqrt warmdown through the whole script: the
+    artifact records the repeated layout, and EVAL_ONLY rebuilds the model from it and reproduces the score."""
+    env = {**tiny_env(tiny_data, "loop"), "LAYOUT": "G(Sg)2", "MUON_VARIANT": "muon", "WARMDOWN_SHAPE": "sqrt",
            "TTT_ENABLED": "0"}
     out = run_script(tmp_path, env)
     assert "layout G(Sg)2 (5 layers, 2 distinct mixers, 3 distinct MLPs)" in out
