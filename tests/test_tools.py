@@ -119,3 +119,20 @@ def test_bench_ddp_times_the_step_and_its_parts_on_two_ranks(tmp_path):
     assert set(bench["phases_ms"]) == {"data", "forward", "backward", "backward (gradient all-reduce included)",
                                        "Muon", "Adam", "EMA"}
     assert all(v > 0 for v in bench["phases_ms"].values()) and bench["loop_ms_per_step"] > 0
+
+
+def test_bench_muon_times_both_variants_in_alternating_passes(tmp_path):
+    """tools/bench_muon.py on the tiny preset's matrices: every pass times muon then normuon, then the summary."""
+    env = {**os.environ, "PRESET": "tiny", "BENCH_PASSES": "2", "BENCH_STEPS": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_muon.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    cfg = tg.Config.from_env({"PRESET": "tiny"})
+    model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
+    opts = tg.build_optimizers(model, cfg, tg.Runtime(0, 1, 0, torch.device("cpu"), 1))
+    n_mats = len(opts.muon.param_groups[0]["params"])
+    assert f"{n_mats} Muon matrices" in lines[0]
+    assert [line.split()[2] for line in lines[1:5]] == ["muon", "normuon"] * 2
+    assert all(float(line.split()[3]) > 0 for line in lines[1:5])
+    assert [line.split(":")[0] for line in lines[5:]] == ["muon", "normuon"]
