@@ -51,6 +51,7 @@ WARMDOWN_SHAPES = {  # u: the fraction of the warmdown done, 0 -> 1; each return
 }
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: counted code + compressed model
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
+MUON_VARIANTS = ("muon", "normuon", "normuon_gdn")  # see Config.muon_variant
 MICRO_BATCH_TOKENS = 131_072  # the default accumulation: each rank's share of a step in micro-batches of this size
 
 
@@ -132,7 +133,8 @@ class Config:
     muon_variant: str = "normuon"  # muon | normuon: each row (output neuron) of the orthogonalized update divided
     #                                by the root of its running mean square (MUON_BETA2), then rescaled to Muon's
     #                                norm. 300 s on one H100: the default hybrid 1.4198 against 1.4245 with muon;
-    #                                all-attention 1.4210 against 1.4190 (README, Quality)
+    #                                all-attention 1.4210 against 1.4190 (README, Quality) | normuon_gdn: normuon
+    #                                on the GDN mixers' matrices, plain Muon on the others
     muon_beta2: float = 0.95  # normuon: decay of the per-row second moment
     muon_weight_decay: float = 0.0
     embed_weight_decay: float = 0.0
@@ -229,7 +231,8 @@ class Config:
         need(0.0 <= self.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={self.warmdown_frac} must be in [0, 1]")
         need(self.warmdown_shape in WARMDOWN_SHAPES,
              f"WARMDOWN_SHAPE={self.warmdown_shape!r} must be one of {', '.join(WARMDOWN_SHAPES)}")
-        need(self.muon_variant in ("muon", "normuon"), f"MUON_VARIANT={self.muon_variant!r} must be muon or normuon")
+        need(self.muon_variant in MUON_VARIANTS,
+             f"MUON_VARIANT={self.muon_variant!r} must be one of {', '.join(MUON_VARIANTS)}")
         need(0.0 <= self.muon_beta2 < 1.0, f"MUON_BETA2={self.muon_beta2} must be in [0, 1)")
         need(self.model_dim % self.num_heads == 0, f"MODEL_DIM={self.model_dim} not divisible by NUM_HEADS={self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_HEADS={self.num_heads} not divisible by NUM_KV_HEADS={self.num_kv_heads}")
@@ -1425,10 +1428,21 @@ class Optimizers:
             o.load_state_dict(s)
 
 
+def muon_param_groups(model: nn.Module, matrices: list[nn.Parameter], cfg: Config) -> list[dict]:
+    """Muon's groups for MUON_VARIANT: one group, plain (row_beta2 0) or normuon; or, for normuon_gdn, the GDN
+    mixers' matrices with normuon and the rest plain (a group left empty by the layout is dropped)."""
+    if cfg.muon_variant != "normuon_gdn":
+        return [dict(params=matrices, row_beta2=cfg.muon_beta2 if cfg.muon_variant == "normuon" else 0.0)]
+    in_gdn = {id(p) for m in model.modules() if isinstance(m, GatedDeltaNet) for p in m.parameters()}
+    groups = [dict(params=[p for p in matrices if id(p) in in_gdn], row_beta2=cfg.muon_beta2),
+              dict(params=[p for p in matrices if id(p) not in in_gdn], row_beta2=0.0)]
+    return [g for g in groups if g["params"]]
+
+
 def build_optimizers(model: nn.Module, cfg: Config, rt: Runtime) -> Optimizers:
     routed = route_parameters(model)
-    muon = Muon(params_of_group(routed, "muon"), cfg.matrix_lr, cfg.muon_momentum, cfg.muon_ns_steps,
-                cfg.muon_weight_decay, rt, row_beta2=cfg.muon_beta2 if cfg.muon_variant == "normuon" else 0.0)
+    muon = Muon(muon_param_groups(model, params_of_group(routed, "muon"), cfg), cfg.matrix_lr, cfg.muon_momentum,
+                cfg.muon_ns_steps, cfg.muon_weight_decay, rt)
     adam = torch.optim.AdamW(
         [dict(params=params_of_group(routed, "embed"), lr=cfg.embed_lr, weight_decay=cfg.embed_weight_decay),
          dict(params=params_of_group(routed, "scalar"), lr=cfg.scalar_lr, weight_decay=0.0)],

@@ -195,6 +195,30 @@ def test_normuon_evens_out_the_rows_of_one_update():
     assert torch.allclose(p.detach().norm(), q.detach().norm(), rtol=1e-5)
 
 
+def test_normuon_gdn_steps_gdn_matrices_as_normuon_and_the_rest_as_muon():
+    """MUON_VARIANT=normuon_gdn: after two steps on the same gradients, every GDN mixer matrix equals the normuon
+    model's and differs from plain Muon's; every other Muon matrix (attention, MLPs) equals plain Muon's."""
+    models, variants = {}, ("normuon_gdn", "normuon", "muon")
+    for variant in variants:
+        model = tiny_model()
+        opts = tg.build_optimizers(model, tg.Config.from_env({"PRESET": "tiny", "MUON_VARIANT": variant}), CPU)
+        gen = torch.Generator().manual_seed(9)
+        for _ in range(2):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opts.muon.step()
+        models[variant] = dict(model.named_parameters())
+    muon_names = {n for n, p in models["normuon_gdn"].items() if tg.PARAM_ROUTES[tg.route_index(n, p)][0] == "muon"}
+    gdn_names = {n for n in muon_names if n.startswith(("mixers.0.", "mixers.2."))}  # "GSGsA": mixers G, S, G, A
+    assert isinstance(tiny_model().mixers[2], tg.GatedDeltaNet) and len(gdn_names) == 10
+    for name in muon_names:
+        mixed, norm, plain = (models[v][name].detach() for v in variants)
+        if name in gdn_names:
+            assert torch.allclose(mixed, norm, atol=1e-6) and not torch.allclose(mixed, plain, atol=1e-4), name
+        else:
+            assert torch.allclose(mixed, plain, atol=1e-6) and not torch.allclose(mixed, norm, atol=1e-4), name
+
+
 MUON_SHAPES = [(16, 32), (32, 16), (16, 32), (8, 8), (16, 32), (32, 16), (16, 32)]
 
 
