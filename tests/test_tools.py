@@ -121,8 +121,9 @@ def test_bench_ddp_times_the_step_and_its_parts_on_two_ranks(tmp_path):
     assert all(v > 0 for v in bench["phases_ms"].values()) and bench["loop_ms_per_step"] > 0
 
 
-def test_bench_muon_times_both_variants_in_alternating_passes(tmp_path):
-    """tools/bench_muon.py on the tiny preset's matrices: every pass times muon then normuon, then the summary."""
+def test_bench_muon_times_every_variant_in_alternating_passes(tmp_path):
+    """tools/bench_muon.py on the tiny preset's matrices: the groups of each variant (normuon_gdn: the GDN mixers'
+    matrices with normuon, the rest plain), every pass timing muon, normuon, normuon_gdn, then the summary."""
     env = {**os.environ, "PRESET": "tiny", "BENCH_PASSES": "2", "BENCH_STEPS": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_muon.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -131,8 +132,14 @@ def test_bench_muon_times_both_variants_in_alternating_passes(tmp_path):
     cfg = tg.Config.from_env({"PRESET": "tiny"})
     model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
     opts = tg.build_optimizers(model, cfg, tg.Runtime(0, 1, 0, torch.device("cpu"), 1))
-    n_mats = len(opts.muon.param_groups[0]["params"])
-    assert f"{n_mats} Muon matrices" in lines[0]
-    assert [line.split()[2] for line in lines[1:5]] == ["muon", "normuon"] * 2
-    assert all(float(line.split()[3]) > 0 for line in lines[1:5])
-    assert [line.split(":")[0] for line in lines[5:]] == ["muon", "normuon"]
+    mats = [p for g in opts.muon.param_groups for p in g["params"]]
+    in_muon = {id(p) for p in mats}
+    n_gdn = sum(id(p) in in_muon for m in model.modules() if isinstance(m, tg.GatedDeltaNet) for p in m.parameters())
+    assert 0 < n_gdn < len(mats)  # the tiny preset has GDN and attention layers, so normuon_gdn has two groups
+    assert f"{len(mats)} Muon matrices" in lines[0]
+    assert lines[1] == (f"groups: muon {len(mats)} plain; normuon {len(mats)} normuon; "
+                        f"normuon_gdn {n_gdn} normuon + {len(mats) - n_gdn} plain")
+    names = ["muon", "normuon", "normuon_gdn"]
+    assert [line.split()[2] for line in lines[2:8]] == names * 2
+    assert all(float(line.split()[3]) > 0 for line in lines[2:8])
+    assert [line.split(":")[0] for line in lines[8:]] == names

@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
 """Muon's optimizer step alone, per variant, on the matrices of the model that the settings describe.
 
-    python3 tools/bench_muon.py                     # the default model, MUON_VARIANT muon and normuon
+    python3 tools/bench_muon.py                     # the default model, every MUON_VARIANT
     BENCH_PASSES=6 BENCH_STEPS=100 python3 tools/bench_muon.py
 
 Builds the model from the train_gpt.py settings (no kernels: only its parameters matter), gives every Muon
-matrix a random gradient, and times BENCH_STEPS steps of each variant after 5 warmup steps, the variants taking
+matrix a random gradient, and times BENCH_STEPS steps of each variant (muon, normuon, and normuon_gdn with its two
+parameter groups, as train_gpt.py builds them) after 5 warmup steps, the variants taking
 turns for BENCH_PASSES passes so that drift in the machine's speed falls on both. One process, one rank. On a GPU
 the times come from CUDA events around the steps; on a CPU from the wall clock. Prints each pass, then the median
 and the fastest pass of each variant.
 """
 
+import dataclasses
 import os
 import statistics
 import sys
@@ -51,15 +53,18 @@ def main() -> None:
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}")
     for p in mats:
         p.grad = torch.randn_like(p) * 1e-3
-    variants = {"muon": 0.0, "normuon": cfg.muon_beta2}
-    times: dict[str, list[float]] = {name: [] for name in variants}
+    groups = {name: tg.muon_param_groups(model, mats, dataclasses.replace(cfg, muon_variant=name))
+              for name in tg.MUON_VARIANTS}
+    print("groups: " + "; ".join(f"{name} " + " + ".join(f"{len(g['params'])} {'normuon' if g['row_beta2'] else 'plain'}"
+                                                      for g in gs) for name, gs in groups.items()))
+    times: dict[str, list[float]] = {name: [] for name in groups}
     for rep in range(passes):
-        for name, beta2 in variants.items():
-            opt = tg.Muon(mats, lr=1e-4, momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps, weight_decay=0.0,
-                          rt=rt, row_beta2=beta2)
+        for name, param_groups in groups.items():
+            opt = tg.Muon(param_groups, lr=1e-4, momentum=cfg.muon_momentum, ns_steps=cfg.muon_ns_steps,
+                          weight_decay=0.0, rt=rt)
             time_steps(opt, 5, device)
             times[name].append(time_steps(opt, steps, device))
-            print(f"pass {rep}: {name:8s} {times[name][-1]:.3f} ms per step ({steps} steps)")
+            print(f"pass {rep}: {name:11s} {times[name][-1]:.3f} ms per step ({steps} steps)")
     for name, ts in times.items():
         print(f"{name}: median {statistics.median(ts):.3f} ms, fastest pass {min(ts):.3f} ms")
 
