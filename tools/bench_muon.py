@@ -7,7 +7,7 @@
 Builds the model from the train_gpt.py settings (no kernels: only its parameters matter), gives every Muon
 matrix a random gradient, and times BENCH_STEPS steps of each variant (muon, normuon, and normuon_gdn with its two
 parameter groups, as train_gpt.py builds them) after 5 warmup steps, the variants taking
-turns for BENCH_PASSES passes so that drift in the machine's speed falls on both. One process, one rank. On a GPU
+turns for BENCH_PASSES passes so that drift in the machine's speed falls on all of them. One process, one rank. On a GPU
 the times come from CUDA events around the steps; on a CPU from the wall clock. Prints each pass, then the median
 and the fastest pass of each variant.
 """
@@ -55,8 +55,9 @@ def main() -> None:
         p.grad = torch.randn_like(p) * 1e-3
     groups = {name: tg.muon_param_groups(model, mats, dataclasses.replace(cfg, muon_variant=name))
               for name in tg.MUON_VARIANTS}
-    print("groups: " + "; ".join(f"{name} " + " + ".join(f"{len(g['params'])} {'normuon' if g['row_beta2'] else 'plain'}"
-                                                      for g in gs) for name, gs in groups.items()))
+    described = {name: " + ".join(f"{len(g['params'])} {'normuon' if g['row_beta2'] else 'plain'}" for g in gs)
+                 for name, gs in groups.items()}
+    print("groups: " + "; ".join(f"{name} {text}" for name, text in described.items()))
     times: dict[str, list[float]] = {name: [] for name in groups}
     for rep in range(passes):
         for name, param_groups in groups.items():
