@@ -22,19 +22,26 @@ EVAL_LIMIT_S = 600.0
 RECORD_GPUS = 8
 
 
-def read_run(path: Path) -> dict:
-    """The summary and the config of one log; errors name the log and what is wrong with it."""
+def read_log(path: Path) -> dict:
+    """The last `summary {...}` of one train_gpt.py log, with its settings under "config" (as logged, strings) and
+    the log's path under "log"; a log without a summary is an error that names it."""
     text = path.read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if line.startswith("summary {")]
     if not lines:
         raise ValueError(f"{path}: no 'summary {{...}}' line; did the run finish?")
     summary = json.loads(lines[-1][len("summary "):])
+    summary["config"] = dict(re.findall(r"^config (\w+)=(.*)$", text, flags=re.M))
+    summary["log"] = str(path)
+    return summary
+
+
+def read_run(path: Path) -> dict:
+    """The summary and the config of one finished training run's log; errors name the log and what is wrong."""
+    summary = read_log(path)
     if summary.get("eval_only"):
         raise ValueError(f"{path}: an EVAL_ONLY rescoring log, not a training run")
     if summary.get("partial_validation"):
         raise ValueError(f"{path}: scored on part of the validation split (VAL_MAX_TOKENS); not a submission score")
-    summary["config"] = dict(re.findall(r"^config (\w+)=(.*)$", text, flags=re.M))
-    summary["log"] = str(path)
     return summary
 
 

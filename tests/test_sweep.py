@@ -1,0 +1,133 @@
+"""tools/sweep.py: configurations are checked before anything starts, runs wait for a free slot, a failed or
+interrupted run is reported or stopped, and the table comes from the runs' own logs."""
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+import sweep  # noqa: E402
+from make_submission import read_log  # noqa: E402
+
+# Stands in for train_gpt.py where only the scheduling is under test: records its pid and when and on which slot it
+# ran, sleeps FAKE_SLEEP seconds, then fails (FAKE_FAIL) or writes a log with config lines and a summary (and then
+# exits with FAKE_EXIT, if set).
+FAKE_SCRIPT = """
+import json, os, sys, time
+from pathlib import Path
+run = os.environ["RUN_ID"]
+for d in ("logs", "pids", "spans"):
+    Path(d).mkdir(exist_ok=True)
+Path("pids", run).write_text(str(os.getpid()))
+t0 = time.time()
+time.sleep(float(os.environ.get("FAKE_SLEEP", "0.3")))
+if os.environ.get("FAKE_FAIL"):
+    print("training...")
+    print("RuntimeError: fake failure of " + run)
+    sys.exit(3)
+summary = dict(run_id=run, seed=7, device="fake", params=1000, steps=10, tokens_per_s=5000, total_bytes=123,
+               wall_seconds=0.3, eval_only=False, pre_quant=dict(bpb=1.5), final_no_ttt=dict(bpb=1.25),
+               final=dict(bpb=1.125))
+Path("logs", run + ".txt").write_text(f"config RUN_ID={run}\\nconfig TTT_ENABLED=True\\nsummary {json.dumps(summary)}\\n")
+Path("spans", run).write_text(json.dumps([os.environ["CUDA_VISIBLE_DEVICES"], t0, time.time()]))
+if os.environ.get("FAKE_EXIT"):
+    print("crashed after its summary")
+    sys.exit(int(os.environ["FAKE_EXIT"]))
+"""
+
+
+def sweep_cmd(tmp_path: Path, *args: str) -> list[str]:
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_SCRIPT)
+    return [sys.executable, str(ROOT / "tools" / "sweep.py"), "--script", str(fake), *args]
+
+
+def run_sweep(tmp_path: Path, *args: str, fake: bool = True) -> subprocess.CompletedProcess:
+    cmd = sweep_cmd(tmp_path, *args) if fake else [sys.executable, str(ROOT / "tools" / "sweep.py"), *args]
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_runs_wait_for_a_free_slot_and_never_share_one(tmp_path):
+    proc = run_sweep(tmp_path, "--gpus", "3,5", "RUN_ID=a FAKE_SLEEP=1", "RUN_ID=b FAKE_SLEEP=1", "RUN_ID=c")
+    assert proc.returncode == 0, proc.stderr
+    spans = {run: json.loads((tmp_path / "spans" / run).read_text()) for run in "abc"}
+    assert {slot for slot, _, _ in spans.values()} <= {"3", "5"}
+    for x in "abc":
+        for y in "abc":
+            if x < y and spans[x][0] == spans[y][0]:  # one slot: one run after the other
+                assert spans[x][2] <= spans[y][1] or spans[y][2] <= spans[x][1], (x, y, spans)
+    # the third run waited for one of the first two to end
+    assert spans["c"][1] >= min(spans["a"][2], spans["b"][2])
+    rows = [sweep.table_row(read_log(tmp_path / "logs" / f"{run}.txt")) for run in "abc"]
+    assert sweep.markdown(rows) in proc.stdout  # in the order given, read back from the logs
+
+
+@pytest.mark.parametrize("configs, message", [
+    (["RUN_ID=a LAYOUT=AXQ"], "LAYOUT"),
+    (["RUN_ID=a", "RUN_ID=a"], "more than one configuration: a"),
+    (["LAYOUT=AAAA"], "no RUN_ID"),
+    (["RUN_ID=a layout=GSGs"], "'layout=GSGs'"),
+    (["RUN_ID=a MATRIX_LR=fast"], "MATRIX_LR"),
+    (["RUN_ID=old"], "logs/old.txt exists"),
+])
+def test_bad_configurations_are_refused_before_anything_starts(tmp_path, configs, message):
+    (tmp_path / "logs").mkdir()
+    old = tmp_path / "logs" / "old.txt"
+    old.write_text("an earlier run's log\n")
+    proc = run_sweep(tmp_path, "--cpu", "2", "RUN_ID=fine", *configs)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert not (tmp_path / "pids").exists()  # not even the valid configuration started
+    assert old.read_text() == "an earlier run's log\n"
+
+
+def test_a_failed_run_is_a_row_that_says_why_and_fails_the_sweep(tmp_path):
+    proc = run_sweep(tmp_path, "--cpu", "2", "RUN_ID=good", "RUN_ID=bad FAKE_FAIL=1", "RUN_ID=late FAKE_EXIT=4")
+    assert proc.returncode == 1
+    assert "| bad | failed (exit 3): RuntimeError: fake failure of bad |" in proc.stdout
+    assert "| late | failed (exit 4): crashed after its summary |" in proc.stdout  # a summary is not enough
+    assert "| good | " in proc.stdout and "| 1.2500 | 1.1250 |" in proc.stdout
+
+
+def test_sigterm_stops_the_runs_it_started(tmp_path):
+    tool = subprocess.Popen(sweep_cmd(tmp_path, "--cpu", "2", "RUN_ID=a FAKE_SLEEP=120", "RUN_ID=b FAKE_SLEEP=120"),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid_files = [tmp_path / "pids" / run for run in "ab"]
+    deadline = time.monotonic() + 60
+    while not all(p.exists() and p.read_text() for p in pid_files):
+        assert time.monotonic() < deadline and tool.poll() is None, "the runs did not start"
+        time.sleep(0.1)
+    tool.send_signal(signal.SIGTERM)
+    assert tool.wait(timeout=30) == 128 + signal.SIGTERM
+    for p in pid_files:
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(p.read_text()), 0)
+
+
+def test_two_tiny_trainings_side_by_side_and_their_table(tmp_path, tiny_data):
+    """The real script, two configurations at once on the CPU: every figure in the table is the log's."""
+    common = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in
+                      dict(PRESET="tiny", DATA_PATH=tiny_data["data_path"], TOKENIZER_PATH=tiny_data["tokenizer_path"],
+                           VOCAB_SIZE=tiny_data["vocab_size"]).items())
+    proc = run_sweep(tmp_path, "--cpu", "2", f"RUN_ID=hyb {common}", f"RUN_ID=attn {common} LAYOUT=AAAA TTT_ENABLED=0",
+                     fake=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    hyb, attn = (read_log(tmp_path / "logs" / f"{run}.txt") for run in ("hyb", "attn"))
+    rows = {cells[0]: cells for cells in (line.strip("| ").split(" | ") for line in proc.stdout.splitlines()
+                                          if line.startswith("| hyb ") or line.startswith("| attn "))}
+    assert rows["hyb"][sweep.COLUMNS.index("+ TTT")] == f"{hyb['final']['bpb']:.4f}"
+    assert rows["hyb"][sweep.COLUMNS.index("round trip")] == f"{hyb['final_no_ttt']['bpb']:.4f}"
+    assert rows["attn"][sweep.COLUMNS.index("+ TTT")] == "—"  # TTT off: no TTT score to show
+    assert rows["attn"][sweep.COLUMNS.index("steps")] == f"{attn['steps']:,}"
+    assert "LAYOUT=AAAA " in rows["attn"][1] + " " and "LAYOUT=GSGs " in rows["hyb"][1] + " "  # the tiny preset's
+    again = run_sweep(tmp_path, "--table", "logs/hyb.txt", "logs/attn.txt", fake=False)
+    assert again.returncode == 0 and again.stdout.strip() in proc.stdout

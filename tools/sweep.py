@@ -1,0 +1,220 @@
+#!/usr/bin/env python3
+"""Run several train_gpt.py configurations side by side, one per GPU, and print their results as one table.
+
+    MAX_WALLCLOCK_SECONDS=300 python3 tools/sweep.py --gpus 0,1 \\
+        'RUN_ID=hyb' \\
+        'RUN_ID=attn LAYOUT=AAAAAAAAAAAAAA MUON_VARIANT=muon'
+    python3 tools/sweep.py --table logs/hyb.txt logs/attn.txt        # the same table later, from the logs
+
+Each configuration is one argument of KEY=VALUE words: train_gpt.py's settings, on top of this environment (so a
+setting in front of the command applies to every run). RUN_ID is required and must be new: a run's log
+(logs/{RUN_ID}.txt, written by train_gpt.py in the current directory) is where its results are read back from, and
+train_gpt.py appends to an existing one. Every configuration is checked (train_gpt.Config) before any run starts.
+
+Each run is `python3 train_gpt.py` alone on one GPU (CUDA_VISIBLE_DEVICES), its console in logs/{RUN_ID}.console;
+with more configurations than GPUs the rest wait for a free one. `--cpu N` runs N at a time on the CPU instead
+(the tiny preset; tests). The runs start in their own process sessions: Ctrl-C or SIGTERM stops them with the
+sweep, but if the sweep itself is killed outright they run on, and `--table` reads their results when they finish.
+
+Why: the 300 s comparisons of issue 6 (README, Quality) are one GPU each, so a host with N GPUs runs N of them
+in the wall time of one, on the same machine, which is what a comparison needs. The table's columns are the
+issue's: settings beyond the current defaults, seed, parameters, steps, tok/s, pre-quantization, round-trip and
+final (TTT) val_bpb, artifact + code bytes. Exit status: 0 when every run finished with a summary, 1 when one did
+not (its row says why), 2 for a configuration refused before starting.
+"""
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+import train_gpt as tg  # noqa: E402
+from make_submission import read_log  # noqa: E402
+
+# Settings that name a run or its files rather than what was trained; the table never lists them as changes.
+NOT_SETTINGS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH"}
+EVAL_SETTINGS = ("EVAL_", "TTT_", "STREAM_", "ARTIFACT_PATH", "VAL_MAX_TOKENS")  # what a rescoring's row lists
+COLUMNS = ["run", "settings beyond the defaults", "seed", "device", "params", "steps", "tok/s", "pre-quant",
+           "round trip", "+ TTT", "artifact + code", "wall s"]
+
+
+@dataclass
+class Run:
+    settings: dict[str, str]
+    returncode: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def run_id(self) -> str:
+        return self.settings["RUN_ID"]
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """'KEY=VALUE KEY=VALUE' (shell quoting allowed) -> {KEY: VALUE}; errors name the word that is wrong."""
+    settings = {}
+    for word in shlex.split(text):
+        key, sep, value = word.partition("=")
+        if not sep or not key.isupper() or not key.replace("_", "").isalnum():
+            raise ValueError(f"{word!r} in configuration {text!r} is not a KEY=VALUE setting")
+        settings[key] = value
+    if not settings.get("RUN_ID"):
+        raise ValueError(f"configuration {text!r} has no RUN_ID (its log, logs/RUN_ID.txt, is where results are read)")
+    return settings
+
+
+def check_configs(configs: list[dict[str, str]], workdir: Path) -> None:
+    """Refuses, before anything starts, a RUN_ID used twice or already logged, or a setting train_gpt.py rejects."""
+    ids = [c["RUN_ID"] for c in configs]
+    twice = sorted({i for i in ids if ids.count(i) > 1})
+    if twice:
+        raise ValueError(f"RUN_ID used by more than one configuration: {', '.join(twice)}")
+    for settings in configs:
+        log = workdir / "logs" / f"{settings['RUN_ID']}.txt"
+        if log.exists():
+            raise ValueError(f"{log} exists (train_gpt.py would append to it): choose another RUN_ID or move it")
+        try:
+            tg.Config.from_env({**os.environ, **settings})
+        except ValueError as e:
+            raise ValueError(f"RUN_ID={settings['RUN_ID']}: {e}") from None
+
+
+def start(run: Run, slot: str, script: Path, workdir: Path) -> subprocess.Popen:
+    console = workdir / "logs" / f"{run.run_id}.console"
+    console.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, **run.settings, "CUDA_VISIBLE_DEVICES": slot}
+    with open(console, "w", encoding="utf-8") as out:
+        return subprocess.Popen([sys.executable, str(script)], cwd=workdir, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def stop_all(running: dict[int, tuple[Run, subprocess.Popen, float]]) -> None:
+    """SIGTERM to each run's process group, then SIGKILL to whatever is left after a grace period."""
+    for _, proc, _ in running.values():
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for _, proc, _ in running.values():
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_all(runs: list[Run], slots: list[str], script: Path, workdir: Path, poll_s: float = 1.0) -> None:
+    """Starts each run on the first free slot, in order, and returns when all have ended (filling in their exit
+    codes and wall times). Interrupted (Ctrl-C, SIGTERM), it stops the runs still going before it raises."""
+    pending = list(runs)
+    running: dict[int, tuple[Run, subprocess.Popen, float]] = {}  # by slot index (the CPU's slots are all "")
+    try:
+        while pending or running:
+            for i, (run, proc, t0) in list(running.items()):
+                if proc.poll() is not None:
+                    run.returncode, run.seconds = proc.returncode, time.monotonic() - t0
+                    del running[i]
+                    print(f"sweep: {run.run_id} ended (exit {run.returncode}) after {run.seconds:.0f} s", flush=True)
+            for i, slot in enumerate(slots):
+                if i not in running and pending:
+                    run = pending.pop(0)
+                    running[i] = (run, start(run, slot, script, workdir), time.monotonic())
+                    where = f"GPU {slot}" if slot else "the CPU"
+                    print(f"sweep: {run.run_id} started on {where}", flush=True)
+            if pending or running:
+                time.sleep(poll_s)
+    finally:
+        stop_all(running)
+
+
+def changed_settings(config: dict[str, str]) -> str:
+    """The logged settings that differ from the current Config defaults, as KEY=VALUE words. A rescoring
+    (EVAL_ONLY) takes its model from the artifact, so only its evaluation settings are listed."""
+    defaults = tg.Config()
+    rescore = config.get("EVAL_ONLY") == "True"
+    words = [f"{key}={config[key]}" for key in (f.name.upper() for f in fields(tg.Config))
+             if key in config and key not in NOT_SETTINGS and config[key] != str(getattr(defaults, key.lower()))
+             and (not rescore or key.startswith(EVAL_SETTINGS))]
+    return " ".join(words) or "none"
+
+
+def bpb(summary: dict, key: str) -> str:
+    return f"{summary[key]['bpb']:.4f}" if key in summary else "—"
+
+
+def table_row(summary: dict) -> list[str]:
+    ttt = summary["config"].get("TTT_ENABLED") == "True"
+    return [summary["run_id"], changed_settings(summary["config"]), str(summary["seed"]), summary["device"],
+            f"{summary['params']:,}" if "params" in summary else "—",
+            f"{summary['steps']:,}" if "steps" in summary else "—",
+            f"{summary['tokens_per_s']:,}" if "tokens_per_s" in summary else "—",
+            bpb(summary, "pre_quant"), bpb(summary, "final_no_ttt"), bpb(summary, "final") if ttt else "—",
+            f"{summary['total_bytes']:,}" if summary.get("total_bytes") else "—", f"{summary['wall_seconds']:.0f}"]
+
+
+def failed_row(run_id: str, why: str) -> list[str]:
+    return [run_id, why] + ["—"] * (len(COLUMNS) - 2)
+
+
+def markdown(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def row_for(run: Run, workdir: Path) -> tuple[list[str], bool]:
+    """The run's table row from its log, or, if it exited with an error or wrote no summary, a row that says so
+    with the last line of its console."""
+    if run.returncode == 0:
+        try:
+            return table_row(read_log(workdir / "logs" / f"{run.run_id}.txt")), True
+        except (OSError, ValueError):
+            pass
+    console = (workdir / "logs" / f"{run.run_id}.console").read_text(encoding="utf-8", errors="replace")
+    last = next((line for line in reversed(console.splitlines()) if line.strip()), "no output")
+    return failed_row(run.run_id, f"failed (exit {run.returncode}): {last.strip()[:200]}"), False
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("configs", nargs="+", help="one 'KEY=VALUE ...' string per run (with --table: log files)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--gpus", default="", help="comma-separated GPU ids, one run on each (default: every GPU)")
+    where.add_argument("--cpu", type=int, default=0, help="run this many at a time on the CPU instead")
+    p.add_argument("--table", action="store_true", help="print the table of finished runs' logs; start nothing")
+    p.add_argument("--script", type=Path, default=ROOT / "train_gpt.py", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.table:
+        try:
+            print(markdown([table_row(read_log(Path(path))) for path in args.configs]))
+        except (OSError, ValueError) as e:
+            print(f"sweep: {e}", file=sys.stderr)
+            return 2
+        return 0
+    workdir = Path.cwd()
+    try:
+        runs = [Run(parse_config(text)) for text in args.configs]
+        check_configs([run.settings for run in runs], workdir)
+        slots = [""] * args.cpu if args.cpu else [s.strip() for s in args.gpus.split(",") if s.strip()]
+        if not slots:
+            import torch
+            slots = [str(i) for i in range(torch.cuda.device_count())]
+        if not slots:
+            raise ValueError("no GPU is visible: name them with --gpus, or run on the CPU with --cpu N")
+    except ValueError as e:
+        print(f"sweep: {e}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    run_all(runs, slots, args.script, workdir)
+    rows, ok = zip(*(row_for(run, workdir) for run in runs))
+    print(markdown(list(rows)))
+    return 0 if all(ok) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
