@@ -78,6 +78,7 @@ def test_runs_wait_for_a_free_slot_and_never_share_one(tmp_path):
     (["RUN_ID=a layout=GSGs"], "'layout=GSGs'"),
     (["RUN_ID=a MATRIX_LR=fast"], "MATRIX_LR"),
     (["RUN_ID=old"], "logs/old.txt exists"),
+    (["--cpu", "-1"], "--cpu -1"),
 ])
 def test_bad_configurations_are_refused_before_anything_starts(tmp_path, configs, message):
     (tmp_path / "logs").mkdir()

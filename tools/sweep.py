@@ -198,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     workdir = Path.cwd()
     try:
+        if args.cpu < 0:
+            raise ValueError(f"--cpu {args.cpu}: the number of runs at a time must be positive")
         runs = [Run(parse_config(text)) for text in args.configs]
         check_configs([run.settings for run in runs], workdir)
         slots = [""] * args.cpu if args.cpu else [s.strip() for s in args.gpus.split(",") if s.strip()]
