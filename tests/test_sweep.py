@@ -44,14 +44,17 @@ if os.environ.get("FAKE_EXIT"):
 """
 
 
+TOOL = [sys.executable, str(ROOT / "tools" / "sweep.py")]
+
+
 def sweep_cmd(tmp_path: Path, *args: str) -> list[str]:
     fake = tmp_path / "fake_train.py"
     fake.write_text(FAKE_SCRIPT)
-    return [sys.executable, str(ROOT / "tools" / "sweep.py"), "--script", str(fake), *args]
+    return [*TOOL, "--script", str(fake), *args]
 
 
 def run_sweep(tmp_path: Path, *args: str, fake: bool = True) -> subprocess.CompletedProcess:
-    cmd = sweep_cmd(tmp_path, *args) if fake else [sys.executable, str(ROOT / "tools" / "sweep.py"), *args]
+    cmd = sweep_cmd(tmp_path, *args) if fake else [*TOOL, *args]
     return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 

@@ -50,7 +50,6 @@ COLUMNS = ["run", "settings beyond the defaults", "seed", "device", "params", "s
 class Run:
     settings: dict[str, str]
     returncode: int | None = None
-    seconds: float = 0.0
 
     @property
     def run_id(self) -> str:
@@ -111,16 +110,17 @@ def stop_all(running: dict[int, tuple[Run, subprocess.Popen, float]]) -> None:
 
 def run_all(runs: list[Run], slots: list[str], script: Path, workdir: Path, poll_s: float = 1.0) -> None:
     """Starts each run on the first free slot, in order, and returns when all have ended (filling in their exit
-    codes and wall times). Interrupted (Ctrl-C, SIGTERM), it stops the runs still going before it raises."""
+    codes). Interrupted (Ctrl-C, SIGTERM), it stops the runs still going before it raises."""
     pending = list(runs)
     running: dict[int, tuple[Run, subprocess.Popen, float]] = {}  # by slot index (the CPU's slots are all "")
     try:
         while pending or running:
             for i, (run, proc, t0) in list(running.items()):
                 if proc.poll() is not None:
-                    run.returncode, run.seconds = proc.returncode, time.monotonic() - t0
+                    run.returncode = proc.returncode
                     del running[i]
-                    print(f"sweep: {run.run_id} ended (exit {run.returncode}) after {run.seconds:.0f} s", flush=True)
+                    print(f"sweep: {run.run_id} ended (exit {run.returncode}) after {time.monotonic() - t0:.0f} s",
+                          flush=True)
             for i, slot in enumerate(slots):
                 if i not in running and pending:
                     run = pending.pop(0)
@@ -148,14 +148,16 @@ def bpb(summary: dict, key: str) -> str:
     return f"{summary[key]['bpb']:.4f}" if key in summary else "—"
 
 
+def count(summary: dict, key: str) -> str:
+    return f"{summary[key]:,}" if key in summary else "—"
+
+
 def table_row(summary: dict) -> list[str]:
     ttt = summary["config"].get("TTT_ENABLED") == "True"
     return [summary["run_id"], changed_settings(summary["config"]), str(summary["seed"]), summary["device"],
-            f"{summary['params']:,}" if "params" in summary else "—",
-            f"{summary['steps']:,}" if "steps" in summary else "—",
-            f"{summary['tokens_per_s']:,}" if "tokens_per_s" in summary else "—",
+            count(summary, "params"), count(summary, "steps"), count(summary, "tokens_per_s"),
             bpb(summary, "pre_quant"), bpb(summary, "final_no_ttt"), bpb(summary, "final") if ttt else "—",
-            f"{summary['total_bytes']:,}" if summary.get("total_bytes") else "—", f"{summary['wall_seconds']:.0f}"]
+            count(summary, "total_bytes"), f"{summary['wall_seconds']:.0f}"]
 
 
 def failed_row(run_id: str, why: str) -> list[str]:
