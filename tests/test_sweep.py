@@ -135,3 +135,23 @@ def test_two_tiny_trainings_side_by_side_and_their_table(tmp_path, tiny_data):
     assert "LAYOUT=AAAA " in rows["attn"][1] + " " and "LAYOUT=GSGs " in rows["hyb"][1] + " "  # the tiny preset's
     again = run_sweep(tmp_path, "--table", "logs/hyb.txt", "logs/attn.txt", fake=False)
     assert again.returncode == 0 and again.stdout.strip() in proc.stdout
+
+
+def test_a_rescoring_row_lists_only_evaluation_settings_and_no_training_seed(tmp_path):
+    # A rescoring's model comes from its artifact: a LAYOUT in its environment changed nothing, and its SEED is
+    # the evaluating process's, not the artifact's.
+    summary = dict(run_id="r", seed=1337, device="fake", wall_seconds=20.0, eval_only=True,
+                   final_no_ttt=dict(bpb=1.4474), final=dict(bpb=1.4201))
+    config = ["EVAL_ONLY=True", "ARTIFACT_PATH=artifacts/x.pgz", "TTT_LR=0.02", "LAYOUT=GGGG", "SEED=1337",
+              "TTT_ENABLED=True"]
+    log = tmp_path / "r.txt"
+    log.write_text("".join(f"config {c}\n" for c in config) + f"summary {json.dumps(summary)}\n")
+    row = dict(zip(sweep.COLUMNS, sweep.table_row(read_log(log))))
+    assert row["settings beyond the defaults"] == "TTT_LR=0.02 EVAL_ONLY=True ARTIFACT_PATH=artifacts/x.pgz"
+    assert row["seed"] == "—"
+    assert (row["round trip"], row["+ TTT"], row["steps"]) == ("1.4474", "1.4201", "—")
+    summary.update(eval_only=False)  # the same log as a training run's: its seed is the model's
+    log.write_text("".join(f"config {c}\n" for c in config if not c.startswith("EVAL_ONLY"))
+                   + f"summary {json.dumps(summary)}\n")
+    row = dict(zip(sweep.COLUMNS, sweep.table_row(read_log(log))))
+    assert row["seed"] == "1337" and "LAYOUT=GGGG" in row["settings beyond the defaults"]

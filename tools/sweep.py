@@ -153,8 +153,11 @@ def count(summary: dict, key: str) -> str:
 
 
 def table_row(summary: dict) -> list[str]:
+    """A rescoring's seed cell is blank: its SEED is the evaluating process's, not the one its artifact trained
+    with (which the artifact does not record)."""
     ttt = summary["config"].get("TTT_ENABLED") == "True"
-    return [summary["run_id"], changed_settings(summary["config"]), str(summary["seed"]), summary["device"],
+    seed = "—" if summary["config"].get("EVAL_ONLY") == "True" else str(summary["seed"])
+    return [summary["run_id"], changed_settings(summary["config"]), seed, summary["device"],
             count(summary, "params"), count(summary, "steps"), count(summary, "tokens_per_s"),
             bpb(summary, "pre_quant"), bpb(summary, "final_no_ttt"), bpb(summary, "final") if ttt else "—",
             count(summary, "total_bytes"), f"{summary['wall_seconds']:.0f}"]
