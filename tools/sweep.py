@@ -133,11 +133,10 @@ def run_all(runs: list[Run], slots: list[str], script: Path, workdir: Path, poll
         stop_all(running)
 
 
-def changed_settings(config: dict[str, str]) -> str:
+def changed_settings(config: dict[str, str], rescore: bool) -> str:
     """The logged settings that differ from the current Config defaults, as KEY=VALUE words. A rescoring
     (EVAL_ONLY) takes its model from the artifact, so only its evaluation settings are listed."""
     defaults = tg.Config()
-    rescore = config.get("EVAL_ONLY") == "True"
     words = [f"{key}={config[key]}" for key in (f.name.upper() for f in fields(tg.Config))
              if key in config and key not in NOT_SETTINGS and config[key] != str(getattr(defaults, key.lower()))
              and (not rescore or key.startswith(EVAL_SETTINGS))]
@@ -156,8 +155,9 @@ def table_row(summary: dict) -> list[str]:
     """A rescoring's seed cell is blank: its SEED is the evaluating process's, not the one its artifact trained
     with (which the artifact does not record)."""
     ttt = summary["config"].get("TTT_ENABLED") == "True"
-    seed = "—" if summary["config"].get("EVAL_ONLY") == "True" else str(summary["seed"])
-    return [summary["run_id"], changed_settings(summary["config"]), seed, summary["device"],
+    rescore = summary["config"].get("EVAL_ONLY") == "True"
+    seed = "—" if rescore else str(summary["seed"])
+    return [summary["run_id"], changed_settings(summary["config"], rescore), seed, summary["device"],
             count(summary, "params"), count(summary, "steps"), count(summary, "tokens_per_s"),
             bpb(summary, "pre_quant"), bpb(summary, "final_no_ttt"), bpb(summary, "final") if ttt else "—",
             count(summary, "total_bytes"), f"{summary['wall_seconds']:.0f}"]
