@@ -153,15 +153,16 @@ def test_muon_with_mixed_shapes_and_momentum_matches_a_per_matrix_reference():
 
 
 def test_normuon_matches_a_per_matrix_reference():
-    """MUON_VARIANT=normuon over three steps: the orthogonalized momentum, each row over the root of its running
-    mean square, rescaled to the orthogonalized update's norm. Written out per matrix, with the same momentum."""
+    """MUON_VARIANT=normuon with weight decay (the default pair) over three steps: the orthogonalized momentum, each
+    row over the root of its running mean square, rescaled to the orthogonalized update's norm, after the weights
+    shrink by 1 - lr x decay. Written out per matrix, with the same momentum."""
     torch.manual_seed(5)
     shapes = [(16, 32), (32, 16), (16, 32)]
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     ref = [p.detach().clone() for p in params]
     bufs = [torch.zeros_like(r) for r in ref]
     second = [torch.zeros(s[0]) for s in shapes]
-    opt = tg.Muon(params, lr=0.05, momentum=0.9, ns_steps=5, weight_decay=0.0, rt=CPU, row_beta2=0.8)
+    opt = tg.Muon(params, lr=0.05, momentum=0.9, ns_steps=5, weight_decay=0.02, rt=CPU, row_beta2=0.8)
     plain = [p.detach().clone() for p in params]
     for _ in range(3):
         grads = [torch.randn(s) * torch.linspace(0.1, 3.0, s[0])[:, None] for s in shapes]  # uneven rows
@@ -174,8 +175,8 @@ def test_normuon_matches_a_per_matrix_reference():
             second[i] = 0.8 * second[i] + 0.2 * o.square().mean(dim=1)
             n = o / second[i].sqrt()[:, None]
             upd = n * o.norm() / n.norm() * max(1.0, shapes[i][0] / shapes[i][1]) ** 0.5
-            ref[i] = ref[i] - 0.05 * upd
-            plain[i] = plain[i] - 0.05 * o * max(1.0, shapes[i][0] / shapes[i][1]) ** 0.5
+            ref[i] = ref[i] * (1 - 0.05 * 0.02) - 0.05 * upd
+            plain[i] = plain[i] * (1 - 0.05 * 0.02) - 0.05 * o * max(1.0, shapes[i][0] / shapes[i][1]) ** 0.5
     for p, r, q in zip(params, ref, plain):
         assert torch.allclose(p.detach(), r, atol=1e-5)
         assert not torch.allclose(p.detach(), q, atol=1e-3)  # not plain Muon (whose momentum it shares)
