@@ -3,7 +3,7 @@
 
     MAX_WALLCLOCK_SECONDS=300 python3 tools/sweep.py --gpus 0,1 \\
         'RUN_ID=hyb' \\
-        'RUN_ID=attn LAYOUT=AAAAAAAAAAAAAA MUON_VARIANT=muon'
+        'RUN_ID=attn LAYOUT=AAAAAAAAAAAAAA MUON_VARIANT=muon MLP_MULT=3.125'
     python3 tools/sweep.py --table logs/hyb.txt logs/attn.txt        # the same table later, from the logs
 
 Each configuration is one argument of KEY=VALUE words: train_gpt.py's settings, on top of this environment (so a
