@@ -17,7 +17,10 @@ sys.path.insert(0, str(ROOT))
 
 def _rank_main(rank: int, world: int, port: int, worker, args: tuple) -> None:
     """One spawned rank: joins a gloo group on the local port, runs worker(rank, world, *args) on one thread, then
-    waits for every rank before the group is torn down (a rank leaving early was seen to abort the other)."""
+    waits for every rank before the group is torn down (a rank leaving early was seen to abort the other), and
+    leaves without finalizing the interpreter: about once in 50 runs a rank that had finished, torn its group down
+    and run its atexit handlers still died of SIGABRT ("terminate called without an active exception") while
+    Python finalized, a known torch/gloo teardown race (pytorch/pytorch#179291)."""
     import os
 
     import torch
@@ -29,6 +32,9 @@ def _rank_main(rank: int, world: int, port: int, worker, args: tuple) -> None:
     worker(rank, world, *args)
     dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_ranks(worker, world: int, *args) -> None:
