@@ -141,6 +141,8 @@ class Config:
     #                                   1.3948 (0.04), 1.3839 (0.08) (README, Quality)
     embed_weight_decay: float = 0.0
     ema_decay: float = 0.997  # 0 = evaluate the raw weights
+    ema_compare: str = ""  # diagnostic, e.g. "0,0.99,0.999": more decays (0 = the raw weights), each averaged beside
+    #                        EMA_DECAY and scored like the pre-quant weights after training (one lerp per step each)
     # evaluation
     eval_seq_len: int = 0  # 0 -> train_seq_len
     eval_stride: int = 512  # window mode: later windows score their last EVAL_STRIDE targets (at most EVAL_SEQ_LEN;
@@ -212,6 +214,12 @@ class Config:
         return min(self.eval_stride or self.eval_len, self.eval_len)
 
     @property
+    def ema_compare_decays(self) -> tuple[float, ...]:
+        """EMA_COMPARE as numbers, without repeats or EMA_DECAY itself (already scored as pre_quant_ema)."""
+        listed = [float(x) for x in self.ema_compare.split(",") if x.strip()]
+        return tuple(d for d in dict.fromkeys(listed) if d != self.ema_decay)
+
+    @property
     def train_budget_seconds(self) -> float:
         """Wallclock for the training loop: the cap less the time reserved for GPTQ calibration (0 = no cap)."""
         if self.max_wallclock_seconds == 0:
@@ -265,6 +273,12 @@ class Config:
         need(self.attn_backend in ("auto", "fa3", "varlen", "sdpa"),
              f"ATTN_BACKEND={self.attn_backend!r} must be auto, fa3, varlen or sdpa")
         need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay} must be in [0, 1)")
+        try:
+            compare = self.ema_compare_decays
+        except ValueError:
+            compare = (-1.0,)
+        need(all(0.0 <= d < 1.0 for d in compare),
+             f"EMA_COMPARE={self.ema_compare!r} must list decays in [0, 1), separated by commas")
         need(self.eval_len > 0 and self.eval_stride >= 0,
              f"EVAL_SEQ_LEN={self.eval_len} must be positive and EVAL_STRIDE={self.eval_stride} not negative")
         need("eval_stride" not in explicit or self.eval_stride <= self.eval_len,
@@ -2505,10 +2519,11 @@ class TrainStats:
         return self.tokens / max(self.train_ms / 1000, 1e-9)
 
 
-def train(base: nn.Module, model: nn.Module, opts: Optimizers, ema: EMA | None, cfg: Config, rt: Runtime,
+def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], cfg: Config, rt: Runtime,
           log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> TrainStats:
-    """The timed loop. The timer excludes validation; the budget (MAX_WALLCLOCK_SECONDS less the GPTQ reserve) is
-    agreed across ranks and checked before each step, so training stops before the next step would cross it."""
+    """The timed loop; every average in `emas` is updated after each step. The timer excludes validation; the budget
+    (MAX_WALLCLOCK_SECONDS less the GPTQ reserve) is agreed across ranks and checked before each step, so training
+    stops before the next step would cross it."""
     stats, loader = TrainStats(), TrainLoader(cfg, rt)
     cap_ms = 1000 * cfg.train_budget_seconds
     loss_sum = torch.zeros((), device=rt.device)
@@ -2529,7 +2544,7 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, ema: EMA | None, 
             stats.stopped_by_cap = True
             break
         loss_sum += train_step(model, opts, loader, cfg, rt, stats.steps, lr_multiplier(stats.steps, elapsed_ms() / 1000, cfg))
-        if ema is not None:
+        for ema in emas:
             ema.update()
         stats.steps += 1
         stats.tokens += cfg.train_batch_tokens
@@ -2543,6 +2558,27 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, ema: EMA | None, 
     stats.train_ms = elapsed_ms()
     loader.close()
     return stats
+
+
+def score_ema_compare(base: nn.Module, fwd: nn.Module, others: dict[float, EMA | None], cfg: Config, rt: Runtime,
+                      log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> dict[str, float]:
+    """EMA_COMPARE: the pre-quant evaluation of each other average (None: the raw weights, as training left them),
+    logged as `ema_compare decay:D ...`; returns {decay: val_bpb}. The raw weights are back in `base` afterwards."""
+    if not others:
+        return {}
+    raw = [p.detach().clone() for p in base.parameters()]
+    scores = {}
+    with torch.no_grad():
+        for decay, avg in others.items():
+            if avg is None:
+                torch._foreach_copy_(list(base.parameters()), raw)
+            else:
+                avg.copy_to_model()
+            result = evaluate_base(fwd, val_tokens, tables, cfg, rt)
+            log(result.line(f"ema_compare decay:{decay:g}"))
+            scores[f"{decay:g}"] = result.bpb
+        torch._foreach_copy_(list(base.parameters()), raw)
+    return scores
 
 
 def _agree_stop(flag: bool, rt: Runtime) -> bool:
@@ -2750,10 +2786,14 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
             + f" (DDP_OVERLAP={int(cfg.ddp_overlap)})")
     warmup_then_restore(base, model, opts, cfg, rt, log)
     ema = EMA(base, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    stats = train(base, model, opts, ema, cfg, rt, log, val_tokens, tables)
+    others = {d: EMA(base, d) if d > 0 else None for d in cfg.ema_compare_decays}  # None: the raw weights
+    stats = train(base, model, opts, [e for e in (ema, *others.values()) if e is not None], cfg, rt, log, val_tokens,
+                  tables)
     peak = torch.cuda.max_memory_allocated() / 2**20 if rt.cuda else 0.0
     log(f"train_done steps:{stats.steps} train_time:{stats.train_ms:.0f}ms step_avg:{stats.step_avg_ms:.2f}ms "
         f"tok/s:{stats.tokens_per_s:.0f} stopped_by_cap:{stats.stopped_by_cap} peak_mem:{peak:.0f}MiB")
+    compared = score_ema_compare(base, compiled if cfg.eval_mode == "window" else base, others, cfg, rt, log,
+                                 val_tokens, tables)
     if ema is not None:
         ema.copy_to_model()
     hessians, calib_ms = calibrate(base, cfg, rt, log, stats.train_ms) if cfg.quant_method == "gptq" else (None, 0.0)
@@ -2771,6 +2811,8 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
                    tokens_per_s=round(stats.tokens_per_s), stopped_by_cap=stats.stopped_by_cap, peak_mem_mib=round(peak),
                    params=count_parameters(base), pre_quant=dataclasses.asdict(pre), final=dataclasses.asdict(final),
                    final_no_ttt=dataclasses.asdict(final_base), artifact_path=str(path), **sizes)
+    if compared:
+        summary["ema_compare"] = compared
     if cfg.quant_compare and hessians is not None:
         rtn_path = path.with_name(path.stem + "_rtn" + path.suffix)
         export_artifact(base, cfg, rt, log, rtn_path, None)

@@ -152,3 +152,14 @@ def test_a_kernel_check_logs_its_errors_and_refuses_above_the_tolerance():
         tg.require_close(lines.append, "x", {"dx": 0.03}, 2e-2, "backend X", "set Y")
     with pytest.raises(RuntimeError, match=r"^path Z disagrees with the reference: \{'o': nan\}$"):
         tg.require_close(lines.append, "z", {"o": float("nan")}, 2e-2, "path Z")  # NaN is never within tolerance
+
+
+@pytest.mark.parametrize("value", ["1.0", "0.9,-0.1", "0.9;0.99", "x"])
+def test_ema_compare_rejects_what_is_not_a_list_of_decays(value):
+    with pytest.raises(ValueError, match="EMA_COMPARE"):
+        tg.Config.from_env({"EMA_COMPARE": value})
+
+
+def test_ema_compare_drops_repeats_and_the_main_decay():
+    cfg = tg.Config.from_env({"EMA_DECAY": "0.997", "EMA_COMPARE": "0, 0.99,0.997,0.99,"})
+    assert cfg.ema_compare_decays == (0.0, 0.99)

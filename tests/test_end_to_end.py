@@ -111,6 +111,26 @@ def test_repeated_layers_plain_muon_and_sqrt_warmdown_train_and_rescore(tmp_path
     assert exact_line(run_script(tmp_path, rescore), tag) == exact_line(out, tag)
 
 
+def test_ema_compare_scores_what_each_decay_would_have_given(tmp_path, tiny_data, trained):
+    """EMA_COMPARE averages more decays beside EMA_DECAY and scores each pre-quant. Swapping the main decay with a
+    compared one swaps their scores, the raw weights score the same under all, and the main score (and so the
+    artifact) is the one a run without EMA_COMPARE gets (the `trained` run, EMA_DECAY 0.9). With EMA_DECAY=0 the raw
+    weights are put back after the comparison is scored."""
+    base = {**tiny_env(tiny_data, "emacmp"), "TTT_ENABLED": "0"}
+    a = summary(run_script(tmp_path, {**base, "EMA_DECAY": "0.9", "EMA_COMPARE": "0,0.5,0.9"}))
+    b = summary(run_script(tmp_path, {**base, "EMA_DECAY": "0.5", "EMA_COMPARE": "0.9, 0"}))
+    assert set(a["ema_compare"]) == {"0", "0.5"} and set(b["ema_compare"]) == {"0", "0.9"}  # EMA_DECAY not repeated
+    assert a["pre_quant"]["bpb"] == pytest.approx(summary(trained[1])["pre_quant"]["bpb"], abs=1e-9)
+    assert a["pre_quant"]["bpb"] == pytest.approx(b["ema_compare"]["0.9"], abs=1e-9)
+    assert b["pre_quant"]["bpb"] == pytest.approx(a["ema_compare"]["0.5"], abs=1e-9)
+    assert a["ema_compare"]["0"] == pytest.approx(b["ema_compare"]["0"], abs=1e-9)
+    c = summary(run_script(tmp_path, {**base, "EMA_DECAY": "0", "EMA_COMPARE": "0.9"}))
+    assert c["pre_quant"]["bpb"] == pytest.approx(a["ema_compare"]["0"], abs=1e-9)
+    assert c["ema_compare"]["0.9"] == pytest.approx(a["pre_quant"]["bpb"], abs=1e-9)
+    scores = [a["pre_quant"]["bpb"], b["pre_quant"]["bpb"], a["ema_compare"]["0"]]
+    assert len({round(x, 6) for x in scores}) == 3  # the three weightings really differ
+
+
 def test_eval_only_rejects_settings_that_contradict_the_artifact(trained, tiny_data):
     cwd, _ = trained
     env = {**tiny_env(tiny_data, "bad"), "EVAL_ONLY": "1", "ARTIFACT_PATH": str(cwd / "artifacts" / "e2e.pgz"),
