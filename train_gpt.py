@@ -1482,17 +1482,37 @@ def check_optimizer_coverage(model: nn.Module, opts: Optimizers) -> None:
 
 class EMA:
     """Exponential moving average of the (fp32) weights; evaluation and export use it. The decay warms up as
-    min(EMA_DECAY, (1 + t) / (10 + t)) so a short run is not dominated by its initialization."""
+    min(EMA_DECAY, (1 + t) / (10 + t)) so a short run is not dominated by its initialization. The bound stays below a
+    decay d until update (10d - 1) / (1 - d): 2,990 for 0.997, so a run of fewer updates averages the same for every
+    EMA_DECAY above its last bound (logged after training)."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay, self.updates = decay, 0
         self.params = [p for p in model.parameters()]
         self.shadow = [p.detach().clone() for p in self.params]
 
+    @staticmethod
+    def warmup_bound(updates: int) -> float:
+        return (1 + updates) / (10 + updates)
+
+    def binds_from(self) -> int:
+        """The first update whose decay is EMA_DECAY rather than the warmup bound."""
+        t = max(1, int((10 * self.decay - 1) / (1 - self.decay)) - 2)  # the closed form, less any rounding
+        while self.warmup_bound(t) < self.decay:
+            t += 1
+        return t
+
+    def describe(self) -> str:
+        first = self.binds_from()
+        if first > self.updates:
+            return (f"ema: {self.updates} updates, all under the warmup bound (1+t)/(10+t), the last "
+                    f"{self.warmup_bound(self.updates):.5f}; EMA_DECAY={self.decay:g} would bind from update {first}")
+        return f"ema: {self.updates} updates, EMA_DECAY={self.decay:g} in force from update {first}"
+
     @torch.no_grad()
     def update(self) -> None:
         self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        decay = min(self.decay, self.warmup_bound(self.updates))
         torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
 
     @torch.no_grad()
@@ -2792,6 +2812,8 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
     peak = torch.cuda.max_memory_allocated() / 2**20 if rt.cuda else 0.0
     log(f"train_done steps:{stats.steps} train_time:{stats.train_ms:.0f}ms step_avg:{stats.step_avg_ms:.2f}ms "
         f"tok/s:{stats.tokens_per_s:.0f} stopped_by_cap:{stats.stopped_by_cap} peak_mem:{peak:.0f}MiB")
+    if ema is not None:
+        log(ema.describe())
     compared = score_ema_compare(base, compiled if cfg.eval_mode == "window" else base, others, cfg, rt, log,
                                  val_tokens, tables)
     if ema is not None:

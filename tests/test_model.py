@@ -338,6 +338,24 @@ def test_ema_warms_up_then_averages():
     assert model.weight.item() == pytest.approx(1.0, abs=1e-6)
 
 
+def test_ema_decays_agree_until_the_warmup_bound_reaches_them():
+    """Below update (10d - 1) / (1 - d) the warmup bound, not EMA_DECAY, sets the decay: two decays above the bound
+    average identically (what a 300 s run of about 1,240 steps sees for 0.995 and 0.999), and part once the bound
+    passes the smaller one; `describe` says which case a run was in."""
+    model = torch.nn.Linear(4, 1, bias=False)
+    a, b = tg.EMA(model, decay=0.95), tg.EMA(model, decay=0.99)
+    assert (a.binds_from(), b.binds_from()) == (170, 890)
+    for t in range(1, 200):
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(1, 4))
+        a.update(), b.update()
+        same = torch.equal(a.shadow[0], b.shadow[0])
+        assert same == (tg.EMA.warmup_bound(t) <= 0.95), t  # equal decays until the bound passes 0.95
+    assert a.describe() == "ema: 199 updates, EMA_DECAY=0.95 in force from update 170"
+    assert b.describe().startswith("ema: 199 updates, all under the warmup bound") and "from update 890" in b.describe()
+    assert tg.EMA.warmup_bound(a.binds_from() - 1) < 0.95 <= tg.EMA.warmup_bound(a.binds_from())
+
+
 def test_bigram_and_smear_see_only_the_previous_token_and_never_across_a_bos():
     model = tiny_model(layout="GS", **FEATURES)
     BOS = model.mc.bos_id
