@@ -155,3 +155,19 @@ def test_a_rescoring_row_lists_only_evaluation_settings_and_no_training_seed(tmp
                    + f"summary {json.dumps(summary)}\n")
     row = dict(zip(sweep.COLUMNS, sweep.table_row(read_log(log))))
     assert row["seed"] == "1337" and "LAYOUT=GGGG" in row["settings beyond the defaults"]
+
+
+def test_the_table_of_logs_shows_an_unfinished_run_and_fails(tmp_path):
+    """A log without a summary (a run stopped during TTT) keeps its row, with the last score it logged; the finished
+    logs' rows are printed all the same, and the exit status says that one was unfinished."""
+    summary = dict(run_id="done", seed=1337, device="fake", wall_seconds=20.0, final_no_ttt=dict(bpb=1.4474))
+    (tmp_path / "done.txt").write_text(f"config SEED=1337\nsummary {json.dumps(summary)}\n")
+    (tmp_path / "cut.txt").write_text(
+        "config SEED=1337\npre_quant_ema_sliding512 val_loss:2.4666 val_bpb:1.3887 val_tokens:9\n"
+        "final_int6_brotli_roundtrip_sliding512 val_loss:2.4958 val_bpb:1.4052 val_tokens:9\n"
+        "final_int6_brotli_roundtrip_sliding512_exact val_loss:2.49576736 val_bpb:1.40515996\nttt: compiling\n")
+    proc = run_sweep(tmp_path, "--table", "cut.txt", "done.txt", fake=False)
+    assert proc.returncode == 2 and "cut.txt: no 'summary {...}' line" in proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| cut ") or line.startswith("| done ")]
+    assert rows[0].startswith("| cut | no summary; last score final_int6_brotli_roundtrip_sliding512 val_bpb:1.4052 |")
+    assert rows[1] == "| " + " | ".join(sweep.table_row(read_log(tmp_path / "done.txt"))) + " |"

@@ -3,7 +3,7 @@
 
     MAX_WALLCLOCK_SECONDS=300 python3 tools/sweep.py --gpus 0,1 \\
         'RUN_ID=hyb' \\
-        'RUN_ID=attn LAYOUT=AAAAAAAAAAAAAA MUON_VARIANT=muon MLP_MULT=3.125'
+        'RUN_ID=attn LAYOUT=AAAAAAAAAAAAAA MUON_VARIANT=muon MLP_MULT=3.125 UNET_SKIPS=0'
     python3 tools/sweep.py --table logs/hyb.txt logs/attn.txt        # the same table later, from the logs
 
 Each configuration is one argument of KEY=VALUE words: train_gpt.py's settings, on top of this environment (so a
@@ -25,6 +25,7 @@ not (its row says why), 2 for a configuration refused before starting.
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -167,6 +168,20 @@ def failed_row(run_id: str, why: str) -> list[str]:
     return [run_id, why] + ["—"] * (len(COLUMNS) - 2)
 
 
+def unfinished(path: Path) -> str:
+    """What a log without a summary got to: its last score line (a run stopped during TTT has its round trip)."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError as e:
+        return f"unreadable ({e.strerror})"
+    scores = [line for line in lines if re.match(r"(pre_quant|final_)\S*(?<!_exact) val_loss:", line)]
+    if not scores:
+        return "no summary, no score"
+    tag, rest = scores[-1].split(" ", 1)
+    bpb_field = re.search(r"val_bpb:\S+", rest)
+    return f"no summary; last score {tag} {bpb_field.group(0) if bpb_field else rest}"
+
+
 def markdown(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
@@ -191,16 +206,22 @@ def main(argv: list[str] | None = None) -> int:
     where = p.add_mutually_exclusive_group()
     where.add_argument("--gpus", default="", help="comma-separated GPU ids, one run on each (default: every GPU)")
     where.add_argument("--cpu", type=int, default=0, help="run this many at a time on the CPU instead")
-    p.add_argument("--table", action="store_true", help="print the table of finished runs' logs; start nothing")
+    p.add_argument("--table", action="store_true",
+                   help="print the table of runs' logs (a log without a summary: its last score; exit 2); start nothing")
     p.add_argument("--script", type=Path, default=ROOT / "train_gpt.py", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.table:
-        try:
-            print(markdown([table_row(read_log(Path(path))) for path in args.configs]))
-        except (OSError, ValueError) as e:
-            print(f"sweep: {e}", file=sys.stderr)
-            return 2
-        return 0
+        rows, bad = [], []
+        for path in map(Path, args.configs):
+            try:
+                rows.append(table_row(read_log(path)))
+            except (OSError, ValueError) as e:
+                rows.append(failed_row(path.stem, unfinished(path)))
+                bad.append(str(e))
+        print(markdown(rows))
+        for why in bad:
+            print(f"sweep: {why}", file=sys.stderr)
+        return 2 if bad else 0
     workdir = Path.cwd()
     try:
         if args.cpu < 0:
