@@ -16,6 +16,8 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # train_gpt, for the layout
+
 LIMIT_BYTES = 16_000_000
 TRAIN_LIMIT_MS = 600_000
 EVAL_LIMIT_S = 600.0
@@ -98,10 +100,37 @@ def technique_summary(config: dict) -> str:
     if c.get("TTT_ENABLED") == "True":
         evaluation += (f" + score-first TTT ({c.get('TTT_OPTIMIZER')} lr {c.get('TTT_LR')}, {c.get('TTT_EPOCHS')} epochs, "
                        f"{c.get('TTT_CHUNK_TOKENS')}-token chunks, params {c.get('TTT_PARAMS')})")
-    return (f"Gated DeltaNet + sliding-window attention hybrid, layout {c.get('LAYOUT')}, d{c.get('MODEL_DIM')}, "
-            f"SWA window {c.get('SWA_WINDOW')}, vocab {c.get('VOCAB_SIZE')}; Muon + Adam, EMA {c.get('EMA_DECAY')}; "
+    return (f"{model_summary(c)}; {optimizer_summary(c)}; "
             f"{c.get('QUANT_METHOD', 'rtn')} int{c.get('MATRIX_BITS')} matrices / int{c.get('EMBED_BITS')} embedding "
             f"+ {c.get('COMPRESSOR')}; {evaluation}")
+
+
+MIXER_NAMES = dict(gdn="Gated DeltaNet", attn="full attention", swa="sliding-window attention")
+
+
+def model_summary(c: dict) -> str:
+    """The layers as they ran (from LAYOUT, repeats counted), width, vocabulary and the input/skip features on."""
+    import train_gpt as tg  # noqa: PLC0415 (torch; only needed here)
+
+    specs = tg.parse_layout(c.get("LAYOUT", ""))
+    kinds = [kind for kind in MIXER_NAMES if any(s.kind == kind for s in specs)]
+    mixers = " + ".join(f"{sum(s.kind == kind for s in specs)} {MIXER_NAMES[kind]}"
+                        + (f" (window {c.get('SWA_WINDOW')})" if kind == "swa" else "") for kind in kinds)
+    features = [name for key, name in (("UNET_SKIPS", "U-Net skips"), ("SMEAR_GATE", "SmearGate")) if c.get(key) == "True"]
+    if c.get("BIGRAM_BUCKETS", "0") != "0":
+        features.append(f"BigramHash ({c['BIGRAM_BUCKETS']} buckets)")
+    return (f"{len(specs)} layers ({mixers}), layout {c.get('LAYOUT')}, d{c.get('MODEL_DIM')}, MLP {c.get('MLP_MULT')}x, "
+            f"vocab {c.get('VOCAB_SIZE')}" + (", " + ", ".join(features) if features else ""))
+
+
+MUON_NAMES = dict(muon="Muon", normuon="NorMuon", normuon_gdn="NorMuon on the GDN matrices, Muon on the others")
+
+
+def optimizer_summary(c: dict) -> str:
+    decay = c.get("MUON_WEIGHT_DECAY", "0")
+    variant = c.get("MUON_VARIANT", "muon")
+    return (f"{MUON_NAMES.get(variant, variant)} (lr {c.get('MATRIX_LR')}"
+            + (f", weight decay {decay}" if float(decay) else "") + f") + Adam, EMA {c.get('EMA_DECAY')}")
 
 
 def main(argv: list[str] | None = None) -> int:
