@@ -167,6 +167,10 @@ def test_submission_tool_reads_the_logs(trained, tmp_path, tiny_data):
     assert sub["val_bpb_std"] == pytest.approx(0.01 / 2 ** 0.5)
     assert sub["seed_results"][str(s["seed"])]["artifact_bytes"] == s["total_bytes"]
     assert sub["compliance"]["artifact_under_16mb"] and sub["compliance"]["train_under_600s"]
+    # what ran, from the log's settings: the tiny preset's GSGs layout, U-Net skips (the default) and NorMuon
+    assert sub["technique_summary"].startswith(
+        "4 layers (2 Gated DeltaNet + 2 sliding-window attention (window 16)), layout GSGs, d64, MLP 2.0x, vocab "
+        f"{tiny_data['vocab_size']}, U-Net skips; NorMuon (lr 0.02, weight decay 0.08) + Adam, EMA 0.9;"), sub
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "make_submission.py"), str(cwd / "logs" / "e2e.txt"),
                            str(cwd / "logs" / "e2e.txt"), "--author", "A", "--github-id", "a", "--name", "n",
                            "--out", str(dest)], capture_output=True, text=True)

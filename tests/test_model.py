@@ -60,27 +60,41 @@ def test_shared_mixer_is_stored_once_and_used_twice():
     assert model.mixers[1].q_proj.weight.grad.abs().sum() > 0
 
 
-def test_repeated_group_runs_the_same_layers_again():
+@pytest.mark.parametrize("unet", ["0", "1"])
+def test_repeated_group_runs_the_same_layers_again(unet):
     """'G(SA)2' stores the weights of 'GSA' once and runs layers 0 1 2 1 2: written out with the plain model's
-    modules, the outputs agree; both passes' uses reach the shared weights' gradients."""
-    looped, plain = tiny_model("G(SA)2"), tiny_model("GSA", seed=1)
-    assert [n for n, _ in looped.named_parameters()] == [n for n, _ in plain.named_parameters()]
-    looped.load_state_dict(plain.state_dict())
+    modules, the outputs agree; both passes' uses reach the shared weights' gradients. With U-Net skips (on by
+    default), the stream after layer i of the first half (i < L // 2) is added, times its own per-channel weight
+    vector, before layer L - 1 - i: here the outputs of layers 1 and 0 before layers 3 and 4."""
+    looped, plain = tiny_model("G(SA)2", UNET_SKIPS=unet), tiny_model("GSA", seed=1, UNET_SKIPS=unet)
+    shared = [n for n, _ in plain.named_parameters() if n != "skip_weights"]
+    assert [n for n, _ in looped.named_parameters() if n != "skip_weights"] == shared
+    missing = looped.load_state_dict({k: plain.state_dict()[k] for k in shared}, strict=False).missing_keys
+    assert missing == (["skip_weights"] if unet == "1" else [])
     assert looped.layer_mixer == [0, 1, 2, 1, 2] and looped.layer_mlp == [0, 1, 2, 1, 2]
+    n_skips = 2 if unet == "1" else 0
+    if n_skips:
+        assert looped.skip_weights.shape == (n_skips, 64)
+        torch.nn.init.normal_(looped.skip_weights, mean=1.0, std=0.5)  # not all ones: each weight must be the right one
     ids = torch.randint(0, 97, (2, 24))
     with torch.no_grad():
-        x = tg.rms_norm(plain.embed(ids))
-        for i in (0, 1, 2, 1, 2):
+        x, out = tg.rms_norm(plain.embed(ids)), []
+        for layer, i in enumerate((0, 1, 2, 1, 2)):
+            if layer >= 5 - n_skips:
+                x = x + looped.skip_weights[layer - (5 - n_skips)] * out[5 - 1 - layer]
             x = x + plain.mixers[i](tg.rms_norm(x))
             x = x + plain.mlps[i](tg.rms_norm(x))
+            out.append(x)
         logits = F.linear(tg.rms_norm(x), plain.tok_emb.weight)
         logits = plain.mc.logit_softcap * torch.tanh(logits / plain.mc.logit_softcap)
         assert torch.allclose(looped(ids), logits, atol=1e-5)
         assert not torch.allclose(plain(ids), logits, atol=1e-3)  # the second pass matters
     looped(ids, ids).backward()
-    one_pass = tiny_model("GSA", seed=1)
+    one_pass = tiny_model("GSA", seed=1, UNET_SKIPS=unet)
     one_pass(ids, ids).backward()
     assert not torch.allclose(looped.mlps[2].fc.weight.grad, one_pass.mlps[2].fc.weight.grad, atol=1e-6)
+    if n_skips:
+        assert looped.skip_weights.grad.abs().min() > 0  # every skip weight is used
 
 
 def test_every_parameter_in_exactly_one_optimizer_group():
@@ -90,8 +104,8 @@ def test_every_parameter_in_exactly_one_optimizer_group():
     assert len(owned) == len({id(p) for p in owned}) == len(list(model.parameters()))
     muon = {id(p) for p in opts.muon.param_groups[0]["params"]}
     for name, p in model.named_parameters():
-        expect_muon = (p.ndim == 2 and name != "tok_emb.weight" and "a_proj" not in name and "b_proj" not in name
-                       and "_conv" not in name)
+        expect_muon = (p.ndim == 2 and name not in ("tok_emb.weight", "skip_weights")  # skip_weights: a stack of
+                       and "a_proj" not in name and "b_proj" not in name and "_conv" not in name)  # vectors, Adam
         assert (id(p) in muon) == expect_muon, name
     conv = model.mixers[0].q_conv.weight  # conv kernels must be trained (an earlier submission never did)
     assert any(conv is p for g in opts.adam.param_groups for p in g["params"])
@@ -379,7 +393,7 @@ def test_bigram_and_smear_see_only_the_previous_token_and_never_across_a_bos():
 def test_unet_skips_pair_mirrored_layers_and_zero_weights_remove_them():
     torch.manual_seed(0)
     with_skips = tiny_model(layout="GSGsG", UNET_SKIPS="1")
-    plain = tiny_model(layout="GSGsG")
+    plain = tiny_model(layout="GSGsG", UNET_SKIPS="0")
     assert with_skips.n_skips == 2 and with_skips.skip_weights.shape == (2, with_skips.mc.model_dim)
     state = {k: v for k, v in with_skips.state_dict().items() if k != "skip_weights"}
     plain.load_state_dict(state)
