@@ -101,7 +101,7 @@ class Config:
     smear_gate: bool = False  # SmearGate: add a gated copy of the previous token's embedding (never across a BOS)
     unet_skips: bool = True  # U-Net skips: the first half's layer outputs feed the mirrored layers of the second half.
     #                          300 s on an H200, two seeds each: the hybrid 1.3798 with them, 1.3860 without; no gain
-    #                          for all-attention (README, Quality)
+    #                          for all-attention (one seed; README, Quality)
     bos_id: int = 1  # the tokenizer's BOS (SPEC: 1); BigramHash and SmearGate never look back across it
     residual_bf16: bool = True  # under autocast (CUDA) keep the residual stream in bf16, as the field's records do,
     #                             not fp32: half the memory traffic of the norms and residual adds, 275.0 -> 257.4
@@ -281,6 +281,8 @@ class Config:
             compare = (-1.0,)
         need(all(0.0 <= d < 1.0 for d in compare),
              f"EMA_COMPARE={self.ema_compare!r} must list decays in [0, 1), separated by commas")
+        need(not (self.eval_only and self.ema_compare.strip()),
+             "EMA_COMPARE averages weights while training; EVAL_ONLY=1 scores an artifact and cannot use it")
         need(self.eval_len > 0 and self.eval_stride >= 0,
              f"EVAL_SEQ_LEN={self.eval_len} must be positive and EVAL_STRIDE={self.eval_stride} not negative")
         need("eval_stride" not in explicit or self.eval_stride <= self.eval_len,
@@ -1506,6 +1508,8 @@ class EMA:
 
     def describe(self) -> str:
         first = self.binds_from()
+        if self.updates == 0:
+            return f"ema: no updates, the initial weights; EMA_DECAY={self.decay:g} would bind from update {first}"
         if first > self.updates:
             return (f"ema: {self.updates} updates, all under the warmup bound (1+t)/(10+t), the last "
                     f"{self.warmup_bound(self.updates):.5f}; EMA_DECAY={self.decay:g} would bind from update {first}")
@@ -2585,7 +2589,8 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
 def score_ema_compare(base: nn.Module, fwd: nn.Module, others: dict[float, EMA | None], cfg: Config, rt: Runtime,
                       log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> dict[str, float]:
     """EMA_COMPARE: the pre-quant evaluation of each other average (None: the raw weights, as training left them),
-    logged as `ema_compare decay:D ...`; returns {decay: val_bpb}. The raw weights are back in `base` afterwards."""
+    logged as `ema_compare decay:D ...` after the average's `ema:` line; returns {f"{decay:g}": val_bpb}. The raw
+    weights are back in `base` afterwards."""
     if not others:
         return {}
     raw = [p.detach().clone() for p in base.parameters()]
@@ -2595,6 +2600,7 @@ def score_ema_compare(base: nn.Module, fwd: nn.Module, others: dict[float, EMA |
             if avg is None:
                 torch._foreach_copy_(list(base.parameters()), raw)
             else:
+                log(avg.describe())
                 avg.copy_to_model()
             result = evaluate_base(fwd, val_tokens, tables, cfg, rt)
             log(result.line(f"ema_compare decay:{decay:g}"))

@@ -163,3 +163,8 @@ def test_ema_compare_rejects_what_is_not_a_list_of_decays(value):
 def test_ema_compare_drops_repeats_and_the_main_decay():
     cfg = tg.Config.from_env({"EMA_DECAY": "0.997", "EMA_COMPARE": "0, 0.99,0.997,0.99,"})
     assert cfg.ema_compare_decays == (0.0, 0.99)
+
+
+def test_ema_compare_is_refused_when_only_evaluating():
+    with pytest.raises(ValueError, match="EMA_COMPARE averages weights while training"):
+        tg.Config.from_env({"EVAL_ONLY": "1", "ARTIFACT_PATH": "a.pgz", "EMA_COMPARE": "0"})
