@@ -166,8 +166,11 @@ def test_the_table_of_logs_shows_an_unfinished_run_and_fails(tmp_path):
         "config SEED=1337\npre_quant_ema_sliding512 val_loss:2.4666 val_bpb:1.3887 val_tokens:9\n"
         "final_int6_brotli_roundtrip_sliding512 val_loss:2.4958 val_bpb:1.4052 val_tokens:9\n"
         "final_int6_brotli_roundtrip_sliding512_exact val_loss:2.49576736 val_bpb:1.40515996\nttt: compiling\n")
-    proc = run_sweep(tmp_path, "--table", "cut.txt", "done.txt", fake=False)
+    (tmp_path / "torn.txt").write_text('config SEED=1337\nsummary {"run_id": "torn", \n')  # a summary cut short
+    proc = run_sweep(tmp_path, "--table", "cut.txt", "done.txt", "torn.txt", fake=False)
     assert proc.returncode == 2 and "cut.txt: no 'summary {...}' line" in proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| cut ") or line.startswith("| done ")]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("| cut ", "| done ", "| torn "))]
     assert rows[0].startswith("| cut | no summary; last score final_int6_brotli_roundtrip_sliding512 val_bpb:1.4052 |")
     assert rows[1] == "| " + " | ".join(sweep.table_row(read_log(tmp_path / "done.txt"))) + " |"
+    assert rows[2].startswith("| torn | ") and "no summary" not in rows[2]  # the JSON error, not "unfinished"
+    assert "torn.txt: " in proc.stderr

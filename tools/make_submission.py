@@ -112,7 +112,10 @@ def model_summary(c: dict) -> str:
     """The layers as they ran (from LAYOUT, repeats counted), width, vocabulary and the input/skip features on."""
     import train_gpt as tg  # noqa: PLC0415 (torch; only needed here)
 
-    specs = tg.parse_layout(c.get("LAYOUT", ""))
+    try:
+        specs = tg.parse_layout(c["LAYOUT"])
+    except (KeyError, ValueError):  # not a layout this train_gpt.py reads: name it as logged
+        return f"layout {c.get('LAYOUT', 'not logged')}, d{c.get('MODEL_DIM')}, vocab {c.get('VOCAB_SIZE')}"
     kinds = [kind for kind in MIXER_NAMES if any(s.kind == kind for s in specs)]
     mixers = " + ".join(f"{sum(s.kind == kind for s in specs)} {MIXER_NAMES[kind]}"
                         + (f" (window {c.get('SWA_WINDOW')})" if kind == "swa" else "") for kind in kinds)

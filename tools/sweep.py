@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
         for path in map(Path, args.configs):
             try:
                 rows.append(table_row(read_log(path)))
-            except (OSError, ValueError) as e:
-                rows.append(failed_row(path.stem, unfinished(path)))
-                bad.append(str(e))
+            except (OSError, ValueError) as e:  # the row says what is wrong; a missing summary: how far it got
+                rows.append(failed_row(path.stem, unfinished(path) if "no 'summary" in str(e) else str(e)[:200]))
+                bad.append(str(e) if str(path) in str(e) else f"{path}: {e}")
         print(markdown(rows))
         for why in bad:
             print(f"sweep: {why}", file=sys.stderr)
