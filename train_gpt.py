@@ -276,11 +276,10 @@ class Config:
              f"ATTN_BACKEND={self.attn_backend!r} must be auto, fa3, varlen or sdpa")
         need(0.0 <= self.ema_decay < 1.0, f"EMA_DECAY={self.ema_decay} must be in [0, 1)")
         try:
-            compare = self.ema_compare_decays
-        except ValueError:
-            compare = (-1.0,)
-        need(all(0.0 <= d < 1.0 for d in compare),
-             f"EMA_COMPARE={self.ema_compare!r} must list decays in [0, 1), separated by commas")
+            decays_ok = all(0.0 <= d < 1.0 for d in self.ema_compare_decays)
+        except ValueError:  # not a number
+            decays_ok = False
+        need(decays_ok, f"EMA_COMPARE={self.ema_compare!r} must list decays in [0, 1), separated by commas")
         need(not (self.eval_only and self.ema_compare.strip()),
              "EMA_COMPARE averages weights while training; EVAL_ONLY=1 scores an artifact and cannot use it")
         need(self.eval_len > 0 and self.eval_stride >= 0,
@@ -2822,12 +2821,12 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
         f"tok/s:{stats.tokens_per_s:.0f} stopped_by_cap:{stats.stopped_by_cap} peak_mem:{peak:.0f}MiB")
     if ema is not None:
         log(ema.describe())
-    compared = score_ema_compare(base, compiled if cfg.eval_mode == "window" else base, others, cfg, rt, log,
-                                 val_tokens, tables)
+    fwd = compiled if cfg.eval_mode == "window" else base  # what scores the weights before quantization
+    compared = score_ema_compare(base, fwd, others, cfg, rt, log, val_tokens, tables)
     if ema is not None:
         ema.copy_to_model()
     hessians, calib_ms = calibrate(base, cfg, rt, log, stats.train_ms) if cfg.quant_method == "gptq" else (None, 0.0)
-    pre = evaluate_base(compiled if cfg.eval_mode == "window" else base, val_tokens, tables, cfg, rt)
+    pre = evaluate_base(fwd, val_tokens, tables, cfg, rt)
     pre_tag = ("pre_quant_ema" if ema is not None else "pre_quant") + eval_tag(dataclasses.replace(cfg, ttt_enabled=False))
     log(pre.line(pre_tag))
     path = Path(cfg.artifact_path or f"artifacts/{run_id}.pgz")

@@ -24,13 +24,17 @@ EVAL_LIMIT_S = 600.0
 RECORD_GPUS = 8
 
 
+class NoSummaryError(ValueError):
+    """A log without train_gpt.py's `summary {...}` line: the run has not finished (or was stopped)."""
+
+
 def read_log(path: Path) -> dict:
     """The last `summary {...}` of one train_gpt.py log, with its settings under "config" (as logged, strings) and
     the log's path under "log"; a log without a summary is an error that names it."""
     text = path.read_text(encoding="utf-8")
     lines = [line for line in text.splitlines() if line.startswith("summary {")]
     if not lines:
-        raise ValueError(f"{path}: no 'summary {{...}}' line; did the run finish?")
+        raise NoSummaryError(f"{path}: no 'summary {{...}}' line; did the run finish?")
     summary = json.loads(lines[-1][len("summary "):])
     summary["config"] = dict(re.findall(r"^config (\w+)=(.*)$", text, flags=re.M))
     summary["log"] = str(path)

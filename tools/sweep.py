@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 import train_gpt as tg  # noqa: E402
-from make_submission import read_log  # noqa: E402
+from make_submission import NoSummaryError, read_log  # noqa: E402
 
 # Settings that name a run or its files rather than what was trained; the table never lists them as changes.
 NOT_SETTINGS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH"}
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 rows.append(table_row(read_log(path)))
             except (OSError, ValueError) as e:  # the row says what is wrong; a missing summary: how far it got
-                rows.append(failed_row(path.stem, unfinished(path) if "no 'summary" in str(e) else str(e)[:200]))
+                rows.append(failed_row(path.stem, unfinished(path) if isinstance(e, NoSummaryError) else str(e)[:200]))
                 bad.append(str(e) if str(path) in str(e) else f"{path}: {e}")
         print(markdown(rows))
         for why in bad:
