@@ -174,3 +174,46 @@ def test_the_table_of_logs_shows_an_unfinished_run_and_fails(tmp_path):
     assert rows[1] == "| " + " | ".join(sweep.table_row(read_log(tmp_path / "done.txt"))) + " |"
     assert rows[2].startswith("| torn | ") and "no summary" not in rows[2]  # the JSON error, not "unfinished"
     assert "torn.txt: " in proc.stderr
+
+
+def wait_for(path: Path, tool: subprocess.Popen, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline and tool.poll() is None, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def test_more_takes_whole_lines_appended_while_it_runs_until_end(tmp_path):
+    """--more: lines appended while the first run goes are queued behind it on the one slot; a half-written line
+    waits until it is whole; a refused line is reported and in the table without stopping the others; END stops
+    the reading."""
+    more = tmp_path / "more.txt"
+    tool = subprocess.Popen(sweep_cmd(tmp_path, "--cpu", "1", "--more", str(more), "RUN_ID=a FAKE_SLEEP=6"),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "pids" / "a", tool)
+    more.write_text("RUN_ID=bb")  # no newline yet: not a configuration until it ends
+    time.sleep(2.5)  # more than two of the sweep's polls
+    with more.open("a") as f:
+        f.write("x FAKE_SLEEP=0.1\n\n# a comment\nRUN_ID=a\nRUN_ID=c LAYOUT=AXQ\nRUN_ID=d FAKE_SLEEP=0.1\nEND\n"
+                "RUN_ID=e\n")
+    out, err = tool.communicate(timeout=120)
+    assert tool.returncode == 1, out + err  # the refused lines fail the sweep; the runs did not
+    assert sorted(p.name for p in (tmp_path / "pids").iterdir()) == ["a", "bbx", "d"]  # not bb, not e (after END)
+    spans = {run: json.loads((tmp_path / "spans" / run).read_text()) for run in ("a", "bbx", "d")}
+    assert spans["a"][2] <= spans["bbx"][1] and spans["bbx"][2] <= spans["d"][1]  # one slot, in the file's order
+    assert "more.txt line 4 refused: RUN_ID=a is already in this sweep" in err
+    assert "more.txt line 5 refused: RUN_ID=c: " in err and "LAYOUT" in err
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| run ")]
+    assert [row.split(" | ")[0] for row in rows] == ["| a", "| bbx", "| d", "| a", "| c"]
+    assert rows[3].startswith("| a | refused (more.txt line 4): RUN_ID=a is already in this sweep |")
+    assert rows[1] == "| " + " | ".join(sweep.table_row(read_log(tmp_path / "logs" / "bbx.txt"))) + " |"
+
+
+def test_more_ends_with_the_last_run_and_is_refused_with_table(tmp_path):
+    """Without END the sweep still ends when its runs have ended and the file has nothing new (a file that is never
+    written is no reason to wait); --more makes no sense with --table."""
+    proc = run_sweep(tmp_path, "--cpu", "1", "--more", str(tmp_path / "never.txt"), "RUN_ID=a FAKE_SLEEP=0.1")
+    assert proc.returncode == 0, proc.stderr
+    assert "| a | " in proc.stdout
+    proc = run_sweep(tmp_path, "--table", "--more", "x.txt", "logs/a.txt")
+    assert proc.returncode == 2 and "--more adds runs to a sweep" in proc.stderr

@@ -16,11 +16,19 @@ with more configurations than GPUs the rest wait for a free one. `--cpu N` runs 
 (the tiny preset; tests). The runs start in their own process sessions: Ctrl-C or SIGTERM stops them with the
 sweep, but if the sweep itself is killed outright they run on, and `--table` reads their results when they finish.
 
+`--more FILE` lets a sweep take configurations decided while it runs (the second seed of whatever did best): each
+complete line appended to FILE is one more configuration (blank lines and # comments skipped), checked like the
+others and queued behind them; a line END stops the reading. The sweep still ends when its last run has ended and
+FILE has nothing new, so a line written after that is not run. A line that is refused (a setting train_gpt.py
+rejects, a RUN_ID already in the sweep or logged) is reported at once and in the table, and the others go on.
+Adding runs by starting processes beside a sweep is what this replaces: a GPU with little memory in use is not
+free when the sweep has just started a run on it.
+
 Why: the 300 s comparisons of issue 6 (README, Quality) are one GPU each, so a host with N GPUs runs N of them
 in the wall time of one, on the same machine, which is what a comparison needs. The table's columns are the
 issue's: settings beyond the current defaults, seed, parameters, steps, tok/s, pre-quantization, round-trip and
 final (TTT) val_bpb, artifact + code bytes. Exit status: 0 when every run finished with a summary, 1 when one did
-not (its row says why), 2 for a configuration refused before starting.
+not (its row says why) or a --more line was refused, 2 for a configuration refused before starting.
 """
 
 import argparse
@@ -109,13 +117,67 @@ def stop_all(running: dict[int, tuple[Run, subprocess.Popen, float]]) -> None:
             proc.wait()
 
 
-def run_all(runs: list[Run], slots: list[str], script: Path, workdir: Path, poll_s: float = 1.0) -> None:
+class MoreConfigs:
+    """--more FILE: the configurations appended to FILE while the sweep runs. Each call of `take` reads the complete
+    lines (ending in a newline) not read before, so a line being written is taken once it is whole."""
+
+    def __init__(self, path: Path, workdir: Path, run_ids: list[str]):
+        self.path, self.workdir = path, workdir
+        self.run_ids = set(run_ids)  # in the sweep so far: a later line may not reuse one
+        self.lines_read = 0
+        self.ended = False  # a line END was read
+        self.refused: list[tuple[str, str]] = []  # (RUN_ID or the line, why)
+
+    def take(self) -> list[Run]:
+        if self.ended:
+            return []
+        try:
+            lines = self.path.read_text(encoding="utf-8").split("\n")[:-1]
+        except FileNotFoundError:  # not written yet
+            return []
+        new, first = lines[self.lines_read:], self.lines_read + 1
+        self.lines_read = len(lines)
+        runs = []
+        for number, line in enumerate(new, start=first):
+            text = line.strip()
+            if not text or text.startswith("#"):
+                continue
+            if text == "END":
+                self.ended = True
+                break
+            settings = None
+            try:
+                settings = parse_config(text)
+                if settings["RUN_ID"] in self.run_ids:
+                    raise ValueError(f"RUN_ID={settings['RUN_ID']} is already in this sweep")
+                check_configs([settings], self.workdir)
+            except ValueError as e:
+                self.refused.append((settings["RUN_ID"] if settings else text,
+                                     f"refused ({self.path.name} line {number}): {e}"))
+                print(f"sweep: {self.path} line {number} refused: {e}", file=sys.stderr, flush=True)
+                continue
+            self.run_ids.add(settings["RUN_ID"])
+            runs.append(Run(settings))
+            print(f"sweep: {settings['RUN_ID']} queued from {self.path} line {number}", flush=True)
+        return runs
+
+
+def run_all(runs: list[Run], slots: list[str], script: Path, workdir: Path, poll_s: float = 1.0,
+            more: MoreConfigs | None = None) -> None:
     """Starts each run on the first free slot, in order, and returns when all have ended (filling in their exit
-    codes). Interrupted (Ctrl-C, SIGTERM), it stops the runs still going before it raises."""
+    codes). With `more`, the configurations it yields join the queue (and `runs`) as they come, until the last
+    run has ended and nothing new is there. Interrupted (Ctrl-C, SIGTERM), it stops the runs still going before it
+    raises."""
     pending = list(runs)
     running: dict[int, tuple[Run, subprocess.Popen, float]] = {}  # by slot index (the CPU's slots are all "")
     try:
-        while pending or running:
+        while True:
+            if more is not None:
+                added = more.take()
+                runs.extend(added)
+                pending.extend(added)
+            if not (pending or running):
+                break
             for i, (run, proc, t0) in list(running.items()):
                 if proc.poll() is not None:
                     run.returncode = proc.returncode
@@ -208,8 +270,13 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--cpu", type=int, default=0, help="run this many at a time on the CPU instead")
     p.add_argument("--table", action="store_true",
                    help="print the table of runs' logs (a log without a summary: its last score; exit 2); start nothing")
+    p.add_argument("--more", type=Path, default=None, metavar="FILE",
+                   help="also run the configurations appended to FILE while the sweep runs, one per line (END stops)")
     p.add_argument("--script", type=Path, default=ROOT / "train_gpt.py", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.table and args.more:
+        print("sweep: --more adds runs to a sweep; --table starts none", file=sys.stderr)
+        return 2
     if args.table:
         rows, bad = [], []
         for path in map(Path, args.configs):
@@ -237,11 +304,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
+    more = MoreConfigs(args.more, workdir, [run.run_id for run in runs]) if args.more else None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-    run_all(runs, slots, args.script, workdir)
+    run_all(runs, slots, args.script, workdir, more=more)
     rows, ok = zip(*(row_for(run, workdir) for run in runs))
-    print(markdown(list(rows)))
-    return 0 if all(ok) else 1
+    refused = [failed_row(name, why[:200]) for name, why in more.refused] if more else []
+    print(markdown(list(rows) + refused))
+    return 0 if all(ok) and not refused else 1
 
 
 if __name__ == "__main__":
