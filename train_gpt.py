@@ -94,6 +94,9 @@ class Config:
     gdn_head_dim: int = 64  # key dimension per head (FlashQLA needs 128, so 64 runs fla's kernels; README, throughput)
     gdn_expand_v: float = 1.0  # value dimension = gdn_head_dim * gdn_expand_v
     gdn_conv_size: int = 4
+    gdn_neg_eigval: bool = False  # beta = 2 sigmoid(W_b x) in (0, 2) instead of (0, 1): each step's transition
+    #                               I - beta k k^T then has eigenvalues in (-1, 1], not (0, 1] (negative eigenvalues,
+    #                               Grazzi et al. 2024; fla's allow_neg_eigval). The kernel check covers that range
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
     bigram_buckets: int = 0  # BigramHash: 0 = off, else hashed (previous, current) token buckets added to the input
@@ -996,18 +999,19 @@ def gdn_stream(backend: str, q, k, v, g, beta, scale: float, S: torch.Tensor | N
 
 class GatedDeltaNet(nn.Module):
     """Gated DeltaNet mixer (SPEC 5): q, k, v projections -> short causal conv -> SiLU; q, k L2-normalized;
-    beta = sigmoid(W_b x); g = -exp(A_log) softplus(W_a x + dt_bias); delta rule; per-head RMSNorm gated by
-    silu(W_g x); output projection.
+    beta = sigmoid(W_b x) (twice that with neg_eigval); g = -exp(A_log) softplus(W_a x + dt_bias); delta rule;
+    per-head RMSNorm gated by silu(W_g x); output projection.
 
     Parameters for dim D, H heads, key dim K, value dim V: 2*D*H*K (q, k) + 2*D*H*V (v, gate) + H*V*D (out)
     + 2*D*H (a, b) + conv (2*H*K + H*V) * conv_size + 2*H (A_log, dt_bias) + V (norm weight).
     """
 
     def __init__(self, dim: int, heads: int, head_dim: int, expand_v: float, conv_size: int, backend: str,
-                 conv_backend: str = "torch"):
+                 conv_backend: str = "torch", neg_eigval: bool = False):
         super().__init__()
         self.heads, self.k_dim, self.v_dim = heads, head_dim, int(head_dim * expand_v)
         self.backend, self.conv_backend = backend, conv_backend
+        self.beta_max = 2.0 if neg_eigval else 1.0
         hk, hv = heads * self.k_dim, heads * self.v_dim
         self.q_proj, self.k_proj, self.v_proj = Linear(dim, hk), Linear(dim, hk), Linear(dim, hv)
         self.q_conv, self.k_conv, self.v_conv = ShortConv(hk, conv_size), ShortConv(hk, conv_size), ShortConv(hv, conv_size)
@@ -1040,7 +1044,7 @@ class GatedDeltaNet(nn.Module):
             state[name] = next_tail(tail, pre, conv.weight.shape[1])
         q, k = F.normalize(qkv[0].float(), dim=-1), F.normalize(qkv[1].float(), dim=-1)
         v = qkv[2]
-        beta = torch.sigmoid(self.b_proj(x).float())
+        beta = self.beta_max * torch.sigmoid(self.b_proj(x).float())
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         if state is None:
             o, _ = gdn_core(self.backend, q, k, v, g, beta, self.k_dim ** -0.5)
@@ -1157,7 +1161,7 @@ class Attention(nn.Module):
 MODEL_FIELDS = ("vocab_size", "layout", "model_dim", "mlp_mult", "num_heads", "num_kv_heads", "swa_window", "rope_dims",
                 "rope_base", "gdn_heads", "gdn_head_dim", "gdn_expand_v", "gdn_conv_size", "logit_softcap",
                 "tied_embed_init_std", "bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id",
-                "residual_bf16")
+                "residual_bf16", "gdn_neg_eigval")
 
 
 @dataclass(frozen=True)
@@ -1186,6 +1190,7 @@ class ModelConfig:
     unet_skips: bool = False
     bos_id: int = 1
     residual_bf16: bool = False  # artifacts from before the setting were trained with an fp32 residual stream
+    gdn_neg_eigval: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ModelConfig":
@@ -1228,7 +1233,7 @@ class GPT(nn.Module):
         mc = self.mc
         if kind == "gdn":
             return GatedDeltaNet(mc.model_dim, mc.gdn_heads, mc.gdn_head_dim, mc.gdn_expand_v, mc.gdn_conv_size,
-                                 backends.gdn, backends.conv)
+                                 backends.gdn, backends.conv, neg_eigval=mc.gdn_neg_eigval)
         window = mc.swa_window if kind == "swa" else 0
         return Attention(mc.model_dim, mc.num_heads, mc.num_kv_heads, window, mc.rope_dims, mc.rope_base, backends.attn)
 
@@ -2219,13 +2224,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _gdn_check_inputs(mc: ModelConfig, B: int, T: int, device: torch.device, seed: int) -> list[torch.Tensor]:
-    """Inputs distributed like the layer's at initialization: unit q, k; decays from the A_log/dt_bias init ranges."""
+    """Inputs distributed like the layer's at initialization: unit q, k; decays from the A_log/dt_bias init ranges;
+    beta over the layer's range, (0, 2) with GDN_NEG_EIGVAL."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     H, K, V = mc.gdn_heads, mc.gdn_head_dim, int(mc.gdn_head_dim * mc.gdn_expand_v)
     q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
     k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
     v = torch.randn(B, T, H, V, generator=gen)
-    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen))
+    beta = (2.0 if mc.gdn_neg_eigval else 1.0) * torch.sigmoid(torch.randn(B, T, H, generator=gen))
     A = torch.empty(H).uniform_(1, 16, generator=gen)
     g = -A * F.softplus(torch.randn(B, T, H, generator=gen) - 3.0)
     bf = torch.bfloat16

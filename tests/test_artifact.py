@@ -78,6 +78,24 @@ def test_artifact_round_trip_is_exact(tmp_path, compressor, packing):
         assert torch.equal(fresh(x), quantized(x))
 
 
+def test_artifact_records_the_gdn_beta_range(tmp_path):
+    """A model trained with GDN_NEG_EIGVAL is rebuilt with it from the artifact alone (EVAL_ONLY needs no setting)."""
+    model = tiny_model(layout="GSG", GDN_NEG_EIGVAL="1")
+    path, cfg = export(model, tmp_path)
+    mc, state = tg.read_artifact(path)
+    assert mc.gdn_neg_eigval and mc == model.mc
+    fresh = tg.GPT(mc, tg.Backends("torch", "sdpa"))
+    tg.load_exported_state(fresh, state, str(path))
+    quantized = tiny_model(layout="GSG", GDN_NEG_EIGVAL="1")
+    quantized.load_state_dict(expected_roundtrip(model, cfg))
+    plain = tg.GPT(tg.ModelConfig(**{**mc.__dict__, "gdn_neg_eigval": False}), tg.Backends("torch", "sdpa"))
+    plain.load_state_dict(quantized.state_dict())
+    x = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), quantized(x))
+        assert not torch.allclose(fresh(x), plain(x))  # the flag changes the model: losing it would be visible
+
+
 def test_artifact_bytes_are_deterministic(tmp_path):
     a, _ = export(tiny_model(seed=3), tmp_path, "a.pgz")
     b, _ = export(tiny_model(seed=3), tmp_path, "b.pgz")

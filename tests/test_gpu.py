@@ -34,6 +34,18 @@ def test_fla_matches_float64_reference(head_dim, T):
     assert all(v <= 2e-2 for v in errs.values()), errs
 
 
+@needs_fla
+@pytest.mark.parametrize("T", [2048, 333])
+def test_fla_matches_float64_reference_with_beta_up_to_two(T):
+    """GDN_NEG_EIGVAL: the kernel check's inputs then span beta in (0, 2), forward, backward and streaming."""
+    mc = model_config(gdn_neg_eigval=True)
+    errs, lifted = tg.guarded_gdn_kernel_errors(mc, T)
+    with tg.fla_hopper_guard_lifted(lifted):
+        errs.update({f"stream_{k}": v for k, v in tg.gdn_stream_kernel_errors(mc, T, torch.device("cuda")).items()})
+    print(f"neg_eigval T={T} guard_lifted={lifted} " + " ".join(f"{k}:{v:.2e}" for k, v in errs.items()))
+    assert all(v <= 2e-2 for v in errs.values()), errs
+
+
 def skip_unless_qla(mc: tg.ModelConfig) -> None:
     reason = tg.qla_unavailable(mc)
     if reason:

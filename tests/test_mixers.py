@@ -126,12 +126,13 @@ def test_queries_after_cached_keys_see_the_band_aligned_at_the_end(window):
         assert torch.allclose(tg.attention(q[:, -11:], k, v, window, backend), full[:, -11:], atol=1e-6)
 
 
-def test_gdn_mixer_equals_the_layer_written_out_plainly():
+@pytest.mark.parametrize("neg_eigval", [False, True])
+def test_gdn_mixer_equals_the_layer_written_out_plainly(neg_eigval):
     """The mixer (streaming-capable convolutions, float32 gates) against the same layer written plainly from SPEC 5,
-    each projection and each convolution on its own, in float64."""
+    each projection and each convolution on its own, in float64; with GDN_NEG_EIGVAL beta is twice the sigmoid."""
     torch.manual_seed(6)
     D, H, K = 32, 2, 8
-    m = tg.GatedDeltaNet(D, H, K, 1.5, 4, "torch").double()
+    m = tg.GatedDeltaNet(D, H, K, 1.5, 4, "torch", neg_eigval=neg_eigval).double()
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 19, D, dtype=torch.float64)
@@ -146,10 +147,33 @@ def test_gdn_mixer_equals_the_layer_written_out_plainly():
     q = F.normalize(branch(m.q_proj, m.q_conv, m.k_dim), dim=-1)
     k = F.normalize(branch(m.k_proj, m.k_conv, m.k_dim), dim=-1)
     v = branch(m.v_proj, m.v_conv, m.v_dim)
-    beta = torch.sigmoid(F.linear(x, m.b_proj.weight))
+    beta = (2 if neg_eigval else 1) * torch.sigmoid(F.linear(x, m.b_proj.weight))
     g = -m.A_log.exp() * F.softplus(F.linear(x, m.a_proj.weight) + m.dt_bias)
     o, _ = tg.gdn_recurrent_reference(q, k, v, g, beta, K ** -0.5)
     o = tg.rms_norm(o, m.o_norm_weight) * F.silu(F.linear(x, m.g_proj.weight)).view(B, T, H, m.v_dim)
     expected = F.linear(o.reshape(B, T, -1), m.o_proj.weight)
     # the layer computes q, k, beta, g and the gate in float32 whatever its input dtype
     assert tg.rel_err(m(x), expected) < 1e-6
+
+
+def test_negative_eigenvalues_reach_below_zero_and_the_kernel_check_covers_them():
+    """With beta up to 2 a step's transition I - beta k k^T can flip the state along k (eigenvalue 1 - beta < 0), which
+    beta up to 1 never does; and the kernel check's inputs span the range the layer uses."""
+    torch.manual_seed(0)
+    H, K = 1, 4
+    k = F.normalize(torch.randn(1, 2, H, K, dtype=torch.float64), dim=-1)
+    k[:, 1] = k[:, 0]  # the same key twice: the second step sees the first one's write along k
+    v = torch.zeros(1, 2, H, K, dtype=torch.float64)
+    v[:, 0] = 1.0
+    g = torch.zeros(1, 2, H, dtype=torch.float64)
+    S0 = torch.zeros(1, H, K, K, dtype=torch.float64)
+    along_k = {}
+    for b in (0.9, 1.8):
+        beta = torch.full((1, 2, H), b, dtype=torch.float64)
+        _, S = tg.gdn_recurrent_reference(k, k, v, g, beta, 1.0, initial_state=S0)
+        along_k[b] = torch.einsum("k,kv->v", k[0, 0, 0], S[0, 0]).sum().item()  # what the state returns for k
+    assert along_k[0.9] > 0 > along_k[1.8], along_k  # the first write times (1 - beta): 0.9 * 0.1, 1.8 * -0.8
+    for flag, lo, hi in ((False, 0.0, 1.0), (True, 1.0, 2.0)):
+        mc = tg.ModelConfig.from_config(tg.Config(gdn_neg_eigval=flag))
+        beta = tg._gdn_check_inputs(mc, 2, 256, torch.device("cpu"), 0)[4].float()
+        assert beta.min() > 0 and lo < beta.max() < hi, (flag, beta.min(), beta.max())

@@ -10,8 +10,9 @@ from conftest import spawn_ranks
 CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), grad_accum_steps=1)
 
 
-# BigramHash, SmearGate and U-Net skips all on (small), for the tests that must hold with and without them
-FEATURES = {"BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "8", "SMEAR_GATE": "1", "UNET_SKIPS": "1"}
+# BigramHash, SmearGate, U-Net skips and GDN negative eigenvalues all on (small), for the tests that must hold with
+# and without them
+FEATURES = {"BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "8", "SMEAR_GATE": "1", "UNET_SKIPS": "1", "GDN_NEG_EIGVAL": "1"}
 
 
 def tiny_model(layout="GSGsA", seed=0, **env) -> tg.GPT:
@@ -423,9 +424,11 @@ def test_unet_skips_pair_mirrored_layers_and_zero_weights_remove_them():
 def test_artifacts_from_before_the_new_model_fields_still_load_with_the_features_off():
     cfg = tg.Config.from_env({"PRESET": "tiny"})
     old_fields = {k: v for k, v in tg.ModelConfig.from_config(cfg).__dict__.items()
-                  if k not in ("bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id", "residual_bf16")}
+                  if k not in ("bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id", "residual_bf16",
+                               "gdn_neg_eigval")}
     mc = tg.ModelConfig(**old_fields)
-    assert (mc.bigram_buckets, mc.smear_gate, mc.unet_skips, mc.residual_bf16) == (0, False, False, False)
+    assert (mc.bigram_buckets, mc.smear_gate, mc.unet_skips, mc.residual_bf16, mc.gdn_neg_eigval) == (0, False, False,
+                                                                                                       False, False)
     assert tg.Config().residual_bf16  # new runs keep the stream in bf16; old artifacts are rescored as trained
 
 

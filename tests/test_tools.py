@@ -143,3 +143,14 @@ def test_bench_muon_times_every_variant_in_alternating_passes(tmp_path):
     assert [line.split()[2] for line in lines[2:8]] == names * 2
     assert all(float(line.split()[3]) > 0 for line in lines[2:8])
     assert [line.split(":")[0] for line in lines[8:]] == names
+
+
+def test_submission_summary_names_the_gdn_beta_range():
+    import make_submission as ms
+
+    c = {"LAYOUT": "AAGA", "MODEL_DIM": "512", "MLP_MULT": "3.0", "VOCAB_SIZE": "1024", "UNET_SKIPS": "True",
+         "GDN_NEG_EIGVAL": "True"}
+    assert ms.model_summary(c) == ("4 layers (1 Gated DeltaNet + 3 full attention), layout AAGA, d512, MLP 3.0x, "
+                                   "vocab 1024, U-Net skips, GDN beta in (0, 2) (negative eigenvalues)")
+    assert "negative" not in ms.model_summary({**c, "LAYOUT": "AAAA"})  # no GDN layer: nothing to name
+    assert "negative" not in ms.model_summary({**c, "GDN_NEG_EIGVAL": "False"})

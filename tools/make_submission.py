@@ -126,6 +126,8 @@ def model_summary(c: dict) -> str:
     features = [name for key, name in (("UNET_SKIPS", "U-Net skips"), ("SMEAR_GATE", "SmearGate")) if c.get(key) == "True"]
     if c.get("BIGRAM_BUCKETS", "0") != "0":
         features.append(f"BigramHash ({c['BIGRAM_BUCKETS']} buckets)")
+    if "gdn" in kinds and c.get("GDN_NEG_EIGVAL") == "True":
+        features.append("GDN beta in (0, 2) (negative eigenvalues)")
     return (f"{len(specs)} layers ({mixers}), layout {c.get('LAYOUT')}, d{c.get('MODEL_DIM')}, MLP {c.get('MLP_MULT')}x, "
             f"vocab {c.get('VOCAB_SIZE')}" + (", " + ", ".join(features) if features else ""))
 
