@@ -183,37 +183,79 @@ def wait_for(path: Path, tool: subprocess.Popen, seconds: float = 60) -> None:
         time.sleep(0.05)
 
 
+def stop(tool: subprocess.Popen) -> None:
+    """A test's sweep that is still going when the test ends (it failed): SIGTERM stops it and the runs it started."""
+    if tool.poll() is None:
+        tool.terminate()
+        tool.wait(timeout=30)
+
+
+def start_sweep(tmp_path: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(sweep_cmd(tmp_path, *args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def test_more_takes_whole_lines_appended_while_it_runs_until_end(tmp_path):
     """--more: lines appended while the first run goes are queued behind it on the one slot; a half-written line
-    waits until it is whole; a refused line is reported and in the table without stopping the others; END stops
-    the reading."""
+    waits until it is whole; a refused line (a bad setting, a RUN_ID already there, bytes that are not UTF-8) is
+    reported and in the table without stopping the others; END stops the reading, and a line after it is reported."""
     more = tmp_path / "more.txt"
-    tool = subprocess.Popen(sweep_cmd(tmp_path, "--cpu", "1", "--more", str(more), "RUN_ID=a FAKE_SLEEP=6"),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(tmp_path / "pids" / "a", tool)
-    more.write_text("RUN_ID=bb")  # no newline yet: not a configuration until it ends
-    time.sleep(2.5)  # more than two of the sweep's polls
-    with more.open("a") as f:
-        f.write("x FAKE_SLEEP=0.1\n\n# a comment\nRUN_ID=a\nRUN_ID=c LAYOUT=AXQ\nRUN_ID=d FAKE_SLEEP=0.1\nEND\n"
-                "RUN_ID=e\n")
-    out, err = tool.communicate(timeout=120)
+    tool = start_sweep(tmp_path, "--cpu", "1", "--more", str(more), "RUN_ID=a FAKE_SLEEP=6")
+    try:
+        wait_for(tmp_path / "pids" / "a", tool)
+        more.write_text("RUN_ID=bb")  # no newline yet: not a configuration until it ends
+        time.sleep(2.5)  # more than two of the sweep's polls
+        with more.open("ab") as f:
+            f.write(b"x FAKE_SLEEP=0.1\n\n# a comment\nRUN_ID=a\nRUN_ID=c LAYOUT=AXQ\nRUN_ID=f caf\xe9\n"
+                    b"RUN_ID=d FAKE_SLEEP=0.1\nEND\nRUN_ID=e\n")
+        out, err = tool.communicate(timeout=120)
+    finally:
+        stop(tool)
     assert tool.returncode == 1, out + err  # the refused lines fail the sweep; the runs did not
     assert sorted(p.name for p in (tmp_path / "pids").iterdir()) == ["a", "bbx", "d"]  # not bb, not e (after END)
     spans = {run: json.loads((tmp_path / "spans" / run).read_text()) for run in ("a", "bbx", "d")}
     assert spans["a"][2] <= spans["bbx"][1] and spans["bbx"][2] <= spans["d"][1]  # one slot, in the file's order
     assert "more.txt line 4 refused: RUN_ID=a is already in this sweep" in err
     assert "more.txt line 5 refused: RUN_ID=c: " in err and "LAYOUT" in err
+    assert "more.txt line 6 refused: 'utf-8' codec can't decode" in err
+    assert "more.txt line 9 is after END: not read" in err
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| run ")]
-    assert [row.split(" | ")[0] for row in rows] == ["| a", "| bbx", "| d", "| a", "| c"]
+    assert [row.split(" | ")[0] for row in rows] == ["| a", "| bbx", "| d", "| a", "| c", "| RUN_ID=f caf\ufffd"]
     assert rows[3].startswith("| a | refused (more.txt line 4): RUN_ID=a is already in this sweep |")
     assert rows[1] == "| " + " | ".join(sweep.table_row(read_log(tmp_path / "logs" / "bbx.txt"))) + " |"
 
 
-def test_more_ends_with_the_last_run_and_is_refused_with_table(tmp_path):
+def test_more_ends_with_the_last_run_and_refuses_files_it_cannot_use(tmp_path):
     """Without END the sweep still ends when its runs have ended and the file has nothing new (a file that is never
-    written is no reason to wait); --more makes no sense with --table."""
+    written is no reason to wait). Before anything starts it refuses a FILE with lines already (an earlier sweep's
+    would run again, or its END end the reading), a folder, a FILE in a missing folder, and --more with --table."""
     proc = run_sweep(tmp_path, "--cpu", "1", "--more", str(tmp_path / "never.txt"), "RUN_ID=a FAKE_SLEEP=0.1")
     assert proc.returncode == 0, proc.stderr
     assert "| a | " in proc.stdout
+    (tmp_path / "old.txt").write_text("RUN_ID=x\nEND\n")
+    for more, message in (("old.txt", "already has lines"), (".", "is a directory"), ("nowhere/m.txt", "no folder")):
+        proc = run_sweep(tmp_path, "--cpu", "1", "--more", more, "RUN_ID=b")
+        assert proc.returncode == 2 and message in proc.stderr, (more, proc.stderr)
+    assert not (tmp_path / "pids" / "b").exists()
     proc = run_sweep(tmp_path, "--table", "--more", "x.txt", "logs/a.txt")
     assert proc.returncode == 2 and "--more adds runs to a sweep" in proc.stderr
+
+
+def test_more_says_so_when_the_file_shrinks_and_goes_on(tmp_path):
+    """A FILE rewritten shorter (an editor's save) is not read again from the top, which would refuse or re-run what
+    it had queued: the sweep says to append, and reads on from where it was."""
+    more = tmp_path / "more.txt"
+    tool = start_sweep(tmp_path, "--cpu", "1", "--more", str(more), "RUN_ID=a FAKE_SLEEP=5")
+    try:
+        wait_for(tmp_path / "pids" / "a", tool)
+        more.write_text("RUN_ID=b FAKE_SLEEP=0.1\n# two lines\n")
+        time.sleep(1.5)
+        more.write_text("RUN_ID=c\n")  # one line: shorter than what was read
+        time.sleep(1.5)
+        more.write_text("RUN_ID=b FAKE_SLEEP=0.1\n# two lines\nRUN_ID=d FAKE_SLEEP=0.1\n")  # appended after all
+        out, err = tool.communicate(timeout=120)
+    finally:
+        stop(tool)
+    assert tool.returncode == 0, out + err
+    assert "more.txt now has fewer lines than the 2 already read: only append" in err
+    assert sorted(p.name for p in (tmp_path / "pids").iterdir()) == ["a", "b", "d"]

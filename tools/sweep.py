@@ -16,11 +16,13 @@ with more configurations than GPUs the rest wait for a free one. `--cpu N` runs 
 (the tiny preset; tests). The runs start in their own process sessions: Ctrl-C or SIGTERM stops them with the
 sweep, but if the sweep itself is killed outright they run on, and `--table` reads their results when they finish.
 
-`--more FILE` lets a sweep take configurations decided while it runs (the second seed of whatever did best): each
-complete line appended to FILE is one more configuration (blank lines and # comments skipped), checked like the
-others and queued behind them; a line END stops the reading. The sweep still ends when its last run has ended and
-FILE has nothing new, so a line written after that is not run. A line that is refused (a setting train_gpt.py
-rejects, a RUN_ID already in the sweep or logged) is reported at once and in the table, and the others go on.
+`--more FILE` lets a sweep take configurations decided while it runs (the second seed of whatever did best). FILE
+must be new or empty when the sweep starts. Each complete line appended to it is one more configuration (blank
+lines and # comments skipped), checked like the others and queued behind them; a line END stops the reading (a line
+after it is reported, not run). The sweep still ends when its last run has ended and FILE has nothing new, so a line
+written after that is not run. A line that is refused (not UTF-8, a setting train_gpt.py rejects, a RUN_ID already
+in the sweep or logged) is reported at once and in the table, and the runs go on; so do they when FILE cannot be
+read or shrinks (only append to it).
 Adding runs by starting processes beside a sweep is what this replaces: a GPU with little memory in use is not
 free when the sweep has just started a run on it.
 
@@ -119,7 +121,8 @@ def stop_all(running: dict[int, tuple[Run, subprocess.Popen, float]]) -> None:
 
 class MoreConfigs:
     """--more FILE: the configurations appended to FILE while the sweep runs. Each call of `take` reads the complete
-    lines (ending in a newline) not read before, so a line being written is taken once it is whole."""
+    lines (ending in a newline) not read before, so a line being written is taken once it is whole. Nothing about
+    the file stops the sweep: a line that cannot be used is refused, a file that cannot be read is reported."""
 
     def __init__(self, path: Path, workdir: Path, run_ids: list[str]):
         self.path, self.workdir = path, workdir
@@ -127,39 +130,65 @@ class MoreConfigs:
         self.lines_read = 0
         self.ended = False  # a line END was read
         self.refused: list[tuple[str, str]] = []  # (RUN_ID or the line, why)
+        self._said: set[str] = set()
+
+    def _say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            print(f"sweep: {message}", file=sys.stderr, flush=True)
 
     def take(self) -> list[Run]:
-        if self.ended:
-            return []
         try:
-            lines = self.path.read_text(encoding="utf-8").split("\n")[:-1]
+            lines = self.path.read_bytes().split(b"\n")[:-1]
         except FileNotFoundError:  # not written yet
+            return []
+        except OSError as e:
+            self._say_once(f"cannot read {self.path} ({e.strerror}); its lines wait until it can be read")
+            return []
+        if len(lines) < self.lines_read:
+            self._say_once(f"{self.path} now has fewer lines than the {self.lines_read} already read: only append to "
+                           f"it; lines after line {self.lines_read} will be read")
             return []
         new, first = lines[self.lines_read:], self.lines_read + 1
         self.lines_read = len(lines)
         runs = []
-        for number, line in enumerate(new, start=first):
-            text = line.strip()
-            if not text or text.startswith("#"):
+        for number, raw in enumerate(new, start=first):
+            where = f"{self.path} line {number}"
+            if self.ended:
+                print(f"sweep: {where} is after END: not read", file=sys.stderr, flush=True)
                 continue
-            if text == "END":
-                self.ended = True
-                break
             settings = None
             try:
+                text = raw.decode("utf-8").strip()  # a UnicodeDecodeError is a ValueError: refused like the others
+                if not text or text.startswith("#"):
+                    continue
+                if text == "END":
+                    self.ended = True
+                    continue
                 settings = parse_config(text)
                 if settings["RUN_ID"] in self.run_ids:
                     raise ValueError(f"RUN_ID={settings['RUN_ID']} is already in this sweep")
                 check_configs([settings], self.workdir)
             except ValueError as e:
-                self.refused.append((settings["RUN_ID"] if settings else text,
-                                     f"refused ({self.path.name} line {number}): {e}"))
-                print(f"sweep: {self.path} line {number} refused: {e}", file=sys.stderr, flush=True)
+                name = settings["RUN_ID"] if settings else raw.decode("utf-8", "replace").strip()[:60]
+                self.refused.append((name, f"refused ({self.path.name} line {number}): {e}"))
+                print(f"sweep: {where} refused: {e}", file=sys.stderr, flush=True)
                 continue
             self.run_ids.add(settings["RUN_ID"])
             runs.append(Run(settings))
-            print(f"sweep: {settings['RUN_ID']} queued from {self.path} line {number}", flush=True)
+            print(f"sweep: {settings['RUN_ID']} queued from {where}", flush=True)
         return runs
+
+    @staticmethod
+    def check_path(path: Path) -> None:
+        """Before the sweep starts: FILE must be new or empty (an earlier sweep's lines would run again, and its END
+        would end this one's reading) and its folder must exist (a mistyped one would be waited on in silence)."""
+        if path.is_dir():
+            raise ValueError(f"--more {path} is a directory, not a file")
+        if not path.parent.is_dir():
+            raise ValueError(f"--more {path}: there is no folder {path.parent}")
+        if path.exists() and path.stat().st_size:
+            raise ValueError(f"--more {path} already has lines (an earlier sweep's?): give a new or empty file")
 
 
 def run_all(runs: list[Run], slots: list[str], script: Path, workdir: Path, poll_s: float = 1.0,
@@ -295,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--cpu {args.cpu}: the number of runs at a time must be positive")
         runs = [Run(parse_config(text)) for text in args.configs]
         check_configs([run.settings for run in runs], workdir)
+        if args.more is not None:
+            MoreConfigs.check_path(args.more)
         slots = [""] * args.cpu if args.cpu else [s.strip() for s in args.gpus.split(",") if s.strip()]
         if not slots:
             import torch
@@ -308,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     run_all(runs, slots, args.script, workdir, more=more)
     rows, ok = zip(*(row_for(run, workdir) for run in runs))
-    refused = [failed_row(name, why[:200]) for name, why in more.refused] if more else []
+    escape = lambda s: s.replace("|", "\\|")  # noqa: E731 (a refused line's text goes into a markdown cell)
+    refused = [failed_row(escape(name), escape(why[:200])) for name, why in more.refused] if more else []
     print(markdown(list(rows) + refused))
     return 0 if all(ok) and not refused else 1
 
