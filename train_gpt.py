@@ -2231,7 +2231,9 @@ def _gdn_check_inputs(mc: ModelConfig, B: int, T: int, device: torch.device, see
     q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
     k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
     v = torch.randn(B, T, H, V, generator=gen)
-    beta = (2.0 if mc.gdn_neg_eigval else 1.0) * torch.sigmoid(torch.randn(B, T, H, generator=gen))
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen))
+    if mc.gdn_neg_eigval:  # uniform over (0, 2), so that both ends (eigenvalues near 1 and near -1) are checked
+        beta = 2 * torch.rand(B, T, H, generator=gen)
     A = torch.empty(H).uniform_(1, 16, generator=gen)
     g = -A * F.softplus(torch.randn(B, T, H, generator=gen) - 3.0)
     bf = torch.bfloat16
@@ -2564,6 +2566,12 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
     def elapsed_ms() -> float:
         return 1000 * (time.perf_counter() - t_start) - paused_ms
 
+    def log_window(n: int) -> None:  # the mean training loss of the last n steps
+        now = elapsed_ms()
+        log(f"step:{stats.steps}/{cfg.iterations} train_loss:{loss_sum.item() / n:.4f} train_time:{now:.0f}ms "
+            f"step_avg:{now / stats.steps:.2f}ms tok/s:{stats.tokens / (now / 1000):.0f}")
+        loss_sum.zero_()
+
     while stats.steps < cfg.iterations:
         if cfg.val_loss_every and stats.steps and stats.steps % cfg.val_loss_every == 0:
             sync(rt)
@@ -2581,11 +2589,9 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
         stats.tokens += cfg.train_batch_tokens
         sync(rt)
         if stats.steps % cfg.train_log_every == 0 or stats.steps == cfg.iterations:
-            now = elapsed_ms()
-            n = (stats.steps - 1) % cfg.train_log_every + 1
-            log(f"step:{stats.steps}/{cfg.iterations} train_loss:{loss_sum.item() / n:.4f} train_time:{now:.0f}ms "
-                f"step_avg:{now / stats.steps:.2f}ms tok/s:{stats.tokens / (now / 1000):.0f}")
-            loss_sum.zero_()
+            log_window((stats.steps - 1) % cfg.train_log_every + 1)
+    if stats.stopped_by_cap and stats.steps % cfg.train_log_every:  # the steps since the last line: the end of training
+        log_window(stats.steps % cfg.train_log_every)
     stats.train_ms = elapsed_ms()
     loader.close()
     return stats

@@ -7,19 +7,24 @@ import torch.nn.functional as F
 import train_gpt as tg
 
 
-def gdn_inputs(B, T, H, K, V, seed=0, dtype=torch.float64, strong_decay=False):
+def gdn_inputs(B, T, H, K, V, seed=0, dtype=torch.float64, strong_decay=False, beta_max=1.0):
+    """beta_max 2: GDN_NEG_EIGVAL's range, where a step can flip the state along its key."""
     gen = torch.Generator().manual_seed(seed)
     q = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=dtype), dim=-1)
     k = F.normalize(torch.randn(B, T, H, K, generator=gen, dtype=dtype), dim=-1)
     v = torch.randn(B, T, H, V, generator=gen, dtype=dtype)
-    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen, dtype=dtype))
+    beta = beta_max * torch.sigmoid(torch.randn(B, T, H, generator=gen, dtype=dtype))
     g = -F.softplus(torch.randn(B, T, H, generator=gen, dtype=dtype)) * (8.0 if strong_decay else 0.3)
     return q, k, v, g, beta
 
 
+BETA_MAX = pytest.mark.parametrize("beta_max", [1.0, 2.0])
+
+
+@BETA_MAX
 @pytest.mark.parametrize("T,chunk", [(37, 16), (64, 16), (100, 64), (5, 64)])
-def test_chunked_matches_recurrence(T, chunk):
-    q, k, v, g, beta = gdn_inputs(2, T, 3, 8, 6)
+def test_chunked_matches_recurrence(T, chunk, beta_max):
+    q, k, v, g, beta = gdn_inputs(2, T, 3, 8, 6, beta_max=beta_max)
     o_ref, s_ref = tg.gdn_recurrent_reference(q, k, v, g, beta, 8 ** -0.5)
     o, s = tg.gdn_chunked_reference(q, k, v, g, beta, 8 ** -0.5, chunk=chunk)
     assert o.shape == o_ref.shape == (2, T, 3, 6)
@@ -27,8 +32,9 @@ def test_chunked_matches_recurrence(T, chunk):
     assert torch.allclose(s, s_ref, atol=1e-10, rtol=1e-9)
 
 
-def test_chunked_matches_recurrence_with_strong_decay_and_initial_state():
-    q, k, v, g, beta = gdn_inputs(1, 50, 2, 8, 8, seed=3, strong_decay=True)
+@BETA_MAX
+def test_chunked_matches_recurrence_with_strong_decay_and_initial_state(beta_max):
+    q, k, v, g, beta = gdn_inputs(1, 50, 2, 8, 8, seed=3, strong_decay=True, beta_max=beta_max)
     s0 = torch.randn(1, 2, 8, 8, dtype=torch.float64)
     o_ref, s_ref = tg.gdn_recurrent_reference(q, k, v, g, beta, 0.5, initial_state=s0)
     o, s = tg.gdn_chunked_reference(q, k, v, g, beta, 0.5, initial_state=s0, chunk=16)
@@ -36,8 +42,9 @@ def test_chunked_matches_recurrence_with_strong_decay_and_initial_state():
     assert torch.allclose(s, s_ref, atol=1e-10, rtol=1e-9)
 
 
-def test_chunked_gradients_match_recurrence():
-    inputs = gdn_inputs(1, 40, 2, 8, 4, seed=5)
+@BETA_MAX
+def test_chunked_gradients_match_recurrence(beta_max):
+    inputs = gdn_inputs(1, 40, 2, 8, 4, seed=5, beta_max=beta_max)
     grads = []
     for fn in (tg.gdn_recurrent_reference, lambda *a: tg.gdn_chunked_reference(*a, chunk=16)):
         xs = [t.clone().requires_grad_(True) for t in inputs]
@@ -48,8 +55,9 @@ def test_chunked_gradients_match_recurrence():
         assert torch.allclose(a, b, atol=1e-9, rtol=1e-8)
 
 
-def test_splitting_the_sequence_and_carrying_state_is_exact():
-    q, k, v, g, beta = gdn_inputs(1, 70, 2, 8, 8, seed=7)
+@BETA_MAX
+def test_splitting_the_sequence_and_carrying_state_is_exact(beta_max):
+    q, k, v, g, beta = gdn_inputs(1, 70, 2, 8, 8, seed=7, beta_max=beta_max)
     o_full, s_full = tg.gdn_chunked_reference(q, k, v, g, beta, 0.3, chunk=16)
     o1, s1 = tg.gdn_chunked_reference(q[:, :29], k[:, :29], v[:, :29], g[:, :29], beta[:, :29], 0.3, chunk=16)
     o2, s2 = tg.gdn_chunked_reference(q[:, 29:], k[:, 29:], v[:, 29:], g[:, 29:], beta[:, 29:], 0.3,
@@ -156,24 +164,10 @@ def test_gdn_mixer_equals_the_layer_written_out_plainly(neg_eigval):
     assert tg.rel_err(m(x), expected) < 1e-6
 
 
-def test_negative_eigenvalues_reach_below_zero_and_the_kernel_check_covers_them():
-    """With beta up to 2 a step's transition I - beta k k^T can flip the state along k (eigenvalue 1 - beta < 0), which
-    beta up to 1 never does; and the kernel check's inputs span the range the layer uses."""
-    torch.manual_seed(0)
-    H, K = 1, 4
-    k = F.normalize(torch.randn(1, 2, H, K, dtype=torch.float64), dim=-1)
-    k[:, 1] = k[:, 0]  # the same key twice: the second step sees the first one's write along k
-    v = torch.zeros(1, 2, H, K, dtype=torch.float64)
-    v[:, 0] = 1.0
-    g = torch.zeros(1, 2, H, dtype=torch.float64)
-    S0 = torch.zeros(1, H, K, K, dtype=torch.float64)
-    along_k = {}
-    for b in (0.9, 1.8):
-        beta = torch.full((1, 2, H), b, dtype=torch.float64)
-        _, S = tg.gdn_recurrent_reference(k, k, v, g, beta, 1.0, initial_state=S0)
-        along_k[b] = torch.einsum("k,kv->v", k[0, 0, 0], S[0, 0]).sum().item()  # what the state returns for k
-    assert along_k[0.9] > 0 > along_k[1.8], along_k  # the first write times (1 - beta): 0.9 * 0.1, 1.8 * -0.8
-    for flag, lo, hi in ((False, 0.0, 1.0), (True, 1.0, 2.0)):
+def test_the_kernel_check_draws_beta_over_the_layers_range():
+    """The GPU kernel check compares the kernel with the float64 reference on inputs from _gdn_check_inputs: with
+    GDN_NEG_EIGVAL they must reach beta near 2 (a transition near a reflection), without it stay below 1."""
+    for flag, lo, hi in ((False, 0.0, 1.0), (True, 1.9, 2.0)):
         mc = tg.ModelConfig.from_config(tg.Config(gdn_neg_eigval=flag))
         beta = tg._gdn_check_inputs(mc, 2, 256, torch.device("cpu"), 0)[4].float()
-        assert beta.min() > 0 and lo < beta.max() < hi, (flag, beta.min(), beta.max())
+        assert beta.min() > 0 and lo < beta.max() <= hi, (flag, beta.min(), beta.max())  # bf16 may round to 2

@@ -450,3 +450,27 @@ def test_residual_bf16_keeps_the_stream_in_bf16_under_autocast_and_changes_nothi
     assert losses["0"] != losses["1"]  # the stream really is rounded differently
     assert abs(losses["0"] - losses["1"]) < 0.02 * losses["0"]
     assert abs(compiled - losses["1"]) < 0.02 * losses["1"]
+
+
+def test_a_run_stopped_by_the_cap_logs_its_last_partial_window(monkeypatch):
+    """The training-loss line is every TRAIN_LOG_EVERY steps; when the wallclock cap ends training between two, the
+    steps since the last line get one more, so the log's last training loss is the end of training."""
+    import types
+
+    cfg = tg.Config.from_env({"PRESET": "tiny", "TRAIN_LOG_EVERY": "5", "MAX_WALLCLOCK_SECONDS": "1000",
+                              "ITERATIONS": "100"})
+    losses = iter(range(1, 100))  # step i's loss is i
+    monkeypatch.setattr(tg, "train_step", lambda *args: torch.tensor(float(next(losses))))
+    monkeypatch.setattr(tg, "TrainLoader", lambda cfg, rt: types.SimpleNamespace(close=lambda: None))
+    asked = []
+    monkeypatch.setattr(tg, "_agree_stop", lambda flag, rt: asked.append(flag) or len(asked) > 7)  # cap after 7
+    lines = []
+    stats = tg.train(None, None, None, [], cfg, CPU, lines.append, None, None)
+    assert stats.steps == 7 and stats.stopped_by_cap
+    logged = [line.split()[:2] for line in lines if line.startswith("step:")]
+    assert logged == [["step:5/100", "train_loss:3.0000"], ["step:7/100", "train_loss:6.5000"]]  # 1..5, then 6, 7
+    asked.clear(), lines.clear()
+    losses = iter(range(1, 100))
+    monkeypatch.setattr(tg, "_agree_stop", lambda flag, rt: asked.append(flag) or len(asked) > 10)
+    tg.train(None, None, None, [], cfg, CPU, lines.append, None, None)
+    assert [line.split()[0] for line in lines if line.startswith("step:")] == ["step:5/100", "step:10/100"]  # no repeat

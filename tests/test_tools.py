@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,12 +35,13 @@ def test_bench_train_reports_both_stacks_and_a_breakdown(tmp_path):
     assert all(v > 0 for v in bench["breakdown_ms"].values())
 
 
-def test_bench_fusion_alternative_is_the_same_mixer_fused():
+@pytest.mark.parametrize("neg_eigval", [False, True])
+def test_bench_fusion_alternative_is_the_same_mixer_fused(neg_eigval):
     """BENCH_FUSION times the production mixer against its projections fused into one matmul; both must compute
-    the same."""
+    the same, with either beta range."""
     torch.manual_seed(0)
-    plain = tg.GatedDeltaNet(32, 2, 8, 1.0, 4, "torch")
-    fused = bench_train.FusedGDN(32, 2, 8, 1.0, 4, "torch")
+    plain = tg.GatedDeltaNet(32, 2, 8, 1.0, 4, "torch", neg_eigval=neg_eigval)
+    fused = bench_train.FusedGDN(32, 2, 8, 1.0, 4, "torch", neg_eigval=neg_eigval)
     fused.load_state_dict(plain.state_dict())
     with torch.no_grad():
         plain.o_proj.weight.normal_()  # zero-initialized: the outputs would be zero either way
@@ -48,16 +50,17 @@ def test_bench_fusion_alternative_is_the_same_mixer_fused():
     assert torch.allclose(plain(x), fused(x), atol=1e-5)
 
 
-def test_bench_bf16_mixer_is_the_production_mixer_up_to_rounding():
+@pytest.mark.parametrize("neg_eigval", [False, True])
+def test_bench_bf16_mixer_is_the_production_mixer_up_to_rounding(neg_eigval):
     """The bf16 candidate differs from the production mixer only in where it rounds: in float32 on the CPU the two
     compute the same function; the no-convolution ablation does not (or it would time nothing)."""
     torch.manual_seed(0)
-    plain = tg.GatedDeltaNet(32, 2, 8, 1.0, 4, "torch")
+    plain = tg.GatedDeltaNet(32, 2, 8, 1.0, 4, "torch", neg_eigval=neg_eigval)
     with torch.no_grad():
         plain.o_proj.weight.normal_()
     others = {}
     for cls in (bench_train.BF16GDN, bench_train.NoConvGDN):
-        others[cls] = cls(32, 2, 8, 1.0, 4, "torch")
+        others[cls] = cls(32, 2, 8, 1.0, 4, "torch", neg_eigval=neg_eigval)
         others[cls].load_state_dict(plain.state_dict())
     x = torch.randn(2, 24, 32)
     assert torch.allclose(plain(x), others[bench_train.BF16GDN](x), atol=1e-5)

@@ -312,7 +312,7 @@ class FusedGDN(tg.GatedDeltaNet):
         conv_w = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
         qkv = [t.reshape(B, T, H, -1) for t in F.silu(tg.short_conv(pre_qkv, conv_w)).split([hk, hk, hv], dim=-1)]
         q, k = F.normalize(qkv[0].float(), dim=-1), F.normalize(qkv[1].float(), dim=-1)
-        beta = torch.sigmoid(pre_b.float())
+        beta = self.beta_max * torch.sigmoid(pre_b.float())
         g = -self.A_log.float().exp() * F.softplus(pre_a.float() + self.dt_bias.float())
         o, _ = tg.gdn_core(self.backend, q, k, qkv[2], g, beta, self.k_dim ** -0.5)
         gate = F.silu(pre_g.float()).view(B, T, H, self.v_dim)
@@ -331,7 +331,7 @@ class BF16GDN(tg.GatedDeltaNet):
         q, k, v = (F.silu(tg.short_conv(p(x), c.weight)).reshape(B, T, H, -1) for p, c in (
             (self.q_proj, self.q_conv), (self.k_proj, self.k_conv), (self.v_proj, self.v_conv)))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        beta = torch.sigmoid(self.b_proj(x).float())
+        beta = self.beta_max * torch.sigmoid(self.b_proj(x).float())
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         o, _ = tg.gdn_core(self.backend, q, k, v, g, beta, self.k_dim ** -0.5)
         gate = F.silu(self.g_proj(x)).reshape(B, T, H, self.v_dim)
@@ -349,7 +349,7 @@ class NoConvGDN(tg.GatedDeltaNet):
         H = self.heads
         q, k, v = (F.silu(p(x)).reshape(B, T, H, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
-        beta = torch.sigmoid(self.b_proj(x).float())
+        beta = self.beta_max * torch.sigmoid(self.b_proj(x).float())
         g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
         o, _ = tg.gdn_core(self.backend, q, k, v, g, beta, self.k_dim ** -0.5)
         gate = F.silu(self.g_proj(x).float()).reshape(B, T, H, self.v_dim)
@@ -376,7 +376,7 @@ def bench_fusion(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, repeat: 
         torch.manual_seed(0)
         name, conv = (f"{name} (conv {backends.conv})", backends.conv) if conv is None else (name, conv)
         mixer = cls(mc.model_dim, mc.gdn_heads, mc.gdn_head_dim, mc.gdn_expand_v, mc.gdn_conv_size,
-                    backends.gdn, conv).to(rt.device)
+                    backends.gdn, conv, neg_eigval=mc.gdn_neg_eigval).to(rt.device)
         fn = tg.maybe_compile(mixer, cfg, rt)
 
         def run(fn=fn):
