@@ -1024,6 +1024,12 @@ class GatedDeltaNet(nn.Module):
         dt = torch.exp(torch.empty(heads).uniform_(math.log(1e-3), math.log(1e-1)))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
 
+    def gates(self, pre_a: torch.Tensor, pre_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the a and b projections (B, T, H): the log decay g = -exp(A_log) softplus(a + dt_bias) and the step
+        size beta = beta_max sigmoid(b), both float32."""
+        g = -self.A_log.float().exp() * F.softplus(pre_a.float() + self.dt_bias.float())
+        return g, self.beta_max * torch.sigmoid(pre_b.float())
+
     def forward(self, x: torch.Tensor, state: dict | None = None, stream: StreamContext | None = None):
         """x (B, T, D) -> (B, T, D). With `state` (streaming), continues from and updates the carried state.
         One matmul per projection and one convolution per branch: on an H100 that was faster (5.25 against 5.44 ms
@@ -1044,8 +1050,7 @@ class GatedDeltaNet(nn.Module):
             state[name] = next_tail(tail, pre, conv.weight.shape[1])
         q, k = F.normalize(qkv[0].float(), dim=-1), F.normalize(qkv[1].float(), dim=-1)
         v = qkv[2]
-        beta = self.beta_max * torch.sigmoid(self.b_proj(x).float())
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        g, beta = self.gates(self.a_proj(x), self.b_proj(x))
         if state is None:
             o, _ = gdn_core(self.backend, q, k, v, g, beta, self.k_dim ** -0.5)
         else:
@@ -2231,9 +2236,10 @@ def _gdn_check_inputs(mc: ModelConfig, B: int, T: int, device: torch.device, see
     q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
     k = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
     v = torch.randn(B, T, H, V, generator=gen)
-    beta = torch.sigmoid(torch.randn(B, T, H, generator=gen))
     if mc.gdn_neg_eigval:  # uniform over (0, 2), so that both ends (eigenvalues near 1 and near -1) are checked
         beta = 2 * torch.rand(B, T, H, generator=gen)
+    else:
+        beta = torch.sigmoid(torch.randn(B, T, H, generator=gen))
     A = torch.empty(H).uniform_(1, 16, generator=gen)
     g = -A * F.softplus(torch.randn(B, T, H, generator=gen) - 3.0)
     bf = torch.bfloat16

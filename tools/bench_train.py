@@ -312,8 +312,7 @@ class FusedGDN(tg.GatedDeltaNet):
         conv_w = torch.cat([self.q_conv.weight, self.k_conv.weight, self.v_conv.weight])
         qkv = [t.reshape(B, T, H, -1) for t in F.silu(tg.short_conv(pre_qkv, conv_w)).split([hk, hk, hv], dim=-1)]
         q, k = F.normalize(qkv[0].float(), dim=-1), F.normalize(qkv[1].float(), dim=-1)
-        beta = self.beta_max * torch.sigmoid(pre_b.float())
-        g = -self.A_log.float().exp() * F.softplus(pre_a.float() + self.dt_bias.float())
+        g, beta = self.gates(pre_a, pre_b)
         o, _ = tg.gdn_core(self.backend, q, k, qkv[2], g, beta, self.k_dim ** -0.5)
         gate = F.silu(pre_g.float()).view(B, T, H, self.v_dim)
         o = tg.rms_norm(o.float(), self.o_norm_weight.float()) * gate
@@ -331,8 +330,7 @@ class BF16GDN(tg.GatedDeltaNet):
         q, k, v = (F.silu(tg.short_conv(p(x), c.weight)).reshape(B, T, H, -1) for p, c in (
             (self.q_proj, self.q_conv), (self.k_proj, self.k_conv), (self.v_proj, self.v_conv)))
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-        beta = self.beta_max * torch.sigmoid(self.b_proj(x).float())
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        g, beta = self.gates(self.a_proj(x), self.b_proj(x))
         o, _ = tg.gdn_core(self.backend, q, k, v, g, beta, self.k_dim ** -0.5)
         gate = F.silu(self.g_proj(x)).reshape(B, T, H, self.v_dim)
         o = tg.rms_norm(o.to(x.dtype), self.o_norm_weight.to(x.dtype)) * gate
@@ -349,8 +347,7 @@ class NoConvGDN(tg.GatedDeltaNet):
         H = self.heads
         q, k, v = (F.silu(p(x)).reshape(B, T, H, -1) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
-        beta = self.beta_max * torch.sigmoid(self.b_proj(x).float())
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        g, beta = self.gates(self.a_proj(x), self.b_proj(x))
         o, _ = tg.gdn_core(self.backend, q, k, v, g, beta, self.k_dim ** -0.5)
         gate = F.silu(self.g_proj(x).float()).reshape(B, T, H, self.v_dim)
         o = tg.rms_norm(o.float(), self.o_norm_weight.float()) * gate
