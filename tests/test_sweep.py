@@ -59,6 +59,27 @@ def run_sweep(tmp_path: Path, *args: str, fake: bool = True) -> subprocess.Compl
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def start_sweep(tmp_path: Path, *args: str) -> subprocess.Popen:
+    """A sweep in the background, for tests that act while it runs."""
+    return subprocess.Popen(sweep_cmd(tmp_path, *args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def wait_for(path: Path, tool: subprocess.Popen, seconds: float = 60) -> None:
+    """Until a fake run has written `path` (its pid file: it has started), while the sweep is still going."""
+    deadline = time.monotonic() + seconds
+    while not (path.exists() and path.read_text()):
+        assert time.monotonic() < deadline and tool.poll() is None, f"{path} was not written"
+        time.sleep(0.05)
+
+
+def stop(tool: subprocess.Popen) -> None:
+    """A test's sweep that is still going when the test ends (it failed): SIGTERM stops it and the runs it started."""
+    if tool.poll() is None:
+        tool.terminate()
+        tool.wait(timeout=30)
+
+
 def test_runs_wait_for_a_free_slot_and_never_share_one(tmp_path):
     proc = run_sweep(tmp_path, "--gpus", "3,5", "RUN_ID=a FAKE_SLEEP=1", "RUN_ID=b FAKE_SLEEP=1", "RUN_ID=c")
     assert proc.returncode == 0, proc.stderr
@@ -103,13 +124,10 @@ def test_a_failed_run_is_a_row_that_says_why_and_fails_the_sweep(tmp_path):
 
 
 def test_sigterm_stops_the_runs_it_started(tmp_path):
-    tool = subprocess.Popen(sweep_cmd(tmp_path, "--cpu", "2", "RUN_ID=a FAKE_SLEEP=120", "RUN_ID=b FAKE_SLEEP=120"),
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tool = start_sweep(tmp_path, "--cpu", "2", "RUN_ID=a FAKE_SLEEP=120", "RUN_ID=b FAKE_SLEEP=120")
     pid_files = [tmp_path / "pids" / run for run in "ab"]
-    deadline = time.monotonic() + 60
-    while not all(p.exists() and p.read_text() for p in pid_files):
-        assert time.monotonic() < deadline and tool.poll() is None, "the runs did not start"
-        time.sleep(0.1)
+    for p in pid_files:
+        wait_for(p, tool)
     tool.send_signal(signal.SIGTERM)
     assert tool.wait(timeout=30) == 128 + signal.SIGTERM
     for p in pid_files:
@@ -174,25 +192,6 @@ def test_the_table_of_logs_shows_an_unfinished_run_and_fails(tmp_path):
     assert rows[1] == "| " + " | ".join(sweep.table_row(read_log(tmp_path / "done.txt"))) + " |"
     assert rows[2].startswith("| torn | ") and "no summary" not in rows[2]  # the JSON error, not "unfinished"
     assert "torn.txt: " in proc.stderr
-
-
-def wait_for(path: Path, tool: subprocess.Popen, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert time.monotonic() < deadline and tool.poll() is None, f"{path} did not appear"
-        time.sleep(0.05)
-
-
-def stop(tool: subprocess.Popen) -> None:
-    """A test's sweep that is still going when the test ends (it failed): SIGTERM stops it and the runs it started."""
-    if tool.poll() is None:
-        tool.terminate()
-        tool.wait(timeout=30)
-
-
-def start_sweep(tmp_path: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(sweep_cmd(tmp_path, *args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_more_takes_whole_lines_appended_while_it_runs_until_end(tmp_path):
