@@ -79,10 +79,12 @@ class Config:
     val_loss_every: int = 0  # 0 = only at the end
     train_log_every: int = 50
     # model
-    layout: str = "AAAGAAAAAAGAAA"  # G = Gated DeltaNet, S = sliding-window attention, A = full attention; lower
-    #   case reuses the mixer weights of the nearest earlier upper-case layer of that kind; '(...)N' runs a group of
-    #   layers N times, reusing its mixers and MLPs (depth recurrence, parse_layout). The default: the best hybrid
-    #   of the 300 s comparisons on one H100 (README, Quality); at sequence 2048 full attention is faster than a window
+    layout: str = "AAAGAAAAAAGAAA"  # G = Gated DeltaNet, S = sliding-window attention, A = full attention, N = full
+    #   attention without position encoding (NoPE: position comes only from the causal mask and the layers before
+    #   it, e.g. GDN's recurrence and short conv); lower case reuses the mixer weights of the nearest earlier
+    #   upper-case layer of that kind; '(...)k' runs a group of layers k times, reusing its mixers and MLPs (depth
+    #   recurrence, parse_layout). The default: the best hybrid of the 300 s comparisons (README, Quality); at
+    #   sequence 2048 full attention is faster than a window
     model_dim: int = 512
     mlp_mult: float = 3.0
     num_heads: int = 8  # attention heads
@@ -266,8 +268,8 @@ class Config:
         need(self.mlp_mult > 0 and float(self.mlp_mult * self.model_dim).is_integer(),
              f"MLP_MULT*MODEL_DIM={self.mlp_mult * self.model_dim} must be a positive integer")
         parse_layout(self.layout)  # raises with the offending character
-        need(self.eval_only or self.eval_mode != "stream" or "A" not in self.layout.upper(),
-             f"EVAL_MODE=stream needs layers with bounded state, and LAYOUT={self.layout} has full attention (A): "
+        need(self.eval_only or self.eval_mode != "stream" or not set("AN") & set(self.layout.upper()),
+             f"EVAL_MODE=stream needs layers with bounded state, and LAYOUT={self.layout} has full attention (A or N): "
              "use S (sliding window) layers, or EVAL_MODE=window")  # before training, not after it
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r} must be auto, 0 or 1")
         need(self.compile_mode in COMPILE_MODES,
@@ -347,12 +349,13 @@ def _parse_env_value(key: str, raw: str, typ: type):
         raise ValueError(f"environment variable {key}={raw!r} is not a valid {typ.__name__}: {e}") from None
 
 
-LAYER_KINDS = {"G": "gdn", "S": "swa", "A": "attn"}
+LAYER_KINDS = {"G": "gdn", "S": "swa", "A": "attn", "N": "nope"}
+UNBOUNDED_KINDS = ("attn", "nope")  # full attention: state (the keys) grows with the stream
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    kind: str  # gdn | swa | attn
+    kind: str  # gdn | swa | attn | nope (full attention without rotary)
     mixer: int  # index into the model's unique mixers
     shared: bool  # reuses an earlier layer's mixer weights
     mlp: int  # index into the model's unique MLPs
@@ -362,7 +365,7 @@ class LayerSpec:
 def parse_layout(layout: str) -> list[LayerSpec]:
     """'GGGGGSGGGGGs' -> one LayerSpec per layer as run. Spaces, '-' and '|' may separate groups for readability.
     Lower case reuses the mixer of the nearest earlier upper-case layer of that kind (its MLP is its own).
-    '(...)N' runs the bracketed layers N times in a row (depth recurrence): 'AA(GAA)2A' runs
+    '(...)k' runs the bracketed layers k times in a row (depth recurrence): 'AA(GAA)2A' runs
     A A G A A G A A A, and the second pass reuses the first pass's mixers and MLPs."""
     specs: list[LayerSpec] = []
     last_of_kind: dict[str, int] = {}
@@ -395,7 +398,8 @@ def parse_layout(layout: str) -> list[LayerSpec]:
         pos = len(specs)
         if c.upper() not in LAYER_KINDS:
             raise ValueError(f"LAYOUT={layout!r}: layer {pos} is {c!r}; use G (GDN), S (sliding window), A (attention),"
-                             " lower case to share the nearest earlier layer's weights, '(...)N' to repeat layers")
+                             " N (attention without position encoding), lower case to share the nearest earlier layer's"
+                             " weights, '(...)k' to repeat layers")
         kind = LAYER_KINDS[c.upper()]
         if c.isupper():
             last_of_kind[kind] = n_mixers
@@ -1108,10 +1112,11 @@ def attention(q, k, v, window: int, backend: str):
 
 
 class Attention(nn.Module):
-    """Grouped-query causal attention with QK RMSNorm and (partial) rotary embeddings; window 0 = full causal.
-    Parameters: D*(H*hd) (q) + 2*D*(KV*hd) (k, v) + (H*hd)*D (out)."""
+    """Grouped-query causal attention with QK RMSNorm and (partial) rotary embeddings, or none (rope=False: NoPE);
+    window 0 = full causal. Parameters: D*(H*hd) (q) + 2*D*(KV*hd) (k, v) + (H*hd)*D (out)."""
 
-    def __init__(self, dim: int, heads: int, kv_heads: int, window: int, rope_dims: int, rope_base: float, backend: str):
+    def __init__(self, dim: int, heads: int, kv_heads: int, window: int, rope_dims: int, rope_base: float, backend: str,
+                 rope: bool = True):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.window, self.backend = window, backend
@@ -1119,7 +1124,7 @@ class Attention(nn.Module):
         self.k_proj = Linear(dim, kv_heads * self.head_dim)
         self.v_proj = Linear(dim, kv_heads * self.head_dim)
         self.o_proj = Linear(heads * self.head_dim, dim, zero_init=True)
-        self.rotary = Rotary(self.head_dim, rope_dims, rope_base)
+        self.rotary = Rotary(self.head_dim, rope_dims, rope_base) if rope else None
 
     def forward(self, x: torch.Tensor, state: dict | None = None, stream: StreamContext | None = None):
         """x (B, T, D) -> (B, T, D). With `state` (streaming), attends over the carried keys too and updates them."""
@@ -1128,7 +1133,9 @@ class Attention(nn.Module):
         q = rms_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim))
         k = rms_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim))
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        q, k = self.rotary(q, offset).to(v.dtype), self.rotary(k, offset).to(v.dtype)
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        q, k = q.to(v.dtype), k.to(v.dtype)
         if state is None:
             y = attention(q, k, v, self.window, self.backend)
         else:
@@ -1240,7 +1247,8 @@ class GPT(nn.Module):
             return GatedDeltaNet(mc.model_dim, mc.gdn_heads, mc.gdn_head_dim, mc.gdn_expand_v, mc.gdn_conv_size,
                                  backends.gdn, backends.conv, neg_eigval=mc.gdn_neg_eigval)
         window = mc.swa_window if kind == "swa" else 0
-        return Attention(mc.model_dim, mc.num_heads, mc.num_kv_heads, window, mc.rope_dims, mc.rope_base, backends.attn)
+        return Attention(mc.model_dim, mc.num_heads, mc.num_kv_heads, window, mc.rope_dims, mc.rope_base, backends.attn,
+                         rope=kind != "nope")
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
                 stream: StreamContext | None = None):
@@ -1982,7 +1990,7 @@ class StreamScorer:
     """Walks lanes segment by segment with a StreamContext; `run` may be called again to continue the same lanes."""
 
     def __init__(self, model: nn.Module, n_lanes: int, cfg: Config, rt: Runtime, bos_id: int):
-        if "attn" in model.layer_kinds:
+        if set(UNBOUNDED_KINDS) & set(model.layer_kinds):
             raise ValueError(f"EVAL_MODE=stream needs bounded-state layers; LAYOUT={model.mc.layout} has full attention")
         self.model, self.cfg, self.rt, self.bos_id = model, cfg, rt, bos_id
         self.ctx = StreamContext(layers=[{} for _ in model.layer_mixer])

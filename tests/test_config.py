@@ -40,6 +40,9 @@ def test_preset_sets_values_and_env_still_wins():
     ({"MUON_VARIANT": "adamuon"}, "MUON_VARIANT='adamuon'"),
     ({"MUON_BETA2": "1"}, "MUON_BETA2=1.0"),
     ({"LAYOUT": "AA(GA"}, "never closed"),
+    ({"LAYOUT": "GGa"}, "no earlier 'A' exists"),
+    ({"LAYOUT": "AGn"}, "no earlier 'N' exists"),  # N layers share only with N layers
+    ({"EVAL_MODE": "stream", "LAYOUT": "GSNs"}, "has full attention (A or N)"),
 ])
 def test_bad_settings_raise_with_the_name(env, needle):
     with pytest.raises(ValueError, match=None) as err:
@@ -57,6 +60,9 @@ def test_layout_parsing_and_sharing():
     specs = tg.parse_layout("SGsGg")
     assert specs[2].mixer == specs[0].mixer and specs[4].mixer == specs[3].mixer
     assert [s.mlp for s in specs] == [0, 1, 2, 3, 4]  # a shared mixer keeps its own MLP
+    specs = tg.parse_layout("ANGna")
+    assert [s.kind for s in specs] == ["attn", "nope", "gdn", "nope", "attn"]
+    assert (specs[3].mixer, specs[4].mixer) == (specs[1].mixer, specs[0].mixer)
 
 
 def test_layout_repeated_group_reuses_mixers_and_mlps():

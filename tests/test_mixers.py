@@ -75,19 +75,41 @@ def _first_changed_position(fn, x, t):
     return (y1 - y2).abs().flatten(2).amax(-1).amax(0)  # (T,)
 
 
-@pytest.mark.parametrize("kind", ["gdn", "swa", "attn"])
+@pytest.mark.parametrize("kind", ["gdn", "swa", "attn", "nope"])
 def test_mixers_are_causal(kind):
     torch.manual_seed(0)
     D, T, t = 32, 40, 17
     if kind == "gdn":
         mixer = tg.GatedDeltaNet(D, 2, 8, 1.0, 4, "torch")
     else:
-        mixer = tg.Attention(D, 4, 2, 8 if kind == "swa" else 0, 0, 10000.0, "sdpa")
+        mixer = tg.Attention(D, 4, 2, 8 if kind == "swa" else 0, 0, 10000.0, "sdpa", rope=kind != "nope")
     for p in mixer.parameters():  # the zero-initialized output projection would hide everything
         torch.nn.init.normal_(p, std=0.3)
     diff = _first_changed_position(mixer, torch.randn(2, T, D), t)
     assert diff[:t].max() == 0, "an output before t depends on inputs at or after t"
     assert diff[t:].min() > 0, "outputs from t on should change"
+
+
+@pytest.mark.parametrize("rope", [True, False])
+def test_nope_attention_sees_the_earlier_tokens_as_a_set(rope):
+    """Without rotary (layout letter N) the query at t gets the same output when the tokens before it are shuffled;
+    with rotary it does not. Without rotary the layer is attention over the normalized projections, nothing else."""
+    torch.manual_seed(5)
+    D, T, t = 32, 24, 20
+    mixer = tg.Attention(D, 4, 2, 0, 0, 10000.0, "sdpa", rope=rope)
+    for p in mixer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(2, T, D)
+    shuffled = x.clone()
+    shuffled[:, :t] = x[:, torch.randperm(t)]
+    with torch.no_grad():
+        same = torch.allclose(mixer(x)[:, t], mixer(shuffled)[:, t], atol=1e-5)
+        assert same != rope
+        if not rope:
+            q, k = (tg.rms_norm(p(x).view(2, T, -1, 8)) for p in (mixer.q_proj, mixer.k_proj))
+            v = mixer.v_proj(x).view(2, T, 2, 8)
+            expect = mixer.o_proj(tg.attention_reference(q, k, v, 0).reshape(2, T, D))
+            assert torch.allclose(mixer(x), expect, atol=1e-5)
 
 
 def test_swa_window_limits_what_a_query_sees():

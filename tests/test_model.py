@@ -25,8 +25,9 @@ def tiny_model(layout="GSGsA", seed=0, **env) -> tg.GPT:
     return model
 
 
-def test_model_is_causal():
-    model = tiny_model()
+@pytest.mark.parametrize("layout", ["GSGsA", "NGnA"])
+def test_model_is_causal(layout):
+    model = tiny_model(layout)
     x = torch.randint(0, 97, (2, 48))
     t = 23
     x2 = x.clone()

@@ -156,4 +156,6 @@ def test_submission_summary_names_the_gdn_beta_range():
     assert ms.model_summary(c) == ("4 layers (1 Gated DeltaNet + 3 full attention), layout AAGA, d512, MLP 3.0x, "
                                    "vocab 1024, U-Net skips, GDN beta in (0, 2) (negative eigenvalues)")
     assert "negative" not in ms.model_summary({**c, "LAYOUT": "AAAA"})  # no GDN layer: nothing to name
+    assert ms.model_summary({**c, "LAYOUT": "AGNn"}).startswith(
+        "4 layers (1 Gated DeltaNet + 1 full attention + 2 full attention without position encoding), layout AGNn")
     assert "negative" not in ms.model_summary({**c, "GDN_NEG_EIGVAL": "False"})

@@ -109,7 +109,8 @@ def technique_summary(config: dict) -> str:
             f"+ {c.get('COMPRESSOR')}; {evaluation}")
 
 
-MIXER_NAMES = dict(gdn="Gated DeltaNet", attn="full attention", swa="sliding-window attention")
+MIXER_NAMES = dict(gdn="Gated DeltaNet", attn="full attention", nope="full attention without position encoding",
+                   swa="sliding-window attention")
 
 
 def model_summary(c: dict) -> str:
