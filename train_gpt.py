@@ -81,10 +81,10 @@ class Config:
     # model
     layout: str = "AAAGAAAAAAGAAA"  # G = Gated DeltaNet, S = sliding-window attention, A = full attention, N = full
     #   attention without position encoding (NoPE: position comes only from the causal mask and the layers before
-    #   it, e.g. GDN's recurrence and short conv; AAAGNNNNNNGNNN scored 0.0086 worse at 300 s); lower case reuses the mixer weights of the nearest earlier
-    #   upper-case layer of that kind; '(...)k' runs a group of layers k times, reusing its mixers and MLPs (depth
-    #   recurrence, parse_layout). The default: the best hybrid of the 300 s comparisons (README, Quality); at
-    #   sequence 2048 full attention is faster than a window
+    #   it, e.g. GDN's recurrence and short conv; AAAGNNNNNNGNNN scored 0.0086 worse at 300 s, one seed); lower
+    #   case reuses the mixer weights of the nearest earlier upper-case layer of that kind; '(...)k' runs a group
+    #   of layers k times, reusing its mixers and MLPs (depth recurrence, parse_layout). The default: the best
+    #   hybrid of the 300 s comparisons (README, Quality); at sequence 2048 full attention is faster than a window
     model_dim: int = 512
     mlp_mult: float = 3.0
     num_heads: int = 8  # attention heads
@@ -1148,7 +1148,7 @@ class Attention(nn.Module):
         document resets this is the same banded attention as training (any backend); with resets a mask adds
         each query's document start."""
         if self.window <= 0:
-            raise ValueError("streaming evaluation needs layers with bounded state; full attention (A) has none")
+            raise ValueError("streaming evaluation needs layers with bounded state; full attention (A or N) has none")
         B, T = q.shape[:2]
         C = self.window - 1
         n_cached = min(C, stream.offset)

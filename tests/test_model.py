@@ -38,6 +38,20 @@ def test_model_is_causal(layout):
     assert d[t:].min() > 0
 
 
+@pytest.mark.parametrize("layout", ["N", "A"])
+def test_a_model_built_with_n_has_no_position_encoding(layout):
+    """One layer: with N the logits at t see the tokens before t as a set (shuffling them changes nothing); with A
+    (rotary) they see the order."""
+    model = tiny_model(layout)
+    x = torch.randint(0, 97, (2, 24))
+    t = 20
+    shuffled = x.clone()
+    shuffled[:, :t] = x[:, torch.randperm(t)]
+    with torch.no_grad():
+        same = torch.allclose(model(x)[:, t], model(shuffled)[:, t], atol=1e-5)
+    assert same == (layout == "N")
+
+
 def test_logits_are_softcapped_and_loss_matches_per_token():
     model = tiny_model()
     x, y = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))

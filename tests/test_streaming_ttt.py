@@ -110,9 +110,10 @@ def test_lanes_cover_the_stream_and_each_is_one_long_forward(features, warmup):
         assert not torch.allclose(tally.nll_at[s + 1: s + 4], full_nll(model, tokens[s: e + 1])[:3], atol=1e-3)
 
 
-def test_streaming_rejects_full_attention_layers():
-    model = tiny_model(layout="GSA")
-    with pytest.raises(ValueError, match="full attention"):
+@pytest.mark.parametrize("layout", ["GSA", "GSN"])
+def test_streaming_rejects_full_attention_layers(layout):
+    model = tiny_model(layout=layout)
+    with pytest.raises(ValueError, match=f"LAYOUT={layout} has full attention"):
         tg.evaluate_stream(model, stream_of_documents(3, 0), tables(), stream_cfg(), CPU)
 
 
