@@ -268,8 +268,8 @@ class Config:
         need(0 <= self.bos_id < self.vocab_size, f"BOS_ID={self.bos_id} must be a token id below VOCAB_SIZE")
         need(self.mlp_mult > 0 and float(self.mlp_mult * self.model_dim).is_integer(),
              f"MLP_MULT*MODEL_DIM={self.mlp_mult * self.model_dim} must be a positive integer")
-        parse_layout(self.layout)  # raises with the offending character
-        need(self.eval_only or self.eval_mode != "stream" or not set("AN") & set(self.layout.upper()),
+        kinds = {spec.kind for spec in parse_layout(self.layout)}  # raises with the offending character
+        need(self.eval_only or self.eval_mode != "stream" or not kinds & set(UNBOUNDED_KINDS),
              f"EVAL_MODE=stream needs layers with bounded state, and LAYOUT={self.layout} has full attention (A or N): "
              "use S (sliding window) layers, or EVAL_MODE=window")  # before training, not after it
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r} must be auto, 0 or 1")
