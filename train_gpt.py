@@ -2832,6 +2832,9 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
         f"{len(base.mixers)} distinct mixers, {len(base.mlps)} distinct MLPs); optimizer routing:")
     for line in describe_routes(base):
         log(line)
+    train_files = shard_files(cfg.data_path, "train")
+    train_tokens = sum(len(read_shard(f)) for f in train_files)
+    log(f"train_data: {len(train_files)} shards, {train_tokens:,} tokens")
     compiled = maybe_compile(base, cfg, rt)
     model = wrap_ddp(compiled, cfg, rt)
     if rt.distributed:
@@ -2846,6 +2849,8 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
     peak = torch.cuda.max_memory_allocated() / 2**20 if rt.cuda else 0.0
     log(f"train_done steps:{stats.steps} train_time:{stats.train_ms:.0f}ms step_avg:{stats.step_avg_ms:.2f}ms "
         f"tok/s:{stats.tokens_per_s:.0f} stopped_by_cap:{stats.stopped_by_cap} peak_mem:{peak:.0f}MiB")
+    passes = stats.tokens / max(train_tokens, 1)  # how often the timed steps read the training data (repetition)
+    log(f"train_passes:{passes:.2f} ({stats.tokens:,} tokens read of {train_tokens:,})")
     if ema is not None:
         log(ema.describe())
     fwd = compiled if cfg.eval_mode == "window" else base  # what scores the weights before quantization
@@ -2865,7 +2870,8 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
     summary = dict(steps=stats.steps, train_time_ms=round(stats.train_ms), calib_ms=round(calib_ms),
                    budget_used_ms=round(stats.train_ms + calib_ms), step_avg_ms=round(stats.step_avg_ms, 2),
                    tokens_per_s=round(stats.tokens_per_s), stopped_by_cap=stats.stopped_by_cap, peak_mem_mib=round(peak),
-                   params=count_parameters(base), pre_quant=dataclasses.asdict(pre), final=dataclasses.asdict(final),
+                   params=count_parameters(base), train_tokens=train_tokens, train_passes=round(passes, 4),
+                   pre_quant=dataclasses.asdict(pre), final=dataclasses.asdict(final),
                    final_no_ttt=dataclasses.asdict(final_base), artifact_path=str(path), **sizes)
     if compared:
         summary["ema_compare"] = compared

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def trained(tmp_path_factory, tiny_data):
     return cwd, out
 
 
-def test_training_writes_log_artifact_and_final_score(trained):
+def test_training_writes_log_artifact_and_final_score(trained, tiny_data):
     cwd, out = trained
     log = (cwd / "logs" / "e2e.txt").read_text()
     assert "def main()" in log  # the log carries the code that produced it
@@ -64,6 +65,14 @@ def test_training_writes_log_artifact_and_final_score(trained):
     assert exact_line(out, "final_int6_brotli_roundtrip_sliding16")  # the round trip scored without TTT as well
     assert re.search(r"step:12/12 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms tok/s:\d+", out)
     assert not list((cwd / "artifacts").glob("*.tmp*"))
+    # what the run trained on and how often it read it: the shards' token counts (from their headers) and the tokens
+    # the timed steps took (12 steps of the tiny preset's batch)
+    shard_tokens = [int(np.fromfile(f, dtype="<i4", count=3)[2])
+                    for f in sorted(Path(tiny_data["data_path"]).glob("fineweb_train_*.bin"))]
+    assert len(shard_tokens) >= 2 and s["train_tokens"] == sum(shard_tokens)
+    assert f"train_data: {len(shard_tokens)} shards, {sum(shard_tokens):,} tokens" in log
+    batch = int(re.search(r"^config TRAIN_BATCH_TOKENS=(\d+)$", log, re.M).group(1))
+    assert s["train_passes"] == round(12 * batch / sum(shard_tokens), 4) > 0
 
 
 def test_eval_only_reproduces_the_score(trained, tiny_data):
