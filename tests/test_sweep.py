@@ -150,6 +150,7 @@ def test_two_tiny_trainings_side_by_side_and_their_table(tmp_path, tiny_data):
     assert rows["hyb"][sweep.COLUMNS.index("round trip")] == f"{hyb['final_no_ttt']['bpb']:.4f}"
     assert rows["attn"][sweep.COLUMNS.index("+ TTT")] == "—"  # TTT off: no TTT score to show
     assert rows["attn"][sweep.COLUMNS.index("steps")] == f"{attn['steps']:,}"
+    assert rows["attn"][sweep.COLUMNS.index("train passes")] == f"{attn['train_passes']:.2f}" != "0.00"
     assert "LAYOUT=AAAA " in rows["attn"][1] + " " and "LAYOUT=GSGs " in rows["hyb"][1] + " "  # the tiny preset's
     again = run_sweep(tmp_path, "--table", "logs/hyb.txt", "logs/attn.txt", fake=False)
     assert again.returncode == 0 and again.stdout.strip() in proc.stdout
@@ -167,7 +168,7 @@ def test_a_rescoring_row_lists_only_evaluation_settings_and_no_training_seed(tmp
     row = dict(zip(sweep.COLUMNS, sweep.table_row(read_log(log))))
     assert row["settings beyond the defaults"] == "TTT_LR=0.02 EVAL_ONLY=True ARTIFACT_PATH=artifacts/x.pgz"
     assert row["seed"] == "—"
-    assert (row["round trip"], row["+ TTT"], row["steps"]) == ("1.4474", "1.4201", "—")
+    assert (row["round trip"], row["+ TTT"], row["steps"], row["train passes"]) == ("1.4474", "1.4201", "—", "—")
     summary.update(eval_only=False)  # the same log as a training run's: its seed is the model's
     log.write_text("".join(f"config {c}\n" for c in config if not c.startswith("EVAL_ONLY"))
                    + f"summary {json.dumps(summary)}\n")

@@ -29,7 +29,8 @@ free when the sweep has just started a run on it.
 Why: the 300 s comparisons of issue 6 (README, Quality) are one GPU each, so a host with N GPUs runs N of them
 in the wall time of one, on the same machine, which is what a comparison needs. The table's columns are the
 issue's: settings beyond the current defaults, seed, parameters, steps, tok/s, pre-quantization, round-trip and
-final (TTT) val_bpb, artifact + code bytes. Exit status: 0 when every run finished with a summary, 1 when one did
+final (TTT) val_bpb, artifact + code bytes; and how many times the run read its training shards (train passes; a
+comparison on a small corpus is one of repeated text). Exit status: 0 when every run finished with a summary, 1 when one did
 not (its row says why) or a --more line was refused, 2 for a configuration refused before starting.
 """
 
@@ -53,8 +54,8 @@ from make_submission import NoSummaryError, read_log  # noqa: E402
 # Settings that name a run or its files rather than what was trained; the table never lists them as changes.
 NOT_SETTINGS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH"}
 EVAL_SETTINGS = ("EVAL_", "TTT_", "STREAM_", "ARTIFACT_PATH", "VAL_MAX_TOKENS")  # what a rescoring's row lists
-COLUMNS = ["run", "settings beyond the defaults", "seed", "device", "params", "steps", "tok/s", "pre-quant",
-           "round trip", "+ TTT", "artifact + code", "wall s"]
+COLUMNS = ["run", "settings beyond the defaults", "seed", "device", "params", "steps", "tok/s", "train passes",
+           "pre-quant", "round trip", "+ TTT", "artifact + code", "wall s"]
 
 
 @dataclass
@@ -243,6 +244,11 @@ def count(summary: dict, key: str) -> str:
     return f"{summary[key]:,}" if key in summary else "—"
 
 
+def passes(summary: dict) -> str:
+    """How many times the timed steps read the training shards (logs from before the figure was logged: —)."""
+    return f"{summary['train_passes']:.2f}" if "train_passes" in summary else "—"
+
+
 def table_row(summary: dict) -> list[str]:
     """A rescoring's seed cell is blank: its SEED is the evaluating process's, not the one its artifact trained
     with (which the artifact does not record)."""
@@ -250,7 +256,7 @@ def table_row(summary: dict) -> list[str]:
     rescore = summary["config"].get("EVAL_ONLY") == "True"
     seed = "—" if rescore else str(summary["seed"])
     return [summary["run_id"], changed_settings(summary["config"], rescore), seed, summary["device"],
-            count(summary, "params"), count(summary, "steps"), count(summary, "tokens_per_s"),
+            count(summary, "params"), count(summary, "steps"), count(summary, "tokens_per_s"), passes(summary),
             bpb(summary, "pre_quant"), bpb(summary, "final_no_ttt"), bpb(summary, "final") if ttt else "—",
             count(summary, "total_bytes"), f"{summary['wall_seconds']:.0f}"]
 
