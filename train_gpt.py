@@ -535,6 +535,11 @@ def shard_files(data_path: str, split: str) -> list[Path]:
     return files
 
 
+def count_tokens(files: list[Path]) -> int:
+    """Tokens in these shards, from their headers (each one checked, so a bad shard fails before training)."""
+    return sum(len(read_shard(f)) for f in files)
+
+
 def load_val_tokens(cfg: Config) -> torch.Tensor:
     tokens = np.concatenate([np.asarray(read_shard(f)) for f in shard_files(cfg.data_path, "val")])
     if cfg.val_max_tokens:
@@ -549,6 +554,8 @@ class TokenStream:
     """Reads the train shards in a seeded order, end to end, wrapping around; `take(n)` returns the next n tokens."""
 
     def __init__(self, files: list[Path], seed: int):
+        if count_tokens(files) == 0:  # take() would wait forever for a token
+            raise ValueError(f"the train shards ({', '.join(str(f) for f in files)}) hold no tokens")
         self.files = list(files)
         random.Random(seed).shuffle(self.files)
         self.file_idx, self.pos = 0, 0
@@ -2833,8 +2840,8 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
     for line in describe_routes(base):
         log(line)
     train_files = shard_files(cfg.data_path, "train")
-    train_tokens = sum(len(read_shard(f)) for f in train_files)
-    log(f"train_data: {len(train_files)} shards, {train_tokens:,} tokens")
+    train_tokens = count_tokens(train_files)
+    log(f"train_data: {len(train_files)} shard{'s' * (len(train_files) != 1)}, {train_tokens:,} tokens")
     compiled = maybe_compile(base, cfg, rt)
     model = wrap_ddp(compiled, cfg, rt)
     if rt.distributed:
@@ -2849,7 +2856,7 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
     peak = torch.cuda.max_memory_allocated() / 2**20 if rt.cuda else 0.0
     log(f"train_done steps:{stats.steps} train_time:{stats.train_ms:.0f}ms step_avg:{stats.step_avg_ms:.2f}ms "
         f"tok/s:{stats.tokens_per_s:.0f} stopped_by_cap:{stats.stopped_by_cap} peak_mem:{peak:.0f}MiB")
-    passes = stats.tokens / max(train_tokens, 1)  # how often the timed steps read the training data (repetition)
+    passes = stats.tokens / train_tokens  # how often the timed steps read the training text (TokenStream: > 0 tokens)
     log(f"train_passes:{passes:.2f} ({stats.tokens:,} tokens read of {train_tokens:,})")
     if ema is not None:
         log(ema.describe())

@@ -48,6 +48,17 @@ def test_missing_data_path_and_empty_folder(tmp_path):
         tg.shard_files(str(tmp_path), "val")
 
 
+def test_train_shards_without_tokens_are_refused(tmp_path):
+    # valid headers, zero tokens: the stream would wait forever for its first batch
+    files = [write_shard(tmp_path / f"fineweb_train_00000{i}.bin", []) for i in range(2)]
+    assert tg.count_tokens(files) == 0
+    with pytest.raises(ValueError, match="hold no tokens") as err:
+        tg.TokenStream(files, seed=0)
+    assert str(files[0]) in str(err.value)
+    write_shard(files[1], [1, 2, 3])  # one shard with tokens is enough
+    assert tg.count_tokens(files) == 3 and list(tg.TokenStream(files, seed=0).take(5)) == [1, 2, 3, 1, 2]
+
+
 def test_tokenizer_must_match_vocab_size(tiny_data):
     cfg = tg.Config(tokenizer_path=tiny_data["tokenizer_path"], vocab_size=1024)
     with pytest.raises(ValueError, match="has 320 pieces but VOCAB_SIZE=1024"):

@@ -72,7 +72,10 @@ def test_training_writes_log_artifact_and_final_score(trained, tiny_data):
     assert len(shard_tokens) >= 2 and s["train_tokens"] == sum(shard_tokens)
     assert f"train_data: {len(shard_tokens)} shards, {sum(shard_tokens):,} tokens" in log
     batch = int(re.search(r"^config TRAIN_BATCH_TOKENS=(\d+)$", log, re.M).group(1))
-    assert s["train_passes"] == round(12 * batch / sum(shard_tokens), 4) > 0
+    # the script's own formula, so what these pin down are its inputs: the shard headers and the steps' tokens
+    read, total = 12 * batch, sum(shard_tokens)
+    assert s["train_passes"] == round(read / total, 4) > 0
+    assert f"train_passes:{read / total:.2f} ({read:,} tokens read of {total:,})" in log
 
 
 def test_eval_only_reproduces_the_score(trained, tiny_data):
@@ -157,6 +160,8 @@ def test_torchrun_two_ranks_trains_and_writes_one_artifact(tmp_path, tiny_data, 
     assert out.count("summary ") == 1  # only rank 0 logs
     # same global batch, same data order: the loss trend matches the single-process run closely
     assert abs(s["pre_quant"]["loss"] - summary(trained[1])["pre_quant"]["loss"]) < 0.05
+    # the ranks split one global batch: the passes over the training text are one process's, not half or twice them
+    assert s["train_passes"] == summary(trained[1])["train_passes"] > 0
 
 
 def test_submission_tool_reads_the_logs(trained, tmp_path, tiny_data):
