@@ -30,8 +30,8 @@ Why: the 300 s comparisons of issue 6 (README, Quality) are one GPU each, so a h
 in the wall time of one, on the same machine, which is what a comparison needs. The table's columns are the
 issue's: settings beyond the current defaults, seed, parameters, steps, tok/s, pre-quantization, round-trip and
 final (TTT) val_bpb, artifact + code bytes; and how many times the run read its training shards (train passes:
-on a small corpus, a comparison is one of repeated text). Exit status: 0 when every run finished with a summary, 1 when one did
-not (its row says why) or a --more line was refused, 2 for a configuration refused before starting.
+on a small corpus, a comparison is one of repeated text). Exit status: 0 when every run finished with a summary,
+1 when one did not (its row says why) or a --more line was refused, 2 for a configuration refused before starting.
 """
 
 import argparse
