@@ -87,11 +87,17 @@ class Config:
     #   hybrid of the 300 s comparisons (README, Quality); at sequence 2048 full attention is faster than a window
     model_dim: int = 512
     mlp_mult: float = 3.0  # 3.25 (15.76 MB, the headroom spent) scored 0.0003 better at 300 s: noise (README, Quality)
+    mlp_neg_slope: float = 0.0  # MLP activation: relu(h)^2 at 0, else leaky_relu(h, slope)^2 ("LeakyReLU(0.5)^2" in
+    #                              the field's records, where it was reported 0.0015-0.003 better at 8xH100 scale)
     num_heads: int = 8  # attention heads
     num_kv_heads: int = 4
-    swa_window: int = 512  # tokens each query sees, itself included
+    swa_window: int = 512  # tokens each query sees, itself included. The default hybrid with S for A layers at 300 s:
+    #                        window 512 0.0075 worse, 1024 0.0088 worse (one seed each; README, Quality)
     rope_dims: int = 0  # 0 = the whole head dimension
     rope_base: float = 10000.0
+    xsa_last: int = 0  # exclusive self attention (XSA, Zhai 2026, arXiv:2603.09078) in the last XSA_LAST attention
+    #                    mixers (A, N or S; in layout order, a shared mixer counted once; more than there are = all):
+    #                    each head's output loses its component along the token's own value vector. 0 = off
     gdn_heads: int = 8  # 8 x 64 over 4 x 128: 0.0019 better at 300 s (two seeds), 3% slower steps (README, Quality)
     gdn_head_dim: int = 64  # key dimension per head (FlashQLA needs 128, so 64 runs fla's kernels; README, throughput)
     gdn_expand_v: float = 1.0  # value dimension = gdn_head_dim * gdn_expand_v
@@ -266,6 +272,8 @@ class Config:
         need(self.bigram_buckets == 0 or self.bigram_buckets >= 2, f"BIGRAM_BUCKETS={self.bigram_buckets} must be 0 or >= 2")
         need(self.bigram_dim > 0, f"BIGRAM_DIM={self.bigram_dim} must be positive")
         need(0 <= self.bos_id < self.vocab_size, f"BOS_ID={self.bos_id} must be a token id below VOCAB_SIZE")
+        need(0.0 <= self.mlp_neg_slope <= 1.0, f"MLP_NEG_SLOPE={self.mlp_neg_slope} must be in [0, 1]")
+        need(self.xsa_last >= 0, f"XSA_LAST={self.xsa_last} must be >= 0")
         need(self.mlp_mult > 0 and float(self.mlp_mult * self.model_dim).is_integer(),
              f"MLP_MULT*MODEL_DIM={self.mlp_mult * self.model_dim} must be a positive integer")
         kinds = {spec.kind for spec in parse_layout(self.layout)}  # raises with the offending character
@@ -732,14 +740,19 @@ class Rotary(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mult: float):
+    """proj(act(fc(x))^2), act = relu, or leaky_relu with negative slope `neg_slope` (MLP_NEG_SLOPE)."""
+
+    def __init__(self, dim: int, mult: float, neg_slope: float = 0.0):
         super().__init__()
         hidden = int(dim * mult)
         self.fc = Linear(dim, hidden)
         self.proj = Linear(hidden, dim, zero_init=True)
+        self.neg_slope = neg_slope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        h = self.fc(x)
+        h = F.leaky_relu(h, self.neg_slope) if self.neg_slope else F.relu(h)
+        return self.proj(h.square())
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -1119,15 +1132,26 @@ def attention(q, k, v, window: int, backend: str):
     return attention_reference(q, k, v, window)
 
 
+def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """XSA: each head's output y (B, T, H, D) minus its projection on the token's own value v (B, T, KV, D), the
+    value of the head's KV group (query heads are grouped as in SDPA's enable_gqa: head h uses KV head h // (H/KV))."""
+    B, T, H, D = y.shape
+    KV = v.shape[2]
+    dtype = torch.promote_types(y.dtype, torch.float32)  # bf16 under autocast: the projection in fp32
+    yg = y.to(dtype).view(B, T, KV, H // KV, D)
+    vn = F.normalize(v.to(dtype), dim=-1)[:, :, :, None]  # (B, T, KV, 1, D)
+    return (yg - (yg * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D).to(y.dtype)
+
+
 class Attention(nn.Module):
     """Grouped-query causal attention with QK RMSNorm and (partial) rotary embeddings, or none (rope=False: NoPE);
     window 0 = full causal. Parameters: D*(H*hd) (q) + 2*D*(KV*hd) (k, v) + (H*hd)*D (out)."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, window: int, rope_dims: int, rope_base: float, backend: str,
-                 rope: bool = True):
+                 rope: bool = True, xsa: bool = False):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
-        self.window, self.backend = window, backend
+        self.window, self.backend, self.xsa = window, backend, xsa
         self.q_proj = Linear(dim, heads * self.head_dim)
         self.k_proj = Linear(dim, kv_heads * self.head_dim)
         self.v_proj = Linear(dim, kv_heads * self.head_dim)
@@ -1148,6 +1172,8 @@ class Attention(nn.Module):
             y = attention(q, k, v, self.window, self.backend)
         else:
             y = self._attend_with_cache(q, k, v, state, stream)
+        if self.xsa:
+            y = exclude_self_value(y, v)
         return self.o_proj(y.reshape(B, T, self.heads * self.head_dim))
 
     def _attend_with_cache(self, q, k, v, state: dict, stream: StreamContext) -> torch.Tensor:
@@ -1181,7 +1207,7 @@ class Attention(nn.Module):
 MODEL_FIELDS = ("vocab_size", "layout", "model_dim", "mlp_mult", "num_heads", "num_kv_heads", "swa_window", "rope_dims",
                 "rope_base", "gdn_heads", "gdn_head_dim", "gdn_expand_v", "gdn_conv_size", "logit_softcap",
                 "tied_embed_init_std", "bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id",
-                "residual_bf16", "gdn_neg_eigval")
+                "residual_bf16", "gdn_neg_eigval", "mlp_neg_slope", "xsa_last")
 
 
 @dataclass(frozen=True)
@@ -1211,6 +1237,8 @@ class ModelConfig:
     bos_id: int = 1
     residual_bf16: bool = False  # artifacts from before the setting were trained with an fp32 residual stream
     gdn_neg_eigval: bool = False
+    mlp_neg_slope: float = 0.0
+    xsa_last: int = 0
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ModelConfig":
@@ -1225,10 +1253,10 @@ class Backends:
 
 
 class GPT(nn.Module):
-    """Token embedding -> layers (pre-norm mixer + pre-norm ReLU^2 MLP, residual) -> RMSNorm -> tied head with a tanh
-    logit softcap. Mixers and MLPs live once in `self.mixers` and `self.mlps`; `self.layer_mixer[i]` and
-    `self.layer_mlp[i]` say which ones layer i (as run) uses, so shared and repeated weights are stored, optimized and
-    exported once."""
+    """Token embedding -> layers (pre-norm mixer + pre-norm ReLU^2 or LeakyReLU^2 MLP, residual) -> RMSNorm -> tied
+    head with a tanh logit softcap. Mixers and MLPs live once in `self.mixers` and `self.mlps`; `self.layer_mixer[i]`
+    and `self.layer_mlp[i]` say which ones layer i (as run) uses, so shared and repeated weights are stored, optimized
+    and exported once."""
 
     def __init__(self, mc: ModelConfig, backends: Backends):
         super().__init__()
@@ -1239,8 +1267,11 @@ class GPT(nn.Module):
         self.layer_mlp = [s.mlp for s in specs]
         self.tok_emb = nn.Embedding(mc.vocab_size, mc.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=mc.tied_embed_init_std)
-        self.mixers = nn.ModuleList([self._make_mixer(s.kind, backends) for s in specs if not s.shared])
-        self.mlps = nn.ModuleList([MLP(mc.model_dim, mc.mlp_mult) for s in specs if not s.repeat])
+        kinds = [s.kind for s in specs if not s.shared]  # one per unique mixer, in layout order
+        attn_mixers = [j for j, kind in enumerate(kinds) if kind != "gdn"]
+        xsa = set(attn_mixers[len(attn_mixers) - min(mc.xsa_last, len(attn_mixers)):])
+        self.mixers = nn.ModuleList([self._make_mixer(kind, backends, j in xsa) for j, kind in enumerate(kinds)])
+        self.mlps = nn.ModuleList([MLP(mc.model_dim, mc.mlp_mult, mc.mlp_neg_slope) for s in specs if not s.repeat])
         if mc.bigram_buckets:
             self.bigram = BigramHash(mc.bigram_buckets, mc.bigram_dim, mc.model_dim)
         if mc.smear_gate:  # per channel; sigmoid(-3) = 0.05 of the previous token's embedding at the start
@@ -1249,14 +1280,14 @@ class GPT(nn.Module):
         if self.n_skips:
             self.skip_weights = nn.Parameter(torch.ones(self.n_skips, mc.model_dim))
 
-    def _make_mixer(self, kind: str, backends: Backends) -> nn.Module:
+    def _make_mixer(self, kind: str, backends: Backends, xsa: bool = False) -> nn.Module:
         mc = self.mc
         if kind == "gdn":
             return GatedDeltaNet(mc.model_dim, mc.gdn_heads, mc.gdn_head_dim, mc.gdn_expand_v, mc.gdn_conv_size,
                                  backends.gdn, backends.conv, neg_eigval=mc.gdn_neg_eigval)
         window = mc.swa_window if kind == "swa" else 0
         return Attention(mc.model_dim, mc.num_heads, mc.num_kv_heads, window, mc.rope_dims, mc.rope_base, backends.attn,
-                         rope=kind != "nope")
+                         rope=kind != "nope", xsa=xsa)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
                 stream: StreamContext | None = None):

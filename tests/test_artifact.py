@@ -96,6 +96,25 @@ def test_artifact_records_the_gdn_beta_range(tmp_path):
         assert not torch.allclose(fresh(x), plain(x))  # the flag changes the model: losing it would be visible
 
 
+@pytest.mark.parametrize("field,env", [("mlp_neg_slope", {"MLP_NEG_SLOPE": "0.5"}), ("xsa_last", {"XSA_LAST": "1"})])
+def test_artifact_records_the_mlp_activation_and_xsa(tmp_path, field, env):
+    """MLP_NEG_SLOPE and XSA_LAST change the forward pass: the artifact alone rebuilds the model with them."""
+    model = tiny_model(layout="GSA", **env)
+    path, cfg = export(model, tmp_path)
+    mc, state = tg.read_artifact(path)
+    assert getattr(mc, field) and mc == model.mc
+    fresh = tg.GPT(mc, tg.Backends("torch", "sdpa"))
+    tg.load_exported_state(fresh, state, str(path))
+    quantized = tiny_model(layout="GSA", **env)
+    quantized.load_state_dict(expected_roundtrip(model, cfg))
+    plain = tg.GPT(tg.ModelConfig(**{**mc.__dict__, field: type(getattr(mc, field))(0)}), tg.Backends("torch", "sdpa"))
+    plain.load_state_dict(quantized.state_dict())
+    x = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), quantized(x))
+        assert not torch.allclose(fresh(x), plain(x))  # the setting changes the model: losing it would be visible
+
+
 def test_artifact_bytes_are_deterministic(tmp_path):
     a, _ = export(tiny_model(seed=3), tmp_path, "a.pgz")
     b, _ = export(tiny_model(seed=3), tmp_path, "b.pgz")

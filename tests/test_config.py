@@ -43,6 +43,8 @@ def test_preset_sets_values_and_env_still_wins():
     ({"LAYOUT": "GGa"}, "no earlier 'A' exists"),
     ({"LAYOUT": "AGn"}, "no earlier 'N' exists"),  # N layers share only with N layers
     ({"EVAL_MODE": "stream", "LAYOUT": "GSNs"}, "has full attention (A or N)"),
+    ({"MLP_NEG_SLOPE": "-0.5"}, "MLP_NEG_SLOPE=-0.5 must be in [0, 1]"),
+    ({"XSA_LAST": "-1"}, "XSA_LAST=-1 must be >= 0"),
 ])
 def test_bad_settings_raise_with_the_name(env, needle):
     with pytest.raises(ValueError, match=None) as err:

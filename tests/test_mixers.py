@@ -193,3 +193,31 @@ def test_the_kernel_check_draws_beta_over_the_layers_range():
         mc = tg.ModelConfig.from_config(tg.Config(gdn_neg_eigval=flag))
         beta = tg._gdn_check_inputs(mc, 2, 256, torch.device("cpu"), 0)[4].float()
         assert beta.min() > 0 and lo < beta.max() <= hi, (flag, beta.min(), beta.max())  # bf16 may round to 2
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_xsa_removes_each_heads_component_along_its_own_value(window):
+    """XSA written out head by head in float64, with the KV heads repeated for the query heads (the grouped view in
+    `exclude_self_value` must pair query head h with KV head h // 2 here), against the mixer; without XSA the same
+    weights give a different output."""
+    torch.manual_seed(3)
+    D, T, H, KV = 32, 14, 4, 2
+    hd = D // H
+    mixer = tg.Attention(D, H, KV, window, 0, 10000.0, "sdpa", xsa=True).double()
+    plain = tg.Attention(D, H, KV, window, 0, 10000.0, "sdpa").double()
+    for p in mixer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    plain.load_state_dict(mixer.state_dict())
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    q = tg.rms_norm(mixer.q_proj(x).view(2, T, H, hd))
+    k = tg.rms_norm(mixer.k_proj(x).view(2, T, KV, hd))
+    v = mixer.v_proj(x).view(2, T, KV, hd)
+    q, k = mixer.rotary(q, 0), mixer.rotary(k, 0)
+    y = tg.attention_reference(q, k, v, window)  # (2, T, H, hd)
+    v_h = v.repeat_interleave(H // KV, dim=2)
+    y = y - (y * v_h).sum(-1, keepdim=True) / (v_h * v_h).sum(-1, keepdim=True) * v_h
+    assert (y * v_h).sum(-1).abs().max() < 1e-10  # orthogonal to the own value, head by head
+    with torch.no_grad():
+        out = mixer(x)
+        assert torch.allclose(out, mixer.o_proj(y.reshape(2, T, D)), atol=1e-10)
+        assert not torch.allclose(out, plain(x), atol=1e-3)

@@ -10,9 +10,10 @@ from conftest import spawn_ranks
 CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), grad_accum_steps=1)
 
 
-# BigramHash, SmearGate, U-Net skips and GDN negative eigenvalues all on (small), for the tests that must hold with
-# and without them
-FEATURES = {"BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "8", "SMEAR_GATE": "1", "UNET_SKIPS": "1", "GDN_NEG_EIGVAL": "1"}
+# BigramHash, SmearGate, U-Net skips, GDN negative eigenvalues, LeakyReLU^2 and XSA all on (small), for the tests
+# that must hold with and without them
+FEATURES = {"BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "8", "SMEAR_GATE": "1", "UNET_SKIPS": "1", "GDN_NEG_EIGVAL": "1",
+            "MLP_NEG_SLOPE": "0.5", "XSA_LAST": "2"}
 
 
 def tiny_model(layout="GSGsA", seed=0, **env) -> tg.GPT:
@@ -440,10 +441,10 @@ def test_artifacts_from_before_the_new_model_fields_still_load_with_the_features
     cfg = tg.Config.from_env({"PRESET": "tiny"})
     old_fields = {k: v for k, v in tg.ModelConfig.from_config(cfg).__dict__.items()
                   if k not in ("bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id", "residual_bf16",
-                               "gdn_neg_eigval")}
+                               "gdn_neg_eigval", "mlp_neg_slope", "xsa_last")}
     mc = tg.ModelConfig(**old_fields)
-    assert (mc.bigram_buckets, mc.smear_gate, mc.unet_skips, mc.residual_bf16, mc.gdn_neg_eigval) == (0, False, False,
-                                                                                                       False, False)
+    assert (mc.bigram_buckets, mc.smear_gate, mc.unet_skips, mc.residual_bf16, mc.gdn_neg_eigval, mc.mlp_neg_slope,
+            mc.xsa_last) == (0, False, False, False, False, 0.0, 0)
     assert tg.Config().residual_bf16  # new runs keep the stream in bf16; old artifacts are rescored as trained
 
 
@@ -489,3 +490,26 @@ def test_a_run_stopped_by_the_cap_logs_its_last_partial_window(monkeypatch):
     monkeypatch.setattr(tg, "_agree_stop", lambda flag, rt: asked.append(flag) or len(asked) > 10)
     tg.train(None, None, None, [], cfg, CPU, lines.append, None, None)
     assert [line.split()[0] for line in lines if line.startswith("step:")] == ["step:5/100", "step:10/100"]  # no repeat
+
+
+@pytest.mark.parametrize("layout,xsa_last,expected", [
+    ("AGSA", 2, [False, False, True, True]),  # the last two attention mixers, GDN not counted
+    ("AGSA", 0, [False, False, False, False]),
+    ("AGSA", 9, [True, False, True, True]),  # more than there are: all of them
+    ("AGaSs", 2, [True, False, True]),  # a shared mixer is one mixer: XSA in every layer that uses it
+])
+def test_xsa_last_picks_the_last_attention_mixers(layout, xsa_last, expected):
+    model = tiny_model(layout=layout, XSA_LAST=str(xsa_last))
+    assert [getattr(m, "xsa", False) for m in model.mixers] == expected
+
+
+def test_mlp_activation_is_relu_squared_or_leaky_relu_squared():
+    torch.manual_seed(0)
+    for slope in (0.0, 0.5):
+        mlp = tg.MLP(16, 2.0, slope).double()
+        torch.nn.init.normal_(mlp.proj.weight)
+        x = torch.randn(3, 16, dtype=torch.float64)
+        h = x @ mlp.fc.weight.T
+        act = torch.where(h > 0, h, slope * h).square()  # written out: negative inputs scaled by the slope
+        assert torch.allclose(mlp(x), act @ mlp.proj.weight.T, atol=1e-12)
+        assert (h < 0).any() and ((act > 0) & (h < 0)).any() == (slope > 0)
