@@ -28,6 +28,7 @@ import random
 import statistics
 import struct
 import time
+import traceback
 import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -250,6 +251,10 @@ class Config:
         need(1 < self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} must be in 2..65536 (uint16 shards)")
         need(self.train_seq_len > 0, f"TRAIN_SEQ_LEN={self.train_seq_len} must be positive")
         need(self.train_batch_tokens > 0, f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be positive")
+        need(self.grad_accum_steps >= 0, f"GRAD_ACCUM_STEPS={self.grad_accum_steps} must be >= 0 (0 = automatic)")
+        need(self.train_log_every > 0, f"TRAIN_LOG_EVERY={self.train_log_every} must be positive")
+        need(self.gptq_block > 0, f"GPTQ_BLOCK={self.gptq_block} must be positive")
+        need(self.ttt_seq_len >= 0, f"TTT_SEQ_LEN={self.ttt_seq_len} must be >= 0 (0 = EVAL_SEQ_LEN)")
         need(self.iterations > 0, f"ITERATIONS={self.iterations} must be positive")
         need(self.max_wallclock_seconds >= 0, f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} must be >= 0")
         need(0.0 <= self.warmdown_frac <= 1.0, f"WARMDOWN_FRAC={self.warmdown_frac} must be in [0, 1]")
@@ -2034,16 +2039,24 @@ class StreamScorer:
         self.model, self.cfg, self.rt, self.bos_id = model, cfg, rt, bos_id
         self.ctx = StreamContext(layers=[{} for _ in model.layer_mixer])
         self.since = torch.full((n_lanes,), NO_BOS_YET, dtype=torch.long, device=rt.device)
+        self.padded = False  # a lane shorter than the longest has read padding into its state: it cannot go on
 
     @torch.no_grad()
     def run(self, tokens: torch.Tensor, lanes: list[tuple[int, int]], tables: ByteTables, tally: Tally | None,
             score_from: list[int] | None = None) -> None:
         """Walks the inputs [a, e) of each lane (a, e) and scores the targets of inputs from `score_from` (default a)
-        on: inputs before it only prime the lane's state (a warmup on tokens that are all earlier in the stream)."""
-        T = self.cfg.stream_segment
+        on: inputs before it only prime the lane's state (a warmup on tokens that are all earlier in the stream).
+        The last piece ends where the longest lane does, so a lane of that length has read exactly its inputs and
+        a later `run` continues it as one long forward would; shorter lanes read padding and end here."""
+        if self.padded:
+            raise RuntimeError("StreamScorer.run: a lane of the previous call was shorter than the others and read "
+                               "padding into its state; give every lane the same length to continue them")
+        longest = max(e - s for s, e in lanes)
+        self.padded = any(e - s != longest for s, e in lanes)
         first = torch.tensor(score_from if score_from is not None else [a for a, _ in lanes])[:, None]
         self.model.eval()
-        for off in range(0, max(e - s for s, e in lanes), T):
+        for off in range(0, longest, self.cfg.stream_segment):
+            T = min(self.cfg.stream_segment, longest - off)
             x = torch.zeros(len(lanes), T, dtype=torch.int64)
             y = torch.zeros(len(lanes), T, dtype=torch.int64)
             mask = torch.zeros(len(lanes), T, dtype=torch.bool)
@@ -2870,6 +2883,9 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
         f"{len(base.mixers)} distinct mixers, {len(base.mlps)} distinct MLPs); optimizer routing:")
     for line in describe_routes(base):
         log(line)
+    path = Path(cfg.artifact_path or f"artifacts/{run_id}.pgz")
+    if path.exists():  # said at the start, not found out afterwards
+        log(f"WARNING: {path} exists and this run replaces it at export (choose another RUN_ID to keep it)")
     train_files = shard_files(cfg.data_path, "train")
     train_tokens = count_tokens(train_files)
     log(f"train_data: {len(train_files)} shard{'s' * (len(train_files) != 1)}, {train_tokens:,} tokens")
@@ -2899,7 +2915,6 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
     pre = evaluate_base(fwd, val_tokens, tables, cfg, rt)
     pre_tag = ("pre_quant_ema" if ema is not None else "pre_quant") + eval_tag(dataclasses.replace(cfg, ttt_enabled=False))
     log(pre.line(pre_tag))
-    path = Path(cfg.artifact_path or f"artifacts/{run_id}.pgz")
     sizes = export_artifact(base, cfg, rt, log, path, hessians)
     if rt.distributed:
         dist.barrier()
@@ -2929,6 +2944,18 @@ def main() -> None:
     rt = init_runtime(cfg)
     run_id = resolve_run_id(cfg, rt)
     log = Logger(Path("logs") / f"{run_id}.txt" if rt.is_main else None)
+    try:
+        run_job(cfg, rt, log, run_id)
+    except BaseException as err:  # the run's log says why it ended (the traceback still reaches stderr)
+        log(f"run failed: {type(err).__name__}: {err}\n{traceback.format_exc().rstrip()}", console=False)
+        raise
+    if rt.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_job(cfg: Config, rt: Runtime, log: Logger, run_id: str) -> None:
+    """The run after its log exists: the header, data, training or EVAL_ONLY, and the summary line."""
     log_header(cfg, rt, log, run_id)
     seed_everything(cfg.seed)
     tables = build_byte_tables(load_tokenizer(cfg)).to(rt.device)
@@ -2945,9 +2972,6 @@ def main() -> None:
                    partial_validation=bool(cfg.val_max_tokens), wall_seconds=round(time.perf_counter() - t0, 1),
                    artifact_under_limit=None if total is None else total <= ARTIFACT_LIMIT_BYTES)
     log("summary " + json.dumps(summary, sort_keys=True))
-    if rt.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

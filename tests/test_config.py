@@ -45,6 +45,10 @@ def test_preset_sets_values_and_env_still_wins():
     ({"EVAL_MODE": "stream", "LAYOUT": "GSNs"}, "has full attention (A or N)"),
     ({"MLP_NEG_SLOPE": "-0.5"}, "MLP_NEG_SLOPE=-0.5 must be in [0, 1]"),
     ({"XSA_LAST": "-1"}, "XSA_LAST=-1 must be >= 0"),
+    ({"GRAD_ACCUM_STEPS": "-1"}, "GRAD_ACCUM_STEPS=-1 must be >= 0"),
+    ({"TRAIN_LOG_EVERY": "0"}, "TRAIN_LOG_EVERY=0 must be positive"),  # was a ZeroDivisionError after step 1
+    ({"GPTQ_BLOCK": "0"}, "GPTQ_BLOCK=0 must be positive"),  # was an error at export, after the whole training
+    ({"TTT_SEQ_LEN": "-8"}, "TTT_SEQ_LEN=-8 must be >= 0"),  # TTT took no steps, silently
 ])
 def test_bad_settings_raise_with_the_name(env, needle):
     with pytest.raises(ValueError, match=None) as err:

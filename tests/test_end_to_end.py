@@ -65,6 +65,7 @@ def test_training_writes_log_artifact_and_final_score(trained, tiny_data):
     assert exact_line(out, "final_int6_brotli_roundtrip_sliding16")  # the round trip scored without TTT as well
     assert re.search(r"step:12/12 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms tok/s:\d+", out)
     assert not list((cwd / "artifacts").glob("*.tmp*"))
+    assert "replaces it at export" not in out  # nothing was there before
     # what the run trained on and how often it read it: the shards' token counts (from their headers) and the tokens
     # the timed steps took (12 steps of the tiny preset's batch)
     shard_tokens = [int(np.fromfile(f, dtype="<i4", count=3)[2])
@@ -76,6 +77,14 @@ def test_training_writes_log_artifact_and_final_score(trained, tiny_data):
     read, total = 12 * batch, sum(shard_tokens)
     assert s["train_passes"] == round(read / total, 4) > 0
     assert f"train_passes:{read / total:.2f} ({read:,} tokens read of {total:,})" in log
+
+
+def test_a_run_says_at_the_start_that_it_will_replace_an_artifact_of_its_run_id(tmp_path, tiny_data):
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "again.pgz").write_bytes(b"an earlier run's artifact")
+    out = run_script(tmp_path, {**tiny_env(tiny_data, "again"), "ITERATIONS": "2", "TTT_ENABLED": "0"})
+    warning = "WARNING: artifacts/again.pgz exists and this run replaces it at export"
+    assert warning in out and out.index(warning) < out.index("train_done")
 
 
 def test_eval_only_reproduces_the_score(trained, tiny_data):
@@ -150,6 +159,9 @@ def test_eval_only_rejects_settings_that_contradict_the_artifact(trained, tiny_d
     proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=cwd, env={**os.environ, **env}, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode != 0 and "contradict the artifact" in proc.stderr
+    log = (cwd / "logs" / "bad.txt").read_text()  # the run's log says why it ended, not only stderr
+    reason = log.rsplit("\nrun failed: ", 1)[1]  # the last such line (the log begins with the code, which has one)
+    assert reason.startswith("ValueError: EVAL_ONLY: settings") and "contradict the artifact" in reason
 
 
 def test_torchrun_two_ranks_trains_and_writes_one_artifact(tmp_path, tiny_data, trained):

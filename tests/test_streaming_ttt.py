@@ -204,6 +204,50 @@ def test_stream_ttt_scores_each_chunk_with_the_state_its_setting_names(state):
         assert min(errors) > 1e-4  # the carried state is not the one a rebuild would give
 
 
+@pytest.mark.parametrize("segment", [16, 21, 48, 100])
+def test_stream_ttt_without_updates_equals_one_lane_streaming_for_any_segment(segment):
+    """Carried state and no adaptation (TTT_EPOCHS=0): the chunks (64 tokens) walked one after another must score
+    as one lane streamed whole, also when STREAM_SEGMENT does not divide the chunk (64 = 3 x 21 + 1: a last piece
+    of one token). Padding the last piece to a whole segment once put unscored zeros into the carried state."""
+    tokens = stream_of_documents(8, seed=4)[:300]
+    model = tiny_model(layout="GSGs")
+    ttt = tg.Tally(torch.device("cpu"), track=len(tokens))
+    cfg = stream_cfg(ttt_enabled=True, ttt_state="carry", ttt_epochs=0, stream_segment=segment)
+    tg.evaluate_ttt(model, tokens, tables(), cfg, CPU, tg.Logger(None), tally=ttt)
+    whole = tg.Tally(torch.device("cpu"), track=len(tokens))
+    tg.evaluate_stream(model, tokens, tables(), stream_cfg(stream_segment=segment), CPU, tally=whole)
+    assert (ttt.hits[1:] == 1).all() and (whole.hits[1:] == 1).all()
+    assert (ttt.nll_at - whole.nll_at).abs().max() < 1e-5
+    assert (ttt.nll_at[1:] - full_nll(model, tokens)).abs().max() < 2e-5  # and as one long forward
+
+
+@pytest.mark.parametrize("segment", [16, 21])
+def test_stream_ttt_continues_exactly_after_adaptation_stops(segment, monkeypatch):
+    """TTT_STATE=rebuild, adaptation stopped (as EVAL_MAX_SECONDS does) once chunk 1 is scored, after one update
+    (on chunk 0): chunk 1's state was rebuilt from 20 warmup tokens + 64 (not a multiple of 16), and the later
+    chunks continue it with the same, final weights, so they must score as one long forward of those weights from
+    the rebuild's first token."""
+    tokens = stream_of_documents(8, seed=4)[:300]
+    model = tiny_model(layout="GSGs")
+    cfg = stream_cfg(ttt_enabled=True, ttt_state="rebuild", stream_segment=segment, eval_max_seconds=1e9)
+    asked = []
+    monkeypatch.setattr(tg, "_agree_stop", lambda over, rt: asked.append(over) or len(asked) >= 2)
+    tally = tg.Tally(torch.device("cpu"), track=len(tokens))
+    tg.evaluate_ttt(model, tokens, tables(), cfg, CPU, tg.Logger(None), tally=tally)
+    start = 64 - cfg.stream_warmup  # chunk 1 (targets 65..128) was rebuilt from here with the final weights
+    ref = full_nll(model, tokens[start:])
+    assert (tally.nll_at[65:] - ref[64 - start:]).abs().max() < 2e-5
+
+
+def test_a_stream_scorer_refuses_to_continue_lanes_that_read_padding():
+    model = tiny_model(layout="GSGs")
+    tokens = stream_of_documents(8, seed=4)[:300]
+    scorer = tg.StreamScorer(model, 2, stream_cfg(), CPU, BOS)
+    scorer.run(tokens, [(0, 40), (100, 150)], tables(), None)  # the first lane is shorter: padded
+    with pytest.raises(RuntimeError, match="read padding"):
+        scorer.run(tokens, [(40, 80), (150, 190)], tables(), None)
+
+
 def test_ttt_changes_the_score_and_eval_budget_stops_only_adaptation():
     tokens = stream_of_documents(8, seed=6)[:300]
     base, _ = run_mode("sliding", tokens)

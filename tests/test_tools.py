@@ -153,9 +153,38 @@ def test_submission_summary_names_the_gdn_beta_range():
 
     c = {"LAYOUT": "AAGA", "MODEL_DIM": "512", "MLP_MULT": "3.0", "VOCAB_SIZE": "1024", "UNET_SKIPS": "True",
          "GDN_NEG_EIGVAL": "True"}
-    assert ms.model_summary(c) == ("4 layers (1 Gated DeltaNet + 3 full attention), layout AAGA, d512, MLP 3.0x, "
+    assert ms.model_summary(c) == ("4 layers (1 Gated DeltaNet + 3 full attention), layout AAGA, d512, MLP 3.0x ReLU^2, "
                                    "vocab 1024, U-Net skips, GDN beta in (0, 2) (negative eigenvalues)")
+    assert ms.model_summary({**c, "MLP_NEG_SLOPE": "0.5", "XSA_LAST": "2"}).endswith(
+        "MLP 3.0x LeakyReLU(0.5)^2, vocab 1024, U-Net skips, GDN beta in (0, 2) (negative eigenvalues), "
+        "XSA in the last 2 attention mixers")
+    assert ms.model_summary({**c, "XSA_LAST": "9"}).endswith("XSA in all attention mixers")
     assert "negative" not in ms.model_summary({**c, "LAYOUT": "AAAA"})  # no GDN layer: nothing to name
     assert ms.model_summary({**c, "LAYOUT": "AGNn"}).startswith(
         "4 layers (1 Gated DeltaNet + 1 full attention + 2 full attention without position encoding), layout AGNn")
     assert "negative" not in ms.model_summary({**c, "GDN_NEG_EIGVAL": "False"})
+
+
+def _summary_run(seed, **over):
+    run = dict(seed=seed, world_size=8, train_time_ms=590_000, budget_used_ms=599_000, total_bytes=15_900_000,
+               final=dict(bpb=1.1, loss=1.9, seconds=400.0), steps=7000, step_avg_ms=84.0, log=f"s{seed}.txt",
+               code_bytes=150_000, device="NVIDIA H100 80GB HBM3", torch="2.11", config={"LAYOUT": "AAGA"})
+    return {**run, **over}
+
+
+@pytest.mark.parametrize("over,record", [
+    ({}, True),
+    ({"world_size": 1}, False),
+    ({"budget_used_ms": 600_001}, False),
+    ({"total_bytes": 16_000_001}, False),  # over the limit: never labelled a record, whatever the GPUs
+    ({"final": dict(bpb=1.1, loss=1.9, seconds=601.0)}, False),  # evaluation over 600 s
+])
+def test_submission_is_a_record_only_when_every_check_holds(over, record):
+    import argparse
+
+    import make_submission as ms
+
+    args = argparse.Namespace(author="a", github_id="g", name="n", blurb="b", date="2026-11-30", technique="t")
+    sub = ms.build([_summary_run(1), _summary_run(2, **over)], args)
+    assert (sub["track"] == "10min_16mb") == record
+    assert all(sub["compliance"].values()) == (record or over == {"world_size": 1})
