@@ -195,7 +195,7 @@ def test_submission_tool_reads_the_logs(trained, tmp_path, tiny_data):
     assert sub["compliance"]["artifact_under_16mb"] and sub["compliance"]["train_under_600s"]
     # what ran, from the log's settings: the tiny preset's GSGs layout, U-Net skips (the default) and NorMuon
     assert sub["technique_summary"].startswith(
-        "4 layers (2 Gated DeltaNet + 2 sliding-window attention (window 16)), layout GSGs, d64, MLP 2.0x, vocab "
+        "4 layers (2 Gated DeltaNet + 2 sliding-window attention (window 16)), layout GSGs, d64, MLP 2.0x ReLU^2, vocab "
         f"{tiny_data['vocab_size']}, U-Net skips; NorMuon (lr 0.02, weight decay 0.08) + Adam, EMA 0.9;"), sub
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "make_submission.py"), str(cwd / "logs" / "e2e.txt"),
                            str(cwd / "logs" / "e2e.txt"), "--author", "A", "--github-id", "a", "--name", "n",
