@@ -376,6 +376,13 @@ class LayerSpec:
     repeat: bool = False  # a later pass of a repeated group: mixer and MLP are the first pass's
 
 
+def xsa_mixers(specs: list[LayerSpec], xsa_last: int) -> set[int]:
+    """The mixer indices XSA_LAST gives exclusive self attention: the last `xsa_last` attention mixers (A, N or S) in
+    layout order, a shared or repeated mixer counted once; all of them if there are fewer."""
+    attn = sorted({s.mixer for s in specs if s.kind != "gdn"})
+    return set(attn[len(attn) - min(xsa_last, len(attn)):])
+
+
 def parse_layout(layout: str) -> list[LayerSpec]:
     """'GGGGGSGGGGGs' -> one LayerSpec per layer as run. Spaces, '-' and '|' may separate groups for readability.
     Lower case reuses the mixer of the nearest earlier upper-case layer of that kind (its MLP is its own).
@@ -1272,10 +1279,8 @@ class GPT(nn.Module):
         self.layer_mlp = [s.mlp for s in specs]
         self.tok_emb = nn.Embedding(mc.vocab_size, mc.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=mc.tied_embed_init_std)
-        kinds = [s.kind for s in specs if not s.shared]  # one per unique mixer, in layout order
-        attn_mixers = [j for j, kind in enumerate(kinds) if kind != "gdn"]
-        xsa = set(attn_mixers[len(attn_mixers) - min(mc.xsa_last, len(attn_mixers)):])
-        self.mixers = nn.ModuleList([self._make_mixer(kind, backends, j in xsa) for j, kind in enumerate(kinds)])
+        xsa = xsa_mixers(specs, mc.xsa_last)
+        self.mixers = nn.ModuleList([self._make_mixer(s.kind, backends, s.mixer in xsa) for s in specs if not s.shared])
         self.mlps = nn.ModuleList([MLP(mc.model_dim, mc.mlp_mult, mc.mlp_neg_slope) for s in specs if not s.repeat])
         if mc.bigram_buckets:
             self.bigram = BigramHash(mc.bigram_buckets, mc.bigram_dim, mc.model_dim)

@@ -129,14 +129,14 @@ def model_summary(c: dict) -> str:
         features.append(f"BigramHash ({c['BIGRAM_BUCKETS']} buckets)")
     if "gdn" in kinds and c.get("GDN_NEG_EIGVAL") == "True":
         features.append("GDN beta in (0, 2) (negative eigenvalues)")
-    n_attn = len({s.mixer for s in specs if s.kind != "gdn"})
-    if int(c.get("XSA_LAST", "0")) and n_attn:
-        xsa = min(int(c["XSA_LAST"]), n_attn)
-        features.append("XSA in all attention mixers" if xsa == n_attn else f"XSA in the last {xsa} attention mixers")
+    n_xsa = len(tg.xsa_mixers(specs, int(c.get("XSA_LAST", "0"))))
+    if n_xsa:
+        every = n_xsa == len(tg.xsa_mixers(specs, len(specs)))
+        features.append("XSA in all attention mixers" if every else f"XSA in the last {n_xsa} attention mixers")
     slope = c.get("MLP_NEG_SLOPE", "0.0")
     act = f"LeakyReLU({slope})^2" if float(slope) else "ReLU^2"
-    return (f"{len(specs)} layers ({mixers}), layout {c.get('LAYOUT')}, d{c.get('MODEL_DIM')}, MLP {c.get('MLP_MULT')}x "
-            f"{act}, vocab {c.get('VOCAB_SIZE')}" + (", " + ", ".join(features) if features else ""))
+    return (f"{len(specs)} layers ({mixers}), layout {c.get('LAYOUT')}, d{c.get('MODEL_DIM')}, "
+            f"MLP {c.get('MLP_MULT')}x {act}, vocab {c.get('VOCAB_SIZE')}" + (", " + ", ".join(features) if features else ""))
 
 
 MUON_NAMES = dict(muon="Muon", normuon="NorMuon", normuon_gdn="NorMuon on the GDN matrices, Muon on the others")
