@@ -89,7 +89,8 @@ class Config:
     model_dim: int = 512
     mlp_mult: float = 3.0  # 3.25 (15.76 MB, the headroom spent) scored 0.0003 better at 300 s: noise (README, Quality)
     mlp_neg_slope: float = 0.0  # MLP activation: relu(h)^2 at 0, else leaky_relu(h, slope)^2 ("LeakyReLU(0.5)^2" in
-    #                              the field's records, where it was reported 0.0015-0.003 better at 8xH100 scale)
+    #                              the field's records, where it was reported 0.0015-0.003 better at 8xH100 scale;
+    #                              0.5 on the default hybrid at 300 s: 0.0030 worse, one seed; README, Quality)
     num_heads: int = 8  # attention heads
     num_kv_heads: int = 4
     swa_window: int = 512  # tokens each query sees, itself included. The default hybrid with S for A layers at 300 s:
@@ -99,6 +100,8 @@ class Config:
     xsa_last: int = 0  # exclusive self attention (XSA, Zhai 2026, arXiv:2603.09078) in the last XSA_LAST attention
     #                    mixers (A, N or S; in layout order, a shared mixer counted once; more than there are = all):
     #                    each head's output loses its component along the token's own value vector. 0 = off
+    #                    At 300 s on all layers (one seed each; README, Quality): all-attention 0.0126 better,
+    #                    the default hybrid 0.0034 worse
     gdn_heads: int = 8  # 8 x 64 over 4 x 128: 0.0019 better at 300 s (two seeds), 3% slower steps (README, Quality)
     gdn_head_dim: int = 64  # key dimension per head (FlashQLA needs 128, so 64 runs fla's kernels; README, throughput)
     gdn_expand_v: float = 1.0  # value dimension = gdn_head_dim * gdn_expand_v
