@@ -14,6 +14,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train_gpt.py"
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402
+
+TINY = tg.PRESETS["tiny"]  # what every run here trains with
+STEPS = TINY["iterations"]
+SLIDING = f"final_int6_brotli_roundtrip_sliding{TINY['eval_stride']}"  # the default evaluation's tag, without TTT
 
 
 def run_script(cwd: Path, env: dict, torchrun: int = 0) -> str:
@@ -31,9 +37,9 @@ def tiny_env(tiny_data, run_id: str) -> dict:
             "TOKENIZER_PATH": tiny_data["tokenizer_path"], "VOCAB_SIZE": str(tiny_data["vocab_size"])}
 
 
-def exact_line(text: str, tag: str = "final_int6_brotli_roundtrip_sliding16_ttt") -> str:
-    """The `<tag>_exact val_loss:... val_bpb:...` line (the default evaluation is sliding windows + score-first TTT;
-    the tiny preset's stride is 16)."""
+def exact_line(text: str, tag: str = SLIDING + "_ttt") -> str:
+    """The `<tag>_exact val_loss:... val_bpb:...` line (the default evaluation is sliding windows at the tiny
+    preset's stride + score-first TTT)."""
     lines = [line for line in text.splitlines() if line.startswith(f"{tag}_exact val_loss:")]
     assert len(lines) == 1, text[-2000:]
     return lines[0]
@@ -56,25 +62,25 @@ def test_training_writes_log_artifact_and_final_score(trained, tiny_data):
     assert "def main()" in log  # the log carries the code that produced it
     assert exact_line(log) == exact_line(out)
     s = summary(out)
-    assert s["steps"] == 12 and s["world_size"] == 1
+    assert s["steps"] == STEPS and s["world_size"] == 1
     assert (cwd / "artifacts" / "e2e.pgz").stat().st_size == s["model_bytes"]
     assert s["total_bytes"] == s["model_bytes"] + SCRIPT.stat().st_size
     assert s["final"]["tokens"] == s["final_no_ttt"]["tokens"] == s["pre_quant"]["tokens"] > 0
     assert 0 < s["final"]["bpb"] < 20
-    assert abs(s["final_no_ttt"]["bpb"] - s["pre_quant"]["bpb"]) < 0.05  # int6/int8 barely moves a 12-step model
-    assert exact_line(out, "final_int6_brotli_roundtrip_sliding16")  # the round trip scored without TTT as well
-    assert re.search(r"step:12/12 train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms tok/s:\d+", out)
+    assert abs(s["final_no_ttt"]["bpb"] - s["pre_quant"]["bpb"]) < 0.05  # int6/int8 barely moves a model this short
+    assert exact_line(out, SLIDING)  # the round trip scored without TTT as well
+    assert re.search(rf"step:{STEPS}/{STEPS} train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms tok/s:\d+", out)
     assert not list((cwd / "artifacts").glob("*.tmp*"))
     assert "replaces it at export" not in out  # nothing was there before
     # what the run trained on and how often it read it: the shards' token counts (from their headers) and the tokens
-    # the timed steps took (12 steps of the tiny preset's batch)
+    # the timed steps took (the tiny preset's steps of its batch)
     shard_tokens = [int(np.fromfile(f, dtype="<i4", count=3)[2])
                     for f in sorted(Path(tiny_data["data_path"]).glob("fineweb_train_*.bin"))]
     assert len(shard_tokens) >= 2 and s["train_tokens"] == sum(shard_tokens)
     assert f"train_data: {len(shard_tokens)} shards, {sum(shard_tokens):,} tokens" in log
     batch = int(re.search(r"^config TRAIN_BATCH_TOKENS=(\d+)$", log, re.M).group(1))
     # the script's own formula, so what these pin down are its inputs: the shard headers and the steps' tokens
-    read, total = 12 * batch, sum(shard_tokens)
+    read, total = STEPS * batch, sum(shard_tokens)
     assert s["train_passes"] == round(read / total, 4) > 0
     assert f"train_passes:{read / total:.2f} ({read:,} tokens read of {total:,})" in log
 
@@ -97,7 +103,8 @@ def test_eval_only_reproduces_the_score(trained, tiny_data):
 
 @pytest.mark.parametrize("mode,env,tag", [
     ("plain", {"EVAL_MODE": "window", "EVAL_STRIDE": "0", "TTT_ENABLED": "0"}, ""),
-    ("sliding", {"EVAL_MODE": "window", "EVAL_STRIDE": "16", "TTT_ENABLED": "0"}, "_sliding16"),
+    ("sliding", {"EVAL_MODE": "window", "EVAL_STRIDE": str(TINY["eval_stride"]), "TTT_ENABLED": "0"},
+     SLIDING.removeprefix("final_int6_brotli_roundtrip")),
     ("stream", {"EVAL_MODE": "stream", "TTT_ENABLED": "0"}, "_stream"),
     ("stream_reset", {"EVAL_MODE": "stream", "STREAM_RESET": "1", "TTT_ENABLED": "0"}, "_stream_reset"),
     ("sliding_ttt", {"EVAL_MODE": "window", "EVAL_STRIDE": "32", "TTT_ENABLED": "1"}, "_sliding32_ttt"),
@@ -108,14 +115,16 @@ def test_eval_only_rescoring_in_every_mode(trained, tiny_data, mode, env, tag):
     env = {**tiny_env(tiny_data, f"rescore_{mode}"), "EVAL_ONLY": "1",
            "ARTIFACT_PATH": str(cwd / "artifacts" / "e2e.pgz"), **env}
     again = run_script(cwd, env)
-    exact_line(again, f"final_int6_brotli_roundtrip{tag}")
+    line = exact_line(again, f"final_int6_brotli_roundtrip{tag}")
     s = summary(again)
     assert s["final"]["tokens"] == summary(out)["final"]["tokens"]
     assert s["final"]["bytes"] == summary(out)["final"]["bytes"]
     plain = summary(out)["final_no_ttt"]["bpb"]
     if "ttt" in mode:  # adapting on this small synthetic split helps a lot; it must not hurt
         assert 0 < s["final"]["bpb"] < s["final_no_ttt"]["bpb"]
-    else:
+    elif mode == "sliding":  # the training run's own evaluation without TTT: the same score, to the last digit
+        assert line == exact_line(out, SLIDING)
+    else:  # another way of scoring the same model on the same tokens: a different score, but not a broken one
         assert abs(s["final"]["bpb"] - plain) < 0.3
 
 
@@ -128,7 +137,7 @@ def test_repeated_layers_plain_muon_and_sqrt_warmdown_train_and_rescore(tmp_path
     assert "layout G(Sg)2 (5 layers, 2 distinct mixers, 3 distinct MLPs)" in out
     rescore = {**tiny_env(tiny_data, "loop_rescore"), "EVAL_ONLY": "1",
                "ARTIFACT_PATH": str(tmp_path / "artifacts" / "loop.pgz"), "TTT_ENABLED": "0"}
-    tag = "final_int6_brotli_roundtrip_sliding16"
+    tag = SLIDING
     assert exact_line(run_script(tmp_path, rescore), tag) == exact_line(out, tag)
 
 
@@ -167,7 +176,7 @@ def test_eval_only_rejects_settings_that_contradict_the_artifact(trained, tiny_d
 def test_torchrun_two_ranks_trains_and_writes_one_artifact(tmp_path, tiny_data, trained):
     out = run_script(tmp_path, tiny_env(tiny_data, "ddp"), torchrun=2)
     s = summary(out)
-    assert s["world_size"] == 2 and s["steps"] == 12
+    assert s["world_size"] == 2 and s["steps"] == STEPS
     assert [p.name for p in (tmp_path / "artifacts").iterdir()] == ["ddp.pgz"]
     assert out.count("summary ") == 1  # only rank 0 logs
     # same global batch, same data order: the loss trend matches the single-process run closely
@@ -194,9 +203,12 @@ def test_submission_tool_reads_the_logs(trained, tmp_path, tiny_data):
     assert sub["seed_results"][str(s["seed"])]["artifact_bytes"] == s["total_bytes"]
     assert sub["compliance"]["artifact_under_16mb"] and sub["compliance"]["train_under_600s"]
     # what ran, from the log's settings: the tiny preset's GSGs layout, U-Net skips (the default) and NorMuon
+    assert TINY["layout"] == "GSGs" and "muon_variant" not in TINY and "unet_skips" not in TINY
     assert sub["technique_summary"].startswith(
-        "4 layers (2 Gated DeltaNet + 2 sliding-window attention (window 16)), layout GSGs, d64, MLP 2.0x ReLU^2, vocab "
-        f"{tiny_data['vocab_size']}, U-Net skips; NorMuon (lr 0.02, weight decay 0.08) + Adam, EMA 0.9;"), sub
+        f"4 layers (2 Gated DeltaNet + 2 sliding-window attention (window {TINY['swa_window']})), layout GSGs, "
+        f"d{TINY['model_dim']}, MLP {TINY['mlp_mult']}x ReLU^2, vocab {tiny_data['vocab_size']}, U-Net skips; "
+        f"NorMuon (lr {TINY['matrix_lr']}, weight decay {tg.Config().muon_weight_decay}) + Adam, "
+        f"EMA {TINY['ema_decay']};"), sub
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "make_submission.py"), str(cwd / "logs" / "e2e.txt"),
                            str(cwd / "logs" / "e2e.txt"), "--author", "A", "--github-id", "a", "--name", "n",
                            "--out", str(dest)], capture_output=True, text=True)
