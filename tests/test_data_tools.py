@@ -154,8 +154,8 @@ def test_write_shard_layout(tmp_path):
         ms.write_shard(tmp_path / "bad.bin", [2**16])
 
 
-def test_tokenizer_is_challenge_compatible(sp):
-    assert sp.bos_id() == 1 and sp.vocab_size() <= 2**16
+def test_tokenizer_is_challenge_compatible(sp, tokenizer):
+    ms.check_tokenizer(sp, tokenizer)  # the tool's own check accepts the tokenizers the tests export with
 
 
 def test_encode_documents_matches_single_encodes(sp, corpus):
@@ -293,18 +293,20 @@ def test_corpus_dir_orders_train_files(tokenizer, sp, tmp_path):
 
 def test_vocab_too_large_is_rejected():
     class FakeModel:
-        def __init__(self, vocab: int):
-            self.vocab = vocab
+        def __init__(self, vocab: int, bos: int = 1):
+            self.vocab, self.bos = vocab, bos
 
         def vocab_size(self) -> int:
             return self.vocab
 
         def bos_id(self) -> int:
-            return 1
+            return self.bos
 
     ms.check_tokenizer(FakeModel(2**16), "ok.model")
     with pytest.raises(ms.CorpusError, match=str(2**16 + 1)):
         ms.check_tokenizer(FakeModel(2**16 + 1), "big.model")
+    with pytest.raises(ms.CorpusError, match="nobos.model: the model defines no BOS piece"):
+        ms.check_tokenizer(FakeModel(1024, bos=-1), "nobos.model")  # sentencepiece's bos_id() when there is none
 
 
 # ------------------------------------------------------------------ cached_challenge_fineweb
@@ -452,8 +454,8 @@ def test_skip_manifest_without_local_copy(tmp_path, capsys):
     assert str(tmp_path / "manifest.json") in capsys.readouterr().err
 
 
-def test_hub_library_only_needed_to_download():
+def test_hub_library_only_needed_to_download(monkeypatch):
     assert "huggingface_hub" not in vars(cc)
-    if importlib.util.find_spec("huggingface_hub") is None:
-        with pytest.raises(cc.DownloadError, match="pip install huggingface_hub"):
-            cc.fetch_from_hub("owner/repo", "datasets/manifest.json")
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed, whether it is here or not
+    with pytest.raises(cc.DownloadError, match="pip install huggingface_hub"):
+        cc.fetch_from_hub("owner/repo", "datasets/manifest.json")

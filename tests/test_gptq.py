@@ -107,5 +107,4 @@ def test_hessians_cover_every_quantized_matrix_including_the_gdn_input_projectio
     linears = {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, tg.Linear)}
     int_targets = {n for n, w in linears.items() if tg.quant_plan(n, w, cfg)[0] == "int"}
     assert len(int_targets) == 5 + 4 + 8  # GDN q, k, v, g, o (a, b stay float); attention q, k, v, o; 4 MLPs x 2
-    assert int_targets <= set(H)
     assert all(H[n].abs().sum() > 0 for n in int_targets)

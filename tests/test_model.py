@@ -72,8 +72,12 @@ def test_shared_mixer_is_stored_once_and_used_twice():
     assert len(model.mixers) == 3 and model.layer_mixer == [0, 1, 2, 1]
     names = [n for n, _ in model.named_parameters()]
     assert len(names) == len(set(names)) and not any(n.startswith("mixers.3") for n in names)
+    calls = {i: 0 for i in range(len(model.mixers))}
+    for i, mixer in enumerate(model.mixers):
+        mixer.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
     x = torch.randint(0, 97, (1, 16))
     model(x, x).backward()
+    assert calls == {0: 1, 1: 2, 2: 1}  # layers 1 and 3 both ran the one stored S mixer
     assert model.mixers[1].q_proj.weight.grad.abs().sum() > 0
 
 

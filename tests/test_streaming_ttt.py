@@ -1,6 +1,5 @@
 """Streaming evaluation and score-first TTT: exactness against one long forward, legality, and scoring rules."""
 
-import shutil
 import time
 
 import pytest
@@ -292,7 +291,6 @@ def test_eval_budget_is_not_fooled_by_the_first_chunks_compilation(monkeypatch):
     assert events.count("train") == chunks - 1
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on the CPU needs a C++ compiler")
 def test_compiled_ttt_scores_as_the_eager_model():
     """TTT_COMPILE=1: window scoring and adaptation steps through torch.compile (the module that compile returns
     has no truth value, and switches between eval and train graphs); the same score as eager, in float32."""
