@@ -496,10 +496,11 @@ def init_runtime(cfg: Config) -> Runtime:
 
 
 class Logger:
-    """Prints on rank 0 and appends to logs/{run_id}.txt."""
+    """Prints on rank 0 and appends to logs/{run_id}.txt (`appends`: the file held an earlier run's lines)."""
 
     def __init__(self, path: Path | None):
         self.path = path
+        self.appends = path is not None and path.exists() and path.stat().st_size > 0
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -2965,6 +2966,9 @@ def main() -> None:
 def run_job(cfg: Config, rt: Runtime, log: Logger, run_id: str) -> None:
     """The run after its log exists: the header, data, training or EVAL_ONLY, and the summary line."""
     log_header(cfg, rt, log, run_id)
+    if log.appends:
+        log(f"WARNING: {log.path} holds an earlier run; this one is appended after it (the tools read a log's last "
+            "run only; choose another RUN_ID to keep one run per log)")
     seed_everything(cfg.seed)
     tables = build_byte_tables(load_tokenizer(cfg)).to(rt.device)
     val_tokens = load_val_tokens(cfg)

@@ -71,7 +71,7 @@ def test_training_writes_log_artifact_and_final_score(trained, tiny_data):
     assert exact_line(out, SLIDING)  # the round trip scored without TTT as well
     assert re.search(rf"step:{STEPS}/{STEPS} train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms tok/s:\d+", out)
     assert not list((cwd / "artifacts").glob("*.tmp*"))
-    assert "replaces it at export" not in out  # nothing was there before
+    assert "replaces it at export" not in out and "holds an earlier run" not in out  # nothing was there before
     # what the run trained on and how often it read it: the shards' token counts (from their headers) and the tokens
     # the timed steps took (the tiny preset's steps of its batch)
     shard_tokens = [int(np.fromfile(f, dtype="<i4", count=3)[2])
@@ -85,12 +85,17 @@ def test_training_writes_log_artifact_and_final_score(trained, tiny_data):
     assert f"train_passes:{read / total:.2f} ({read:,} tokens read of {total:,})" in log
 
 
-def test_a_run_says_at_the_start_that_it_will_replace_an_artifact_of_its_run_id(tmp_path, tiny_data):
+def test_a_run_says_at_the_start_that_it_will_replace_an_artifact_and_append_to_a_log_of_its_run_id(tmp_path, tiny_data):
     (tmp_path / "artifacts").mkdir()
     (tmp_path / "artifacts" / "again.pgz").write_bytes(b"an earlier run's artifact")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "again.txt").write_text("an earlier run's log\n")
     out = run_script(tmp_path, {**tiny_env(tiny_data, "again"), "ITERATIONS": "2", "TTT_ENABLED": "0"})
     warning = "WARNING: artifacts/again.pgz exists and this run replaces it at export"
     assert warning in out and out.index(warning) < out.index("train_done")
+    appended = "WARNING: logs/again.txt holds an earlier run; this one is appended after it"
+    assert appended in out and out.index(appended) < out.index("train_done")
+    assert (tmp_path / "logs" / "again.txt").read_text().startswith("an earlier run's log\n")  # kept, not replaced
 
 
 def test_eval_only_reproduces_the_score(trained, tiny_data):

@@ -195,6 +195,36 @@ def test_the_table_of_logs_shows_an_unfinished_run_and_fails(tmp_path):
     assert "torn.txt: " in proc.stderr
 
 
+def test_a_log_of_several_runs_is_read_for_its_last_run_only(tmp_path):
+    """train_gpt.py appends a rerun under the same RUN_ID to the same log: the table and the submission tool read
+    the last run alone (its summary and its settings), and a last run that failed or did not finish is reported as
+    such, not replaced by the earlier run's score."""
+    def run(layout: str, seed: int, end: str) -> str:
+        return f"run_id:x\nconfig LAYOUT={layout}\nconfig SEED={seed}\n" + end
+
+    def summary(seed: int, bpb: float) -> str:
+        s = dict(run_id="x", seed=seed, device="fake", wall_seconds=20.0, final_no_ttt=dict(bpb=bpb + 0.01),
+                 final=dict(bpb=bpb))
+        return f"summary {json.dumps(s)}\n"
+
+    first = run("GGGG", 1, summary(1, 1.5))
+    (tmp_path / "twice.txt").write_text(first + run("AAAA", 2, summary(2, 1.25)))
+    got = read_log(tmp_path / "twice.txt")
+    assert (got["seed"], got["final"]["bpb"], got["config"]) == (2, 1.25, {"LAYOUT": "AAAA", "SEED": "2"})
+    (tmp_path / "failed.txt").write_text(first + run("AAAA", 2, "run failed: RuntimeError: CUDA out of memory\n"))
+    with pytest.raises(ValueError, match=r"the run \(the last of 2 runs in it\) failed: RuntimeError: CUDA out of"):
+        read_log(tmp_path / "failed.txt")
+    (tmp_path / "cut.txt").write_text(first + run("AAAA", 2, "final_int6_brotli_roundtrip_sliding512 val_loss:2.5 "
+                                                              "val_bpb:1.4052 val_tokens:9\n"))
+    proc = run_sweep(tmp_path, "--table", "twice.txt", "failed.txt", "cut.txt", fake=False)
+    assert proc.returncode == 2
+    rows = {line.split(" | ")[0][2:]: line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert rows["x"].startswith("| x | LAYOUT=AAAA | 2 | ") and "| 1.2600 |" in rows["x"]  # named by its RUN_ID
+    assert rows["failed"].startswith("| failed | ") and "CUDA out of memory" in rows["failed"]
+    assert rows["cut"].startswith("| cut | no summary; last score final_int6_brotli_roundtrip_sliding512 val_bpb:1.4052")
+    assert "cut.txt: no 'summary {...}' line (the last of 2 runs in it)" in proc.stderr
+
+
 def test_more_takes_whole_lines_appended_while_it_runs_until_end(tmp_path):
     """--more: lines appended while the first run goes are queued behind it on the one slot; a half-written line
     waits until it is whole; a refused line (a bad setting, a RUN_ID already there, bytes that are not UTF-8) is

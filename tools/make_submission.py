@@ -29,15 +29,29 @@ class NoSummaryError(ValueError):
     """A log without train_gpt.py's `summary {...}` line: the run has not finished (or was stopped)."""
 
 
+def last_run(text: str) -> tuple[str, int]:
+    """The last run of a train_gpt.py log (from its `run_id:` line on; the whole text if there is none) and how many
+    runs the log holds."""
+    starts = [m.start() for m in re.finditer(r"^run_id:", text, flags=re.M)]
+    return (text[starts[-1]:] if starts else text), len(starts)
+
+
 def read_log(path: Path) -> dict:
-    """The last `summary {...}` of one train_gpt.py log, with its settings under "config" (as logged, strings) and
-    the log's path under "log"; a log without a summary is an error that names it."""
-    text = path.read_text(encoding="utf-8")
-    lines = [line for line in text.splitlines() if line.startswith("summary {")]
+    """The `summary {...}` of the last run in one train_gpt.py log, with that run's settings under "config" (as
+    logged, strings) and the log's path under "log". train_gpt.py appends to the log of a RUN_ID used before, so a
+    log can hold several runs, each from its `run_id:` line on; only the last one counts (an earlier run's summary
+    beside a later run's settings would describe neither). A last run that failed or has no summary is an error that
+    names the log."""
+    last, runs = last_run(path.read_text(encoding="utf-8"))
+    which = f" (the last of {runs} runs in it)" if runs > 1 else ""
+    failed = re.search(r"^run failed: (.*)$", last, flags=re.M)
+    if failed:
+        raise ValueError(f"{path}: the run{which} failed: {failed.group(1)[:200]}")
+    lines = [line for line in last.splitlines() if line.startswith("summary {")]
     if not lines:
-        raise NoSummaryError(f"{path}: no 'summary {{...}}' line; did the run finish?")
+        raise NoSummaryError(f"{path}: no 'summary {{...}}' line{which}; did the run finish?")
     summary = json.loads(lines[-1][len("summary "):])
-    summary["config"] = dict(re.findall(r"^config (\w+)=(.*)$", text, flags=re.M))
+    summary["config"] = dict(re.findall(r"^config (\w+)=(.*)$", last, flags=re.M))
     summary["log"] = str(path)
     return summary
 

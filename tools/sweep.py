@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 import train_gpt as tg  # noqa: E402
-from make_submission import NoSummaryError, read_log  # noqa: E402
+from make_submission import NoSummaryError, last_run, read_log  # noqa: E402
 
 # Settings that name a run or its files rather than what was trained; the table never lists them as changes.
 NOT_SETTINGS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH"}
@@ -266,9 +266,10 @@ def failed_row(run_id: str, why: str) -> list[str]:
 
 
 def unfinished(path: Path) -> str:
-    """What a log without a summary got to: its last score line (a run stopped during TTT has its round trip)."""
+    """What the last run of a log without a summary got to: its last score line (a run stopped during TTT has its
+    round trip)."""
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        lines = last_run(path.read_text(encoding="utf-8", errors="replace"))[0].splitlines()
     except OSError as e:
         return f"unreadable ({e.strerror})"
     scores = [line for line in lines if re.match(r"(pre_quant|final_)\S*(?<!_exact) val_loss:", line)]
