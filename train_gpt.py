@@ -288,6 +288,10 @@ class Config:
         need(self.eval_only or self.eval_mode != "stream" or not kinds & set(UNBOUNDED_KINDS),
              f"EVAL_MODE=stream needs layers with bounded state, and LAYOUT={self.layout} has full attention (A or N): "
              "use S (sliding window) layers, or EVAL_MODE=window")  # before training, not after it
+        need(self.eval_only or self.xsa_last == 0 or bool(kinds - {"gdn"}),  # EVAL_ONLY: the artifact's model
+             f"XSA_LAST={self.xsa_last} acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
+        need(self.eval_only or not self.gdn_neg_eigval or "gdn" in kinds,
+             f"GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G), and LAYOUT={self.layout} has none")
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r} must be auto, 0 or 1")
         need(self.compile_mode in COMPILE_MODES,
              f"COMPILE_MODE={self.compile_mode!r} must be one of {', '.join(COMPILE_MODES)}")

@@ -45,6 +45,8 @@ def test_preset_sets_values_and_env_still_wins():
     ({"EVAL_MODE": "stream", "LAYOUT": "GSNs"}, "has full attention (A or N)"),
     ({"MLP_NEG_SLOPE": "-0.5"}, "MLP_NEG_SLOPE=-0.5 must be in [0, 1]"),
     ({"XSA_LAST": "-1"}, "XSA_LAST=-1 must be >= 0"),
+    ({"XSA_LAST": "2", "LAYOUT": "GGGG"}, "XSA_LAST=2 acts on attention layers (A, N or S), and LAYOUT=GGGG has none"),
+    ({"GDN_NEG_EIGVAL": "1", "LAYOUT": "AAS"}, "GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G), and LAYOUT=AAS"),
     ({"GRAD_ACCUM_STEPS": "-1"}, "GRAD_ACCUM_STEPS=-1 must be >= 0"),
     ({"TRAIN_LOG_EVERY": "0"}, "TRAIN_LOG_EVERY=0 must be positive"),  # was a ZeroDivisionError after step 1
     ({"GPTQ_BLOCK": "0"}, "GPTQ_BLOCK=0 must be positive"),  # was an error at export, after the whole training
