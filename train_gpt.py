@@ -53,6 +53,7 @@ WARMDOWN_SHAPES = {  # u: the fraction of the warmdown done, 0 -> 1; each return
 ARTIFACT_LIMIT_BYTES = 16_000_000  # decimal bytes: counted code + compressed model
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 MUON_VARIANTS = ("muon", "normuon", "normuon_gdn")  # see Config.muon_variant
+STREAM_RESET_SEGMENT, STREAM_RESET_MAX_SEGMENT = 2048, 8192  # STREAM_SEGMENT under STREAM_RESET=1: default, limit
 MICRO_BATCH_TOKENS = 131_072  # the default accumulation: each rank's share of a step in micro-batches of this size
 
 
@@ -167,7 +168,7 @@ class Config:
     #                         0 or EVAL_SEQ_LEN: plain, non-overlapping windows)
     eval_mode: str = "window"  # window (plain, or sliding with EVAL_STRIDE) | stream (carried state, see section 9)
     eval_batch_tokens: int = 262_144  # tokens per forward pass per rank (windows; lanes x segment when streaming)
-    stream_segment: int = 32768  # tokens per lane per forward pass (stream mode)
+    stream_segment: int = 32768  # tokens per lane per forward pass (stream mode; 2048 when STREAM_RESET=1 and unset)
     stream_lanes: int = 64  # lanes per rank (stream mode without TTT; TTT streams one lane)
     stream_warmup: int = 2048  # tokens before each lane's first target it reads, unscored, to prime its state (0 = off)
     stream_reset: bool = False  # restart every layer's state at each BOS (document start)
@@ -211,6 +212,8 @@ class Config:
         for f in fields(cls):
             if f.name.upper() in env:
                 values[f.name] = _parse_env_value(f.name.upper(), env[f.name.upper()], f.type)
+        if values.get("stream_reset") and "stream_segment" not in values:  # its dense mask needs shorter segments
+            values["stream_segment"] = STREAM_RESET_SEGMENT
         cfg = cls(**values)
         cfg.validate(cls.explicit_fields(env))
         return cfg
@@ -326,8 +329,9 @@ class Config:
              f"EVAL_STRIDE={self.eval_stride} applies to sliding windows; add EVAL_MODE=window (the mode is {self.eval_mode})")
         need(self.stream_segment > 0 and self.stream_lanes > 0, "STREAM_SEGMENT and STREAM_LANES must be positive")
         need(self.stream_warmup >= 0, "STREAM_WARMUP must be >= 0")
-        need(not self.stream_reset or self.stream_segment <= 8192,
-             f"STREAM_RESET=1 builds a dense mask per segment; STREAM_SEGMENT={self.stream_segment} must be <= 8192")
+        need(not self.stream_reset or self.stream_segment <= STREAM_RESET_MAX_SEGMENT,
+             f"STREAM_RESET=1 builds a dense mask per segment; STREAM_SEGMENT={self.stream_segment} must be <= "
+             f"{STREAM_RESET_MAX_SEGMENT} (unset, it is {STREAM_RESET_SEGMENT})")
         need(self.ttt_optimizer in ("sgd", "adamw"), f"TTT_OPTIMIZER={self.ttt_optimizer!r} must be sgd or adamw")
         need(self.ttt_params in ("all", "mlp", "scalar", "gdn"),
              f"TTT_PARAMS={self.ttt_params!r} must be all, mlp, scalar or gdn")

@@ -133,6 +133,17 @@ def test_fast_gdn_backends_refuse_a_machine_or_model_they_cannot_run():
     assert reason and ("flash_qla is not installed" in reason or "GDN_HEAD_DIM=128" in reason)
 
 
+def test_stream_reset_alone_works_with_a_shorter_default_segment():
+    """STREAM_RESET=1 builds a dense mask per segment, which the general default segment is too long for: set alone,
+    it gets its own default; a segment given explicitly is kept, and one over the limit is refused."""
+    base = {"EVAL_MODE": "stream", "LAYOUT": "GSGs"}
+    assert tg.Config.from_env(base).stream_segment == tg.Config().stream_segment > tg.STREAM_RESET_MAX_SEGMENT
+    assert tg.Config.from_env({**base, "STREAM_RESET": "1"}).stream_segment == tg.STREAM_RESET_SEGMENT
+    assert tg.Config.from_env({**base, "STREAM_RESET": "1", "STREAM_SEGMENT": "4096"}).stream_segment == 4096
+    with pytest.raises(ValueError, match="STREAM_SEGMENT=16384 must be <= 8192"):
+        tg.Config.from_env({**base, "STREAM_RESET": "1", "STREAM_SEGMENT": "16384"})
+
+
 def test_default_stride_slides_and_is_capped_at_the_window():
     d = tg.Config()
     assert 256 < d.eval_stride < d.train_seq_len and not d.eval_seq_len  # the defaults slide, over training's length

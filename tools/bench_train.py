@@ -15,7 +15,8 @@ the optimizer step, and the loader; the parts need not add up to the whole (fusi
 TOKENIZER_PATH are not needed: the loader is timed on synthetic shards written to a temporary folder.
 BENCH_COMPARE=0 skips the all-attention stack; BENCH_BREAKDOWN=0 the breakdown; BENCH_FUSION=1 times one GDN
 mixer (one matmul per input projection) against other forms of it (MIXER_VARIANTS: the projections fused into one
-matmul, bf16 between kernels, and an ablation without the short convolutions that shows what they cost);
+matmul, bf16 between kernels, the convolution's reference fused by torch.compile, and an ablation without the
+short convolutions that shows what they cost);
 BENCH_PROFILE=1 prints each stack's (and each BENCH_FUSION mixer's) top GPU kernels from torch.profiler.
 BENCH_VARIANTS adds whole-step timings of other settings (name:KEY=VALUE,KEY=VALUE;...) in the same process.
 BENCH_TTT=1,8 times one score-first TTT adaptation step (train_gpt.ttt_adapt: forward, backward, SGD) of 1 and 8

@@ -2,17 +2,17 @@
 """Where streaming evaluation gains or loses against windows: one artifact scored both ways, target by target, with
 the targets grouped by how many earlier tokens of its lane the streaming scorer had seen.
 
-    ARTIFACT_PATH=artifacts/run.pgz python3 tools/eval_by_context.py                    # stream vs plain windows
-    ARTIFACT_PATH=artifacts/run.pgz EVAL_STRIDE=64 python3 tools/eval_by_context.py     # stream vs sliding windows
+    ARTIFACT_PATH=artifacts/run.pgz python3 tools/eval_by_context.py                 # stream vs sliding windows (512)
+    ARTIFACT_PATH=artifacts/run.pgz EVAL_STRIDE=0 python3 tools/eval_by_context.py   # stream vs plain windows
     ARTIFACT_PATH=... EVAL_SEQ_LEN=8192 VAL_MAX_TOKENS=131072 STREAM_LANES=8 python3 tools/eval_by_context.py
 
 Every train_gpt.py setting applies (DATA_PATH, TOKENIZER_PATH, EVAL_SEQ_LEN, EVAL_STRIDE, STREAM_LANES,
-STREAM_SEGMENT, STREAM_WARMUP, STREAM_RESET, VAL_MAX_TOKENS). The windows' length is EVAL_SEQ_LEN, or TRAIN_SEQ_LEN
-when unset: set it to the length the artifact was trained at. A window gives each target at most EVAL_SEQ_LEN - 1
-tokens of context; a lane gives its GDN layers every earlier token of the lane, so the rows past EVAL_SEQ_LEN show
-what the unbounded context is worth, or costs where the recurrent state was never trained that far. Per row:
-targets, bytes, bpb of each mode and their difference; the totals are the two modes' whole scores. No TTT; one
-process. Figures also print as one `by_context {json}` line.
+STREAM_SEGMENT, STREAM_WARMUP, STREAM_RESET (segments of 2048 unless set), VAL_MAX_TOKENS). The windows' length is
+EVAL_SEQ_LEN, or TRAIN_SEQ_LEN when unset: set it to the length the artifact was trained at. A window gives each
+target at most EVAL_SEQ_LEN - 1 tokens of context; a lane gives its GDN layers every earlier token of the lane, so
+the rows past EVAL_SEQ_LEN show what the unbounded context is worth, or costs where the recurrent state was never
+trained that far. Per row: targets, bytes, bpb of each mode and their difference; the totals are the two modes'
+whole scores. No TTT; one process. Figures also print as one `by_context {json}` line.
 """
 
 import dataclasses
