@@ -195,6 +195,37 @@ def test_the_table_of_logs_shows_an_unfinished_run_and_fails(tmp_path):
     assert "torn.txt: " in proc.stderr
 
 
+def test_means_group_the_runs_that_differ_only_in_their_seed(tmp_path):
+    """--table --means: one row per setting and device, in order of first appearance, with the mean of each score
+    over the seeds and the spread of the last one; a rescoring of one of the artifacts is no seed of its own."""
+    runs = {"a1": ("1", 1337, 100, 1.50, 1.40, 1.30), "b1": ("2", 1337, 90, 1.60, 1.50, 1.45),
+            "a2": ("1", 1338, 110, 1.52, 1.42, 1.34), "a3": ("1", 7, 120, 1.48, 1.38, 1.29)}
+    for run_id, (skips, seed, steps, pre, rt, ttt) in runs.items():
+        summary = dict(run_id=run_id, seed=seed, device="fake", wall_seconds=1.0, steps=steps,
+                       pre_quant=dict(bpb=pre), final_no_ttt=dict(bpb=rt), final=dict(bpb=ttt))
+        config = f"config SEED={seed}\nconfig UNET_SKIPS={skips == '1'}\nconfig TTT_ENABLED=True\n"
+        (tmp_path / f"{run_id}.txt").write_text(f"run_id:{run_id}\n{config}summary {json.dumps(summary)}\n")
+    rescore = dict(run_id="r", seed=1337, device="fake", wall_seconds=1.0, final_no_ttt=dict(bpb=9.0),
+                   final=dict(bpb=9.0))
+    (tmp_path / "r.txt").write_text(f"config EVAL_ONLY=True\nconfig TTT_ENABLED=True\nsummary {json.dumps(rescore)}\n")
+    proc = run_sweep(tmp_path, "--table", "--means", "a1.txt", "b1.txt", "a2.txt", "r.txt", "a3.txt", fake=False)
+    assert proc.returncode == 0, proc.stderr
+    means = proc.stdout.split("\n\n", 1)[1].splitlines()
+    assert means[0] == "| " + " | ".join(sweep.MEAN_COLUMNS) + " |" and len(means) == 4
+
+    def row(settings: str, ids: list[str]) -> str:
+        got = [runs[i] for i in ids]
+        mean = [f"{sum(g[k] for g in got) / len(got):.4f}" for k in (3, 4, 5)]
+        spread = f"{max(g[5] for g in got) - min(g[5] for g in got):.4f}" if len(got) > 1 else "—"
+        steps = f"{sum(g[2] for g in got) / len(got):,.0f}"
+        return "| " + " | ".join([settings, "fake", str(len(got)), ", ".join(str(g[1]) for g in got), steps, *mean,
+                                  spread]) + " |"
+
+    assert means[2] == row("none", ["a1", "a2", "a3"])
+    assert means[3] == row("UNET_SKIPS=False", ["b1"])
+    assert run_sweep(tmp_path, "--means", "RUN_ID=x", fake=False).returncode == 2  # it summarizes logs only
+
+
 def test_a_log_of_several_runs_is_read_for_its_last_run_only(tmp_path):
     """train_gpt.py appends a rerun under the same RUN_ID to the same log: the table and the submission tool read
     the last run alone (its summary and its settings), and a last run that failed or did not finish is reported as
@@ -221,7 +252,8 @@ def test_a_log_of_several_runs_is_read_for_its_last_run_only(tmp_path):
     rows = {line.split(" | ")[0][2:]: line for line in proc.stdout.splitlines() if line.startswith("| ")}
     assert rows["x"].startswith("| x | LAYOUT=AAAA | 2 | ") and "| 1.2600 |" in rows["x"]  # named by its RUN_ID
     assert rows["failed"].startswith("| failed | ") and "CUDA out of memory" in rows["failed"]
-    assert rows["cut"].startswith("| cut | no summary; last score final_int6_brotli_roundtrip_sliding512 val_bpb:1.4052")
+    assert rows["cut"].startswith("| cut | no summary; last score final_int6_brotli_roundtrip_sliding512 "
+                                  "val_bpb:1.4052")  # the last run's score, not the first run's summary
     assert "cut.txt: no 'summary {...}' line (the last of 2 runs in it)" in proc.stderr
 
 

@@ -5,6 +5,7 @@
         'RUN_ID=hyb' \\
         'RUN_ID=attn LAYOUT=AAAAAAAAAAAAAA MUON_VARIANT=muon MLP_MULT=3.125 UNET_SKIPS=0'
     python3 tools/sweep.py --table logs/hyb.txt logs/attn.txt        # the same table later, from the logs
+    python3 tools/sweep.py --table --means logs/hyb*.txt             # ... and the mean over the seeds of each setting
 
 Each configuration is one argument of KEY=VALUE words: train_gpt.py's settings, on top of this environment (so a
 setting in front of the command applies to every run). RUN_ID is required and must be new: a run's log
@@ -56,6 +57,8 @@ NOT_SETTINGS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH"}
 EVAL_SETTINGS = ("EVAL_", "TTT_", "STREAM_", "ARTIFACT_PATH", "VAL_MAX_TOKENS")  # what a rescoring's row lists
 COLUMNS = ["run", "settings beyond the defaults", "seed", "device", "params", "steps", "tok/s", "train passes",
            "pre-quant", "round trip", "+ TTT", "artifact + code", "wall s"]
+MEAN_COLUMNS = ["settings beyond the defaults", "device", "runs", "seeds", "steps", "pre-quant", "round trip", "+ TTT",
+                "spread"]
 
 
 @dataclass
@@ -280,9 +283,38 @@ def unfinished(path: Path) -> str:
     return f"no summary; last score {tag} {bpb_field.group(0) if bpb_field else rest}"
 
 
-def markdown(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def markdown(rows: list[list[str]], columns: list[str] = COLUMNS) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def mean_rows(summaries: list[dict]) -> list[list[str]]:
+    """The training runs grouped by what they trained (the same settings beyond the defaults, seed aside) on the same
+    device, in order of first appearance: the mean steps and scores of each group, and the spread (largest minus
+    smallest) of its last score (+ TTT when every run has it, else the round trip). Rescorings are left out: their
+    seed is not the model's."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for summary in summaries:
+        if summary["config"].get("EVAL_ONLY") != "True":
+            key = (changed_settings(summary["config"], False), summary["device"])
+            groups.setdefault(key, []).append(summary)
+    rows = []
+    for (settings, device), runs in groups.items():
+        def scores(key: str) -> list[float]:
+            got = [r[key]["bpb"] for r in runs if key in r]
+            return got if len(got) == len(runs) else []
+
+        ttt = scores("final") if all(r["config"].get("TTT_ENABLED") == "True" for r in runs) else []
+        last = ttt or scores("final_no_ttt")
+        mean = {key: f"{sum(v) / len(v):.4f}" if v else "—"
+                for key, v in (("pre_quant", scores("pre_quant")), ("final_no_ttt", scores("final_no_ttt")),
+                               ("final", ttt))}
+        steps = [r["steps"] for r in runs if "steps" in r]
+        rows.append([settings, device, str(len(runs)), ", ".join(str(r["seed"]) for r in runs),
+                     f"{sum(steps) / len(steps):,.0f}" if len(steps) == len(runs) else "—",
+                     mean["pre_quant"], mean["final_no_ttt"], mean["final"],
+                     f"{max(last) - min(last):.4f}" if len(last) > 1 else "—"])
+    return rows
 
 
 def row_for(run: Run, workdir: Path) -> tuple[list[str], bool]:
@@ -306,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--cpu", type=int, default=0, help="run this many at a time on the CPU instead")
     p.add_argument("--table", action="store_true",
                    help="print the table of runs' logs (a log without a summary: its last score; exit 2); start nothing")
+    p.add_argument("--means", action="store_true",
+                   help="with --table: also the mean of the runs that differ only in their seed (and their spread)")
     p.add_argument("--more", type=Path, default=None, metavar="FILE",
                    help="also run the configurations appended to FILE while the sweep runs, one per line (END stops)")
     p.add_argument("--script", type=Path, default=ROOT / "train_gpt.py", help=argparse.SUPPRESS)
@@ -313,15 +347,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.table and args.more:
         print("sweep: --more adds runs to a sweep; --table starts none", file=sys.stderr)
         return 2
+    if args.means and not args.table:
+        print("sweep: --means summarizes logs; use it with --table", file=sys.stderr)
+        return 2
     if args.table:
-        rows, bad = [], []
+        rows, bad, summaries = [], [], []
         for path in map(Path, args.configs):
             try:
-                rows.append(table_row(read_log(path)))
+                summaries.append(read_log(path))
+                rows.append(table_row(summaries[-1]))
             except (OSError, ValueError) as e:  # the row says what is wrong; a missing summary: how far it got
                 rows.append(failed_row(path.stem, unfinished(path) if isinstance(e, NoSummaryError) else str(e)[:200]))
                 bad.append(str(e) if str(path) in str(e) else f"{path}: {e}")
         print(markdown(rows))
+        if args.means:
+            print()
+            print(markdown(mean_rows(summaries), MEAN_COLUMNS))
         for why in bad:
             print(f"sweep: {why}", file=sys.stderr)
         return 2 if bad else 0
