@@ -188,3 +188,26 @@ def test_submission_is_a_record_only_when_every_check_holds(over, record):
     sub = ms.build([_summary_run(1), _summary_run(2, **over)], args)
     assert (sub["track"] == "10min_16mb") == record
     assert all(sub["compliance"].values()) == (record or over == {"world_size": 1})
+
+
+def test_an_artifact_over_the_limit_is_no_submission_and_an_earlier_file_is_kept(tmp_path):
+    """Both tracks share the 16,000,000-byte limit: a log whose artifact + code is over it is refused by name, and
+    the submission.json already there is left as it was (the tool writes its output atomically)."""
+    import make_submission as ms
+
+    run = _summary_run(1, total_bytes=ms.LIMIT_BYTES + 1)
+    log = tmp_path / "over.txt"
+    log.write_text(f"run_id:over\nconfig LAYOUT=AAGA\nsummary {json.dumps(run)}\n")
+    out = tmp_path / "submission.json"
+    out.write_text("an earlier submission\n")
+    cmd = [sys.executable, str(ROOT / "tools" / "make_submission.py"), str(log), "--author", "a", "--github-id", "g",
+           "--name", "n", "--technique", "t", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 1
+    assert f"over.txt: artifact + code is {ms.LIMIT_BYTES + 1:,} bytes, over the {ms.LIMIT_BYTES:,}-byte" in proc.stderr
+    assert out.read_text() == "an earlier submission\n"
+    log.write_text(log.read_text().replace(str(ms.LIMIT_BYTES + 1), str(ms.LIMIT_BYTES)))  # at the limit: accepted
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["bytes_total"] == ms.LIMIT_BYTES
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["over.txt", "submission.json"]  # no temporary file left

@@ -12,6 +12,7 @@ artifact + code within 16,000,000 bytes, evaluation within 600 s); otherwise non
 import argparse
 import datetime as dt
 import json
+import os
 import re
 import statistics
 import sys
@@ -63,6 +64,9 @@ def read_run(path: Path) -> dict:
         raise ValueError(f"{path}: an EVAL_ONLY rescoring log, not a training run")
     if summary.get("partial_validation"):
         raise ValueError(f"{path}: scored on part of the validation split (VAL_MAX_TOKENS); not a submission score")
+    if summary["total_bytes"] > LIMIT_BYTES:
+        raise ValueError(f"{path}: artifact + code is {summary['total_bytes']:,} bytes, over the {LIMIT_BYTES:,}-byte "
+                         "limit that both tracks share; not a submission")
     return summary
 
 
@@ -180,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"make_submission: {e}", file=sys.stderr)
         return 1
-    args.out.write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
+    tmp = args.out.with_name(args.out.name + ".tmp")  # atomic: an earlier submission.json is never left half-written
+    tmp.write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, args.out)
     print(f"wrote {args.out}: {sub['track']} val_bpb {sub['val_bpb']:.4f} ± {sub['val_bpb_std']:.4f} "
           f"over seeds {sub['seeds']}, {sub['bytes_total']} bytes")
     return 0
