@@ -287,11 +287,13 @@ class Config:
         need(self.xsa_last >= 0, f"XSA_LAST={self.xsa_last} must be >= 0")
         need(self.mlp_mult > 0 and float(self.mlp_mult * self.model_dim).is_integer(),
              f"MLP_MULT*MODEL_DIM={self.mlp_mult * self.model_dim} must be a positive integer")
-        kinds = {spec.kind for spec in parse_layout(self.layout)}  # raises with the offending character
+        specs = parse_layout(self.layout)  # raises with the offending character
+        kinds = {spec.kind for spec in specs}
         need(self.eval_only or self.eval_mode != "stream" or not kinds & set(UNBOUNDED_KINDS),
              f"EVAL_MODE=stream needs layers with bounded state, and LAYOUT={self.layout} has full attention (A or N): "
              "use S (sliding window) layers, or EVAL_MODE=window")  # before training, not after it
-        need(self.eval_only or self.xsa_last == 0 or bool(kinds - {"gdn"}),  # EVAL_ONLY: the artifact's model
+        # the next two: with EVAL_ONLY the model is the artifact's, whatever LAYOUT says
+        need(self.eval_only or self.xsa_last == 0 or bool(xsa_mixers(specs, self.xsa_last)),
              f"XSA_LAST={self.xsa_last} acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
         need(self.eval_only or not self.gdn_neg_eigval or "gdn" in kinds,
              f"GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G), and LAYOUT={self.layout} has none")

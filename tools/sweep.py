@@ -298,22 +298,23 @@ def mean_rows(summaries: list[dict]) -> list[list[str]]:
         if summary["config"].get("EVAL_ONLY") != "True":
             key = (changed_settings(summary["config"], False), summary["device"])
             groups.setdefault(key, []).append(summary)
+
+    def mean(values: list[float], fmt: str = ".4f") -> str:
+        return format(sum(values) / len(values), fmt) if values else "—"
+
     rows = []
     for (settings, device), runs in groups.items():
-        def scores(key: str) -> list[float]:
+        def scores(key: str) -> list[float]:  # one per run, or none when a run lacks it
             got = [r[key]["bpb"] for r in runs if key in r]
             return got if len(got) == len(runs) else []
 
+        round_trip = scores("final_no_ttt")
         ttt = scores("final") if all(r["config"].get("TTT_ENABLED") == "True" for r in runs) else []
-        last = ttt or scores("final_no_ttt")
-        mean = {key: f"{sum(v) / len(v):.4f}" if v else "—"
-                for key, v in (("pre_quant", scores("pre_quant")), ("final_no_ttt", scores("final_no_ttt")),
-                               ("final", ttt))}
+        last = ttt or round_trip
         steps = [r["steps"] for r in runs if "steps" in r]
         rows.append([settings, device, str(len(runs)), ", ".join(str(r["seed"]) for r in runs),
-                     f"{sum(steps) / len(steps):,.0f}" if len(steps) == len(runs) else "—",
-                     mean["pre_quant"], mean["final_no_ttt"], mean["final"],
-                     f"{max(last) - min(last):.4f}" if len(last) > 1 else "—"])
+                     mean(steps if len(steps) == len(runs) else [], ",.0f"), mean(scores("pre_quant")),
+                     mean(round_trip), mean(ttt), f"{max(last) - min(last):.4f}" if len(last) > 1 else "—"])
     return rows
 
 
