@@ -192,7 +192,7 @@ def test_submission_is_a_record_only_when_every_check_holds(over, record):
 
 def test_an_artifact_over_the_limit_is_no_submission_and_an_earlier_file_is_kept(tmp_path):
     """Both tracks share the 16,000,000-byte limit: a log whose artifact + code is over it is refused by name, and
-    the submission.json already there is left as it was (the tool writes its output atomically)."""
+    the submission.json already there is left as it was."""
     import make_submission as ms
 
     run = _summary_run(1, total_bytes=ms.LIMIT_BYTES + 1)
@@ -211,3 +211,26 @@ def test_an_artifact_over_the_limit_is_no_submission_and_an_earlier_file_is_kept
     assert proc.returncode == 0, proc.stderr
     assert json.loads(out.read_text())["bytes_total"] == ms.LIMIT_BYTES
     assert sorted(p.name for p in tmp_path.iterdir()) == ["over.txt", "submission.json"]  # no temporary file left
+
+
+def test_a_failed_write_leaves_the_earlier_submission_whole(tmp_path, monkeypatch):
+    """make_submission writes a temporary file and renames it: a write that fails half-way leaves the earlier
+    submission.json as it was, and no temporary file behind."""
+    import make_submission as ms
+
+    log = tmp_path / "s1.txt"
+    log.write_text(f"run_id:s1\nconfig LAYOUT=AAGA\nsummary {json.dumps(_summary_run(1))}\n")
+    out = tmp_path / "submission.json"
+    out.write_text("an earlier submission\n")
+
+    def half_then_fail(self, text, *args, **kwargs):
+        with open(self, "w", encoding="utf-8") as f:
+            f.write(text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        ms.main([str(log), "--author", "a", "--github-id", "g", "--name", "n", "--technique", "t", "--out", str(out)])
+    monkeypatch.undo()
+    assert out.read_text() == "an earlier submission\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.txt", "submission.json"]

@@ -184,9 +184,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"make_submission: {e}", file=sys.stderr)
         return 1
-    tmp = args.out.with_name(args.out.name + ".tmp")  # atomic: an earlier submission.json is never left half-written
-    tmp.write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, args.out)
+    tmp = args.out.with_name(args.out.name + f".tmp{os.getpid()}")  # an earlier file is never left half-written
+    try:
+        tmp.write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, args.out)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"wrote {args.out}: {sub['track']} val_bpb {sub['val_bpb']:.4f} ± {sub['val_bpb_std']:.4f} "
           f"over seeds {sub['seeds']}, {sub['bytes_total']} bytes")
     return 0
