@@ -2528,8 +2528,21 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
                               attention_kernel_errors(mc, attn, T, rt.device, cached=cached), cfg.kernel_check_tol,
                               f"attention backend {attn}{label}", "set ATTN_BACKEND=sdpa")
     took = f"; kernel checks {time.perf_counter() - t0:.1f}s (first kernel compiles included)" if checked else ""
-    log(f"backends: gdn:{gdn} conv:{conv} attention:{attn} (window {mc.swa_window}){took}")
-    return Backends(gdn, attn, conv)
+    backends = Backends(gdn, attn, conv)
+    log(f"backends: {describe_backends(mc.layout, backends, mc.swa_window)}{took}")
+    return backends
+
+
+def describe_backends(layout: str, backends: Backends, window: int) -> str:
+    """What each kind of layer in LAYOUT runs on, for the log: full causal attention (A, N) always runs SDPA's causal
+    kernel, and ATTN_BACKEND only the sliding window (S), so a layout names only the kinds it has."""
+    kinds = {LAYER_KINDS[c] for c in layout.upper() if c in LAYER_KINDS}
+    parts = [f"gdn:{backends.gdn} conv:{backends.conv}"] if "gdn" in kinds else []
+    if kinds & set(UNBOUNDED_KINDS):
+        parts.append("full attention:sdpa")
+    if "swa" in kinds:
+        parts.append(f"swa:{backends.attn} (window {window})")
+    return " ".join(parts)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -133,6 +133,24 @@ def test_fast_gdn_backends_refuse_a_machine_or_model_they_cannot_run():
     assert reason and ("flash_qla is not installed" in reason or "GDN_HEAD_DIM=128" in reason)
 
 
+@pytest.mark.parametrize("layout,expected", [
+    ("AAAGAAAAAAGAAA", "gdn:fla conv:fla full attention:sdpa"),
+    ("GGGGGSGGGGGs", "gdn:fla conv:fla swa:varlen (window 512)"),
+    ("AAAAAAAAAAAAAA", "full attention:sdpa"),
+    ("SSSNNN", "full attention:sdpa swa:varlen (window 512)"),
+    ("AAGA(AA)2AAGAA", "gdn:fla conv:fla full attention:sdpa"),
+])
+def test_backends_line_names_only_the_layer_kinds_the_layout_has(layout, expected, capsys, tmp_path):
+    """Full attention always runs SDPA's causal kernel; ATTN_BACKEND applies to the window only, so a layout without
+    S layers must not log it, and one without G layers must not log the GDN kernels."""
+    assert tg.describe_backends(layout, tg.Backends("fla", "varlen", "fla"), 512) == expected
+    cfg = tg.Config.from_env({"LAYOUT": layout})
+    tg.resolve_backends(cfg, tg.Runtime(0, 1, 0, tg.torch.device("cpu"), 1), tg.ModelConfig.from_config(cfg),
+                        tg.Logger(tmp_path / "log.txt"), check=False)
+    line = capsys.readouterr().out.strip()  # on the CPU: the torch GDN reference and SDPA
+    assert line == "backends: " + expected.replace("fla", "torch").replace("varlen", "sdpa")
+
+
 def test_stream_reset_alone_works_with_a_shorter_default_segment():
     """STREAM_RESET=1 builds a dense mask per segment, which the general default segment is too long for: set alone,
     it gets its own default; a segment given explicitly is kept, and one over the limit is refused."""
