@@ -9,6 +9,8 @@ Launch:
     1 GPU:                  python train_gpt.py          (or torchrun --standalone --nproc_per_node=1 train_gpt.py)
     CPU smoke test:         PRESET=tiny DATA_PATH=<shards> TOKENIZER_PATH=<model> python train_gpt.py
     rescore an artifact:    EVAL_ONLY=1 ARTIFACT_PATH=artifacts/<run>.pgz python train_gpt.py
+    export again:           CHECKPOINT_PATH=ckpt/<run>.pt when training, then EXPORT_FROM=ckpt/<run>.pt (other export
+                            settings) python train_gpt.py
 
 Sections, in the order data flows:
     1 config · 2 runtime and logging · 3 data and byte tables · 4 layers · 5 sequence mixers (GDN, attention; each
@@ -188,6 +190,8 @@ class Config:
     val_max_tokens: int = 0  # 0 = the whole split; anything else is a partial, non-comparable score
     eval_only: bool = False
     artifact_path: str = ""  # "" -> artifacts/{run_id}.pgz
+    checkpoint_path: str = ""  # training also saves the unquantized weights it exports here (EMA applied; not counted)
+    export_from: str = ""  # no training: calibrate, quantize, export and score the weights of a CHECKPOINT_PATH file
     # export
     quant_method: str = "gptq"  # gptq (full-Hessian, calibrated on training batches) | rtn (round to nearest)
     gptq_calib_tokens: int = 262_144  # training tokens (all ranks together) for the input statistics H = X^T X
@@ -227,6 +231,11 @@ class Config:
     @property
     def eval_len(self) -> int:
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def model_from_file(self) -> bool:
+        """EVAL_ONLY (an artifact) or EXPORT_FROM (a checkpoint): the model is the file's, not LAYOUT's."""
+        return self.eval_only or bool(self.export_from)
 
     @property
     def stride(self) -> int:
@@ -289,13 +298,13 @@ class Config:
              f"MLP_MULT*MODEL_DIM={self.mlp_mult * self.model_dim} must be a positive integer")
         specs = parse_layout(self.layout)  # raises with the offending character
         kinds = {spec.kind for spec in specs}
-        need(self.eval_only or self.eval_mode != "stream" or not kinds & set(UNBOUNDED_KINDS),
+        need(self.model_from_file or self.eval_mode != "stream" or not kinds & set(UNBOUNDED_KINDS),
              f"EVAL_MODE=stream needs layers with bounded state, and LAYOUT={self.layout} has full attention (A or N): "
              "use S (sliding window) layers, or EVAL_MODE=window")  # before training, not after it
-        # the next two: with EVAL_ONLY the model is the artifact's, whatever LAYOUT says
-        need(self.eval_only or self.xsa_last == 0 or bool(xsa_mixers(specs, self.xsa_last)),
+        # the next two: with EVAL_ONLY or EXPORT_FROM the model is the file's, whatever LAYOUT says
+        need(self.model_from_file or self.xsa_last == 0 or bool(xsa_mixers(specs, self.xsa_last)),
              f"XSA_LAST={self.xsa_last} acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
-        need(self.eval_only or not self.gdn_neg_eigval or "gdn" in kinds,
+        need(self.model_from_file or not self.gdn_neg_eigval or "gdn" in kinds,
              f"GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G), and LAYOUT={self.layout} has none")
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r} must be auto, 0 or 1")
         need(self.compile_mode in COMPILE_MODES,
@@ -311,8 +320,8 @@ class Config:
         except ValueError:  # not a number
             decays_ok = False
         need(decays_ok, f"EMA_COMPARE={self.ema_compare!r} must list decays in [0, 1), separated by commas")
-        need(not (self.eval_only and self.ema_compare.strip()),
-             "EMA_COMPARE averages weights while training; EVAL_ONLY=1 scores an artifact and cannot use it")
+        need(not (self.model_from_file and self.ema_compare.strip()),
+             "EMA_COMPARE averages weights while training; EVAL_ONLY and EXPORT_FROM do not train")
         need(self.eval_len > 0 and self.eval_stride >= 0,
              f"EVAL_SEQ_LEN={self.eval_len} must be positive and EVAL_STRIDE={self.eval_stride} not negative")
         need("eval_stride" not in explicit or self.eval_stride <= self.eval_len,
@@ -346,6 +355,10 @@ class Config:
         need(self.val_max_tokens == 0 or self.val_max_tokens > self.eval_len,
              f"VAL_MAX_TOKENS={self.val_max_tokens} must be 0 or more than one window")
         need(not self.eval_only or bool(self.artifact_path), "EVAL_ONLY=1 needs ARTIFACT_PATH")
+        need(not (self.eval_only and self.export_from),
+             "EVAL_ONLY=1 scores an artifact and EXPORT_FROM exports a checkpoint: set one of them")
+        need(not (self.export_from and self.checkpoint_path),
+             "EXPORT_FROM reads a checkpoint and does not train; CHECKPOINT_PATH is where a training run writes one")
 
 
 PRESETS: dict[str, dict] = {
@@ -1856,17 +1869,23 @@ def write_artifact(path: Path, frames: list[bytes], compressor: str) -> int:
     rest = struct.pack(f"<{len(packed)}Q", *(len(p) for p in packed)) + b"".join(packed)
     header = ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSOR_IDS[compressor], zlib.crc32(rest),
                                   len(packed))
+    write_atomically(path, lambda f: f.write(header + rest))
+    return len(header) + len(rest)
+
+
+def write_atomically(path: Path, write: Callable) -> None:
+    """`write(file)` into a temporary file beside `path`, fsync, rename over `path`: a failure leaves what was at
+    `path` before, and no temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(header + rest)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return len(header) + len(rest)
 
 
 def read_artifact(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -1894,16 +1913,55 @@ def read_artifact(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return deserialize_state(_parallel(lambda f: decompress(f, names[comp_id]), frames), str(path))
 
 
-def load_exported_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+def load_exported_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, kind: str = "artifact") -> None:
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"artifact {source} does not fit the model: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"{kind} {source} does not fit the model: missing {missing}, unexpected {unexpected}")
     for name, t in state.items():
         if tuple(t.shape) != tuple(expected[name].shape):
-            raise ValueError(f"artifact {source}: tensor {name} has shape {tuple(t.shape)}, "
+            raise ValueError(f"{kind} {source}: tensor {name} has shape {tuple(t.shape)}, "
                              f"the model expects {tuple(expected[name].shape)}")
     model.load_state_dict(state, strict=True)
+
+
+CHECKPOINT_FORMAT = "pgolf-gdn-checkpoint-1"
+# what the training run did: steps, training time, EMA applied or not, and the wallclock cap it ran under
+CHECKPOINT_INFO = ("steps", "train_ms", "ema", "max_wallclock_seconds")
+
+
+def write_checkpoint(path: Path, model: nn.Module, info: dict) -> int:
+    """The weights a training run is about to export, unquantized (as trained, EMA applied), with the architecture and
+    `info` (CHECKPOINT_INFO: steps, training time, whether they are the EMA's, the cap), so that EXPORT_FROM can
+    calibrate, quantize and score them again without training. Written atomically; returns the file size. Not part
+    of the submission."""
+    if set(info) != set(CHECKPOINT_INFO):
+        raise ValueError(f"checkpoint info {sorted(info)} must be {sorted(CHECKPOINT_INFO)}")
+    payload = dict(format=CHECKPOINT_FORMAT, model_config=dataclasses.asdict(model.mc),
+                   state={k: v.detach().cpu() for k, v in model.state_dict().items()}, **info)
+    write_atomically(path, lambda f: torch.save(payload, f))
+    return path.stat().st_size
+
+
+def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
+    """(architecture, weights, info) of a CHECKPOINT_PATH file; a clear error for anything else."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:  # tensors and plain values only: nothing in the file is executed
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(f"checkpoint {path} cannot be read, truncated or not a checkpoint "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} is not a checkpoint of this script (format {CHECKPOINT_FORMAT})")
+    try:
+        mc = ModelConfig(**payload["model_config"])
+    except TypeError as err:
+        raise ValueError(f"checkpoint {path} records an architecture this script cannot build: {err}") from None
+    missing = [k for k in ("state", *CHECKPOINT_INFO) if k not in payload]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks {missing}: not written by this script's CHECKPOINT_PATH")
+    return mc, payload["state"], {k: payload[k] for k in CHECKPOINT_INFO}
 
 
 def code_bytes() -> int:
@@ -2885,13 +2943,18 @@ def ttt_module(model: nn.Module, compiled: nn.Module, cfg: Config,
     return compiled, "compiled"
 
 
-def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> dict:
-    path = Path(cfg.artifact_path)
-    mc, _ = read_artifact(path)
+def require_model_matches(cfg: Config, mc: ModelConfig, mode: str, kind: str, path: Path) -> None:
+    """Model settings given in the environment must agree with the file's architecture (they cannot change it)."""
     conflicts = {n: (getattr(cfg, n), getattr(mc, n)) for n in Config.explicit_fields() & set(MODEL_FIELDS)
                  if getattr(cfg, n) != getattr(mc, n)}
     if conflicts:
-        raise ValueError(f"EVAL_ONLY: settings {conflicts} (environment, artifact) contradict the artifact {path}")
+        raise ValueError(f"{mode}: settings {conflicts} (environment, {kind}) contradict the {kind} {path}")
+
+
+def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> dict:
+    path = Path(cfg.artifact_path)
+    mc, _ = read_artifact(path)
+    require_model_matches(cfg, mc, "EVAL_ONLY", "artifact", path)
     if cfg.kernel_check and rt.cuda:
         resolve_backends(cfg, rt, mc, log, check=True)
     size = path.stat().st_size
@@ -2899,6 +2962,29 @@ def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, t
     log(f"eval_only: artifact {path} {size} bytes + code {code} bytes = {size + code} bytes")
     final, base = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg))
     return dict(final=dataclasses.asdict(final), final_no_ttt=dataclasses.asdict(base), artifact_bytes=size)
+
+
+def export_from(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_tokens: torch.Tensor,
+                tables: ByteTables) -> dict:
+    """EXPORT_FROM: the end of a training run without the training. The checkpoint's weights are calibrated on
+    training batches, scored, quantized and exported under this run's export settings (MATRIX_BITS,
+    MATRIX_CLIP_SIGMAS, GPTQ_*, COMPRESSOR, ...), read back and scored: one run's weights under other export
+    settings, or an export that failed after hours of training, without training again. Calibration is checked
+    against the cap the checkpoint's run trained under, whatever MAX_WALLCLOCK_SECONDS says now."""
+    src = Path(cfg.export_from)
+    mc, state, info = read_checkpoint(src)
+    require_model_matches(cfg, mc, "EXPORT_FROM", "checkpoint", src)
+    log(f"export_from: checkpoint {src}, layout {mc.layout}, {info['steps']} steps in {info['train_ms'] / 1000:.1f}s"
+        f"{', EMA applied' if info['ema'] else ''} (cap {info['max_wallclock_seconds']:g}s)")
+    cfg = dataclasses.replace(cfg, max_wallclock_seconds=info["max_wallclock_seconds"])
+    backends = resolve_backends(cfg, rt, mc, log, check=True)
+    base = build_model(mc, backends, rt)
+    load_exported_state(base, state, str(src), kind="checkpoint")
+    path = artifact_destination(cfg, run_id, log)
+    fwd = maybe_compile(base, cfg, rt) if cfg.eval_mode == "window" else base
+    summary = dict(export_from=str(src), steps=info["steps"], train_time_ms=round(info["train_ms"]),
+                   params=count_parameters(base))
+    return summary | export_and_score(base, fwd, cfg, rt, log, path, val_tokens, tables, info["train_ms"], info["ema"])
 
 
 def _final_tag(cfg: Config) -> str:
@@ -2915,9 +3001,7 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
         f"{len(base.mixers)} distinct mixers, {len(base.mlps)} distinct MLPs); optimizer routing:")
     for line in describe_routes(base):
         log(line)
-    path = Path(cfg.artifact_path or f"artifacts/{run_id}.pgz")
-    if path.exists():  # said at the start, not found out afterwards
-        log(f"WARNING: {path} exists and this run replaces it at export (choose another RUN_ID to keep it)")
+    path = artifact_destination(cfg, run_id, log)
     train_files = shard_files(cfg.data_path, "train")
     train_tokens = count_tokens(train_files)
     log(f"train_data: {len(train_files)} shard{'s' * (len(train_files) != 1)}, {train_tokens:,} tokens")
@@ -2943,23 +3027,52 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
     compared = score_ema_compare(base, fwd, others, cfg, rt, log, val_tokens, tables)
     if ema is not None:
         ema.copy_to_model()
-    hessians, calib_ms = calibrate(base, cfg, rt, log, stats.train_ms) if cfg.quant_method == "gptq" else (None, 0.0)
+    if cfg.checkpoint_path:
+        save_checkpoint(base, cfg, rt, log, dict(steps=stats.steps, train_ms=stats.train_ms, ema=ema is not None,
+                                                 max_wallclock_seconds=cfg.max_wallclock_seconds))
+    summary = dict(steps=stats.steps, train_time_ms=round(stats.train_ms), step_avg_ms=round(stats.step_avg_ms, 2),
+                   tokens_per_s=round(stats.tokens_per_s), stopped_by_cap=stats.stopped_by_cap, peak_mem_mib=round(peak),
+                   params=count_parameters(base), train_tokens=train_tokens, train_passes=round(passes, 4))
+    if compared:
+        summary["ema_compare"] = compared
+    return summary | export_and_score(base, fwd, cfg, rt, log, path, val_tokens, tables, stats.train_ms,
+                                      ema is not None)
+
+
+def artifact_destination(cfg: Config, run_id: str, log: Logger) -> Path:
+    path = Path(cfg.artifact_path or f"artifacts/{run_id}.pgz")
+    if path.exists():  # said at the start, not found out afterwards
+        log(f"WARNING: {path} exists and this run replaces it at export (choose another RUN_ID to keep it)")
+    return path
+
+
+def save_checkpoint(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, info: dict) -> None:
+    """CHECKPOINT_PATH: rank 0 writes the weights about to be exported; the others wait for the file."""
+    if rt.is_main:
+        t0 = time.perf_counter()
+        size = write_checkpoint(Path(cfg.checkpoint_path), base, info)
+        log(f"checkpoint: {cfg.checkpoint_path} ({size:,} bytes, unquantized, after {info['steps']} steps"
+            f"{', EMA applied' if info['ema'] else ''}) in {time.perf_counter() - t0:.1f}s; EXPORT_FROM reads it")
+    if rt.distributed:
+        dist.barrier()
+
+
+def export_and_score(base: nn.Module, fwd: nn.Module, cfg: Config, rt: Runtime, log: Logger, path: Path,
+                     val_tokens: torch.Tensor, tables: ByteTables, train_ms: float, ema: bool) -> dict:
+    """After training (or EXPORT_FROM's checkpoint): calibrate, score the weights before quantization, export, read
+    the artifact back and score it; with QUANT_COMPARE, round-to-nearest too. Returns the summary's entries."""
+    hessians, calib_ms = calibrate(base, cfg, rt, log, train_ms) if cfg.quant_method == "gptq" else (None, 0.0)
     pre = evaluate_base(fwd, val_tokens, tables, cfg, rt)
-    pre_tag = ("pre_quant_ema" if ema is not None else "pre_quant") + eval_tag(dataclasses.replace(cfg, ttt_enabled=False))
+    pre_tag = ("pre_quant_ema" if ema else "pre_quant") + eval_tag(dataclasses.replace(cfg, ttt_enabled=False))
     log(pre.line(pre_tag))
     sizes = export_artifact(base, cfg, rt, log, path, hessians)
     if rt.distributed:
         dist.barrier()
     final, final_base = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg))
     log(f"quantization_gap {cfg.quant_method}: {final_base.bpb - pre.bpb:+.5f} bpb")
-    summary = dict(steps=stats.steps, train_time_ms=round(stats.train_ms), calib_ms=round(calib_ms),
-                   budget_used_ms=round(stats.train_ms + calib_ms), step_avg_ms=round(stats.step_avg_ms, 2),
-                   tokens_per_s=round(stats.tokens_per_s), stopped_by_cap=stats.stopped_by_cap, peak_mem_mib=round(peak),
-                   params=count_parameters(base), train_tokens=train_tokens, train_passes=round(passes, 4),
-                   pre_quant=dataclasses.asdict(pre), final=dataclasses.asdict(final),
-                   final_no_ttt=dataclasses.asdict(final_base), artifact_path=str(path), **sizes)
-    if compared:
-        summary["ema_compare"] = compared
+    summary = dict(calib_ms=round(calib_ms), budget_used_ms=round(train_ms + calib_ms), pre_quant=dataclasses.asdict(pre),
+                   final=dataclasses.asdict(final), final_no_ttt=dataclasses.asdict(final_base),
+                   artifact_path=str(path), **sizes)
     if cfg.quant_compare and hessians is not None:
         rtn_path = path.with_name(path.stem + "_rtn" + path.suffix)
         export_artifact(base, cfg, rt, log, rtn_path, None)
@@ -2999,6 +3112,8 @@ def run_job(cfg: Config, rt: Runtime, log: Logger, run_id: str) -> None:
     t0 = time.perf_counter()
     if cfg.eval_only:
         summary = eval_only(cfg, rt, log, val_tokens, tables)
+    elif cfg.export_from:
+        summary = export_from(cfg, rt, log, run_id, val_tokens, tables)
     else:
         summary = train_and_eval(cfg, rt, log, run_id, val_tokens, tables)
     total = summary.get("total_bytes")  # none for EVAL_ONLY

@@ -184,3 +184,62 @@ def test_writing_is_atomic(tmp_path, monkeypatch):
         tg.write_artifact(path, frames, cfg.compressor)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_checkpoint_round_trips_weights_architecture_and_info(tmp_path):
+    model = tiny_model("GSGs", seed=3)
+    path = tmp_path / "ckpt" / "run.pt"
+    size = tg.write_checkpoint(path, model, dict(steps=7, train_ms=1234.5, ema=True, max_wallclock_seconds=600.0))
+    assert size == path.stat().st_size > 0
+    mc, state, info = tg.read_checkpoint(path)
+    assert mc == model.mc and info == dict(steps=7, train_ms=1234.5, ema=True, max_wallclock_seconds=600.0)
+    fresh = tiny_model("GSGs", seed=4)
+    tg.load_exported_state(fresh, state, str(path), kind="checkpoint")
+    for name, t in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], t), name
+    with pytest.raises(ValueError, match="checkpoint info"):
+        tg.write_checkpoint(path, model, dict(steps=7))
+
+
+def test_a_bad_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "run.pt"
+    tg.write_checkpoint(path, tiny_model(), dict(steps=1, train_ms=1.0, ema=False, max_wallclock_seconds=0.0))
+    data = path.read_bytes()
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"checkpoint {bad} cannot be read, truncated or not a checkpoint"):
+        tg.read_checkpoint(bad)
+    torch.save({"weights": torch.zeros(2)}, bad)
+    with pytest.raises(ValueError, match=f"checkpoint {bad} is not a checkpoint of this script"):
+        tg.read_checkpoint(bad)
+    payload = torch.load(path, weights_only=True)
+    del payload["train_ms"]
+    torch.save(payload, bad)
+    with pytest.raises(ValueError, match=r"lacks \['train_ms'\]"):
+        tg.read_checkpoint(bad)
+    payload = torch.load(path, weights_only=True)
+    payload["model_config"]["wings"] = 2
+    torch.save(payload, bad)
+    with pytest.raises(ValueError, match="records an architecture this script cannot build"):
+        tg.read_checkpoint(bad)
+    with pytest.raises(FileNotFoundError, match="checkpoint .*none.pt does not exist"):
+        tg.read_checkpoint(tmp_path / "none.pt")
+    _, state, _ = tg.read_checkpoint(path)
+    with pytest.raises(ValueError, match=f"checkpoint {path} does not fit the model: missing"):
+        tg.load_exported_state(tiny_model("GSGsG"), state, str(path), kind="checkpoint")
+
+
+def test_checkpoint_writing_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "run.pt"
+    tg.write_checkpoint(path, tiny_model(seed=1), dict(steps=1, train_ms=1.0, ema=False, max_wallclock_seconds=0.0))
+    before = path.read_bytes()
+
+    def failing_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tg.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        tg.write_checkpoint(path, tiny_model(seed=2), dict(steps=2, train_ms=2.0, ema=False, max_wallclock_seconds=0.0))
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -210,6 +210,25 @@ def test_ema_compare_drops_repeats_and_the_main_decay():
     assert cfg.ema_compare_decays == (0.0, 0.99)
 
 
-def test_ema_compare_is_refused_when_only_evaluating():
-    with pytest.raises(ValueError, match="EMA_COMPARE averages weights while training"):
-        tg.Config.from_env({"EVAL_ONLY": "1", "ARTIFACT_PATH": "a.pgz", "EMA_COMPARE": "0"})
+@pytest.mark.parametrize("mode", [{"EVAL_ONLY": "1", "ARTIFACT_PATH": "a.pgz"}, {"EXPORT_FROM": "c.pt"}])
+def test_ema_compare_is_refused_without_training(mode):
+    with pytest.raises(ValueError, match="EMA_COMPARE averages weights while training; EVAL_ONLY and EXPORT_FROM"):
+        tg.Config.from_env({**mode, "EMA_COMPARE": "0"})
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"EXPORT_FROM": "c.pt", "EVAL_ONLY": "1", "ARTIFACT_PATH": "a.pgz"},
+     "EVAL_ONLY=1 scores an artifact and EXPORT_FROM exports a checkpoint: set one of them"),
+    ({"EXPORT_FROM": "c.pt", "CHECKPOINT_PATH": "d.pt"},
+     "EXPORT_FROM reads a checkpoint and does not train; CHECKPOINT_PATH is where a training run writes one"),
+])
+def test_export_from_refuses_settings_that_make_no_sense_with_it(env, message):
+    with pytest.raises(ValueError, match=message):
+        tg.Config.from_env(env)
+
+
+def test_export_from_takes_the_model_from_the_checkpoint_not_the_layout():
+    """The layout checks are for the model to be trained; with EXPORT_FROM (as with EVAL_ONLY) LAYOUT is not it."""
+    with pytest.raises(ValueError, match="XSA_LAST=2 acts on attention layers"):
+        tg.Config.from_env({"XSA_LAST": "2", "LAYOUT": "GGGG"})
+    assert tg.Config.from_env({"XSA_LAST": "2", "LAYOUT": "GGGG", "EXPORT_FROM": "c.pt"}).model_from_file

@@ -52,7 +52,7 @@ def summary(text: str) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_data):
     cwd = tmp_path_factory.mktemp("run")
-    out = run_script(cwd, tiny_env(tiny_data, "e2e"))
+    out = run_script(cwd, {**tiny_env(tiny_data, "e2e"), "CHECKPOINT_PATH": "ckpt/e2e.pt"})
     return cwd, out
 
 
@@ -166,6 +166,52 @@ def test_ema_compare_scores_what_each_decay_would_have_given(tmp_path, tiny_data
     assert len({round(x, 6) for x in scores}) == 3  # the three weightings really differ
 
 
+def test_export_from_the_checkpoint_reproduces_the_runs_artifact_and_scores(trained, tiny_data):
+    """The checkpoint holds what the run exported: calibrating, quantizing and scoring it again under the same
+    settings gives the same artifact, byte for byte, and the same scores to the last digit."""
+    cwd, out = trained
+    assert "checkpoint: ckpt/e2e.pt (" in out and out.index("checkpoint: ckpt/e2e.pt") < out.index("calibration:")
+    # a cap in the environment does not move the training run's (the tiny preset's: none)
+    again = run_script(cwd, {**tiny_env(tiny_data, "reexport"), "EXPORT_FROM": "ckpt/e2e.pt",
+                             "MAX_WALLCLOCK_SECONDS": "60"})
+    assert "train_done" not in again and "export_from: checkpoint ckpt/e2e.pt" in again and "(cap 0s)" in again
+    assert re.search(r"^calibration: .*\(cap 0ms\)$", again, re.M)
+    assert (cwd / "artifacts" / "reexport.pgz").read_bytes() == (cwd / "artifacts" / "e2e.pgz").read_bytes()
+    assert exact_line(again) == exact_line(out) and exact_line(again, SLIDING) == exact_line(out, SLIDING)
+    first, second = summary(out), summary(again)
+    assert second["pre_quant"] == {**first["pre_quant"], "seconds": second["pre_quant"]["seconds"]}
+    assert (second["export_from"], second["steps"], second["params"], second["total_bytes"]) == \
+        ("ckpt/e2e.pt", STEPS, first["params"], first["total_bytes"])
+    assert not list((cwd / "ckpt").glob("*.tmp*"))
+
+
+def test_export_from_applies_this_runs_export_settings(trained, tiny_data):
+    """Other export settings on the same weights: the score before quantization is the training run's, the
+    artifact is not (a coarser clip and round-to-nearest instead of GPTQ)."""
+    cwd, out = trained
+    again = run_script(cwd, {**tiny_env(tiny_data, "reexport_rtn"), "EXPORT_FROM": str(cwd / "ckpt" / "e2e.pt"),
+                             "QUANT_METHOD": "rtn", "MATRIX_CLIP_SIGMAS": "3", "TTT_ENABLED": "0"})
+    first, second = summary(out), summary(again)
+    assert second["pre_quant"]["loss"] == first["pre_quant"]["loss"]
+    assert second["final_no_ttt"]["loss"] != first["final_no_ttt"]["loss"]
+    assert (cwd / "artifacts" / "reexport_rtn.pgz").read_bytes() != (cwd / "artifacts" / "e2e.pgz").read_bytes()
+    assert "calibration:" not in again and "int6-rtn" in again
+
+
+def test_export_from_rejects_a_missing_or_contradicted_checkpoint(trained, tiny_data, tmp_path):
+    cwd, _ = trained
+    missing = tmp_path / "none.pt"
+    cases = [({"EXPORT_FROM": str(missing)}, f"FileNotFoundError: checkpoint {missing} does not exist"),
+             ({"EXPORT_FROM": "ckpt/e2e.pt", "MODEL_DIM": "128"}, "ValueError: EXPORT_FROM: settings {'model_dim'")]
+    for i, (extra, reason) in enumerate(cases):
+        env = {**os.environ, **tiny_env(tiny_data, f"bad_export{i}"), **extra}
+        proc = subprocess.run([sys.executable, str(SCRIPT)], cwd=cwd, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode != 0 and reason.split(": ", 1)[1] in proc.stderr
+        assert (cwd / "logs" / f"bad_export{i}.txt").read_text().rsplit("\nrun failed: ", 1)[1].startswith(reason)
+        assert not (cwd / "artifacts" / f"bad_export{i}.pgz").exists()
+
+
 def test_eval_only_rejects_settings_that_contradict_the_artifact(trained, tiny_data):
     cwd, _ = trained
     env = {**tiny_env(tiny_data, "bad"), "EVAL_ONLY": "1", "ARTIFACT_PATH": str(cwd / "artifacts" / "e2e.pgz"),
@@ -179,11 +225,17 @@ def test_eval_only_rejects_settings_that_contradict_the_artifact(trained, tiny_d
 
 
 def test_torchrun_two_ranks_trains_and_writes_one_artifact(tmp_path, tiny_data, trained):
-    out = run_script(tmp_path, tiny_env(tiny_data, "ddp"), torchrun=2)
+    out = run_script(tmp_path, {**tiny_env(tiny_data, "ddp"), "CHECKPOINT_PATH": "ckpt/ddp.pt"}, torchrun=2)
     s = summary(out)
     assert s["world_size"] == 2 and s["steps"] == STEPS
     assert [p.name for p in (tmp_path / "artifacts").iterdir()] == ["ddp.pgz"]
-    assert out.count("summary ") == 1  # only rank 0 logs
+    assert out.count("summary ") == 1 and out.count("checkpoint: ckpt/ddp.pt") == 1  # only rank 0 logs and writes
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["ddp.pt"]
+    assert tg.read_checkpoint(tmp_path / "ckpt" / "ddp.pt")[2]["steps"] == STEPS
+    # exported again on two ranks (calibration split as in training): the same artifact
+    again = run_script(tmp_path, {**tiny_env(tiny_data, "ddp_again"), "EXPORT_FROM": "ckpt/ddp.pt"}, torchrun=2)
+    assert (tmp_path / "artifacts" / "ddp_again.pgz").read_bytes() == (tmp_path / "artifacts" / "ddp.pgz").read_bytes()
+    assert exact_line(again) == exact_line(out)
     # same global batch, same data order: the loss trend matches the single-process run closely
     assert abs(s["pre_quant"]["loss"] - summary(trained[1])["pre_quant"]["loss"]) < 0.05
     # the ranks split one global batch: the passes over the training text are one process's, not half or twice them
