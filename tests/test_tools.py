@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -234,3 +235,18 @@ def test_a_failed_write_leaves_the_earlier_submission_whole(tmp_path, monkeypatc
     monkeypatch.undo()
     assert out.read_text() == "an earlier submission\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s1.txt", "submission.json"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"eval_only": True}, "an EVAL_ONLY rescoring log, not a training run"),
+    ({"export_from": "ckpt/a.pt"}, "an EXPORT_FROM log (weights from ckpt/a.pt), not a training run"),
+])
+def test_a_log_that_did_not_train_is_no_submission(tmp_path, extra, message):
+    import make_submission as ms
+
+    log = tmp_path / "x.txt"
+    log.write_text(f"run_id:x\nconfig LAYOUT=AAGA\nsummary {json.dumps(_summary_run(1, **extra))}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{log}: {message}")):
+        ms.read_run(log)
+    log.write_text(f"run_id:x\nconfig LAYOUT=AAGA\nsummary {json.dumps(_summary_run(1))}\n")
+    assert ms.read_run(log)["total_bytes"] == _summary_run(1)["total_bytes"]

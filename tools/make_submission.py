@@ -62,6 +62,9 @@ def read_run(path: Path) -> dict:
     summary = read_log(path)
     if summary.get("eval_only"):
         raise ValueError(f"{path}: an EVAL_ONLY rescoring log, not a training run")
+    if summary.get("export_from"):
+        raise ValueError(f"{path}: an EXPORT_FROM log (weights from {summary['export_from']}), not a training run; "
+                         "a submission cites the log of the run that trained them")
     if summary.get("partial_validation"):
         raise ValueError(f"{path}: scored on part of the validation split (VAL_MAX_TOKENS); not a submission score")
     if summary["total_bytes"] > LIMIT_BYTES:

@@ -53,8 +53,10 @@ import train_gpt as tg  # noqa: E402
 from make_submission import NoSummaryError, last_run, read_log  # noqa: E402
 
 # Settings that name a run or its files rather than what was trained; the table never lists them as changes.
-NOT_SETTINGS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH"}
+NOT_SETTINGS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH", "CHECKPOINT_PATH"}
 EVAL_SETTINGS = ("EVAL_", "TTT_", "STREAM_", "ARTIFACT_PATH", "VAL_MAX_TOKENS")  # what a rescoring's row lists
+EXPORT_SETTINGS = EVAL_SETTINGS + ("EXPORT_FROM", "QUANT_", "GPTQ_", "MATRIX_BITS", "MATRIX_CLIP_SIGMAS", "EMBED_BITS",
+                                   "EMBED_CLIP_SIGMAS", "COMPRESSOR", "PACKING")  # ... and an EXPORT_FROM run's
 COLUMNS = ["run", "settings beyond the defaults", "seed", "device", "params", "steps", "tok/s", "train passes",
            "pre-quant", "round trip", "+ TTT", "artifact + code", "wall s"]
 MEAN_COLUMNS = ["settings beyond the defaults", "device", "runs", "seeds", "steps", "pre-quant", "round trip", "+ TTT",
@@ -229,13 +231,20 @@ def run_all(runs: list[Run], slots: list[str], script: Path, workdir: Path, poll
         stop_all(running)
 
 
-def changed_settings(config: dict[str, str], rescore: bool) -> str:
-    """The logged settings that differ from the current Config defaults, as KEY=VALUE words. A rescoring
-    (EVAL_ONLY) takes its model from the artifact, so only its evaluation settings are listed."""
+def trained(config: dict[str, str]) -> bool:
+    """Whether the run trained its model: a rescoring (EVAL_ONLY) takes it from an artifact, an EXPORT_FROM run from
+    a checkpoint; the seed of either is the process's, not the model's."""
+    return config.get("EVAL_ONLY") != "True" and not config.get("EXPORT_FROM")
+
+
+def changed_settings(config: dict[str, str]) -> str:
+    """The logged settings that differ from the current Config defaults, as KEY=VALUE words: for a run that did not
+    train, only those that act on what it did (evaluation; for EXPORT_FROM, export too)."""
     defaults = tg.Config()
+    listed = None if trained(config) else EVAL_SETTINGS if config.get("EVAL_ONLY") == "True" else EXPORT_SETTINGS
     words = [f"{key}={config[key]}" for key in (f.name.upper() for f in fields(tg.Config))
              if key in config and key not in NOT_SETTINGS and config[key] != str(getattr(defaults, key.lower()))
-             and (not rescore or key.startswith(EVAL_SETTINGS))]
+             and (listed is None or key.startswith(listed))]
     return " ".join(words) or "none"
 
 
@@ -253,12 +262,11 @@ def passes(summary: dict) -> str:
 
 
 def table_row(summary: dict) -> list[str]:
-    """A rescoring's seed cell is blank: its SEED is the evaluating process's, not the one its artifact trained
-    with (which the artifact does not record)."""
+    """The seed cell of a run that did not train (EVAL_ONLY, EXPORT_FROM) is blank: its SEED is the process's, not
+    the one its model trained with (which the artifact does not record)."""
     ttt = summary["config"].get("TTT_ENABLED") == "True"
-    rescore = summary["config"].get("EVAL_ONLY") == "True"
-    seed = "—" if rescore else str(summary["seed"])
-    return [summary["run_id"], changed_settings(summary["config"], rescore), seed, summary["device"],
+    seed = str(summary["seed"]) if trained(summary["config"]) else "—"
+    return [summary["run_id"], changed_settings(summary["config"]), seed, summary["device"],
             count(summary, "params"), count(summary, "steps"), count(summary, "tokens_per_s"), passes(summary),
             bpb(summary, "pre_quant"), bpb(summary, "final_no_ttt"), bpb(summary, "final") if ttt else "—",
             count(summary, "total_bytes"), f"{summary['wall_seconds']:.0f}"]
@@ -291,12 +299,12 @@ def markdown(rows: list[list[str]], columns: list[str] = COLUMNS) -> str:
 def mean_rows(summaries: list[dict]) -> list[list[str]]:
     """The training runs grouped by what they trained (the same settings beyond the defaults, seed aside) on the same
     device, in order of first appearance: the mean steps and scores of each group, and the spread (largest minus
-    smallest) of its last score (+ TTT when every run has it, else the round trip). Rescorings are left out: their
-    seed is not the model's."""
+    smallest) of its last score (+ TTT when every run has it, else the round trip). Runs that did not train
+    (rescorings, EXPORT_FROM) are left out: their seed is not the model's."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for summary in summaries:
-        if summary["config"].get("EVAL_ONLY") != "True":
-            key = (changed_settings(summary["config"], False), summary["device"])
+        if trained(summary["config"]):
+            key = (changed_settings(summary["config"]), summary["device"])
             groups.setdefault(key, []).append(summary)
 
     def mean(values: list[float], fmt: str = ".4f") -> str:
