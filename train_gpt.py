@@ -3047,12 +3047,17 @@ def artifact_destination(cfg: Config, run_id: str, log: Logger) -> Path:
 
 
 def save_checkpoint(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, info: dict) -> None:
-    """CHECKPOINT_PATH: rank 0 writes the weights about to be exported; the others wait for the file."""
+    """CHECKPOINT_PATH: rank 0 writes the weights about to be exported; the others wait for the file. A write that
+    fails (disk full, a bad path) is a warning, not the end of the run: the export it protects still happens."""
     if rt.is_main:
         t0 = time.perf_counter()
-        size = write_checkpoint(Path(cfg.checkpoint_path), base, info)
-        log(f"checkpoint: {cfg.checkpoint_path} ({size:,} bytes, unquantized, after {info['steps']} steps"
-            f"{', EMA applied' if info['ema'] else ''}) in {time.perf_counter() - t0:.1f}s; EXPORT_FROM reads it")
+        try:
+            size = write_checkpoint(Path(cfg.checkpoint_path), base, info)
+            log(f"checkpoint: {cfg.checkpoint_path} ({size:,} bytes, unquantized, after {info['steps']} steps"
+                f"{', EMA applied' if info['ema'] else ''}) in {time.perf_counter() - t0:.1f}s; EXPORT_FROM reads it")
+        except OSError as err:
+            log(f"WARNING: CHECKPOINT_PATH={cfg.checkpoint_path} was not written ({type(err).__name__}: {err}); "
+                "the export goes on without it")
     if rt.distributed:
         dist.barrier()
 

@@ -185,6 +185,16 @@ def test_export_from_the_checkpoint_reproduces_the_runs_artifact_and_scores(trai
     assert not list((cwd / "ckpt").glob("*.tmp*"))
 
 
+def test_a_checkpoint_that_cannot_be_written_is_a_warning_and_the_export_goes_on(tmp_path, tiny_data):
+    (tmp_path / "ckpt").write_text("a file where the checkpoint's folder would be")
+    out = run_script(tmp_path, {**tiny_env(tiny_data, "nockpt"), "ITERATIONS": "2", "TTT_ENABLED": "0",
+                                "CHECKPOINT_PATH": "ckpt/run.pt"})
+    assert "WARNING: CHECKPOINT_PATH=ckpt/run.pt was not written (FileExistsError" in out
+    assert out.index("WARNING: CHECKPOINT_PATH") < out.index("calibration:")
+    assert summary(out)["artifact_under_limit"] and (tmp_path / "artifacts" / "nockpt.pgz").is_file()
+    assert (tmp_path / "ckpt").read_text() == "a file where the checkpoint's folder would be"
+
+
 def test_export_from_applies_this_runs_export_settings(trained, tiny_data):
     """Other export settings on the same weights: the score before quantization is the training run's, the
     artifact is not (a coarser clip and round-to-nearest instead of GPTQ)."""
