@@ -2944,11 +2944,17 @@ def ttt_module(model: nn.Module, compiled: nn.Module, cfg: Config,
 
 
 def require_model_matches(cfg: Config, mc: ModelConfig, mode: str, kind: str, path: Path) -> None:
-    """Model settings given in the environment must agree with the file's architecture (they cannot change it)."""
+    """Model settings given in the environment must agree with the file's architecture (they cannot change it), and
+    its vocabulary must be the one this run's tokenizer and shards were checked against (VOCAB_SIZE, set or not):
+    a model of another vocabulary would score these tokens without an error, and wrongly."""
     conflicts = {n: (getattr(cfg, n), getattr(mc, n)) for n in Config.explicit_fields() & set(MODEL_FIELDS)
                  if getattr(cfg, n) != getattr(mc, n)}
     if conflicts:
         raise ValueError(f"{mode}: settings {conflicts} (environment, {kind}) contradict the {kind} {path}")
+    if mc.vocab_size != cfg.vocab_size:
+        raise ValueError(f"{mode}: the {kind} {path} has a vocabulary of {mc.vocab_size} tokens, and this run's "
+                         f"tokenizer and shards are for VOCAB_SIZE={cfg.vocab_size}: set VOCAB_SIZE, TOKENIZER_PATH "
+                         f"and DATA_PATH for the {kind}'s vocabulary")
 
 
 def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> dict:

@@ -1,5 +1,7 @@
 """Quantization and the artifact: packing, exact and deterministic round-trips, and clear errors on bad files."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -243,3 +245,16 @@ def test_checkpoint_writing_is_atomic(tmp_path, monkeypatch):
         tg.write_checkpoint(path, tiny_model(seed=2), dict(steps=2, train_ms=2.0, ema=False, max_wallclock_seconds=0.0))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_file_of_another_vocabulary_is_refused_even_when_vocab_size_is_not_set(monkeypatch, tmp_path):
+    """VOCAB_SIZE left at its default: the tokenizer and shards were checked for 1024 tokens, so an artifact or
+    checkpoint of 97 must not score them (it would, without an error)."""
+    monkeypatch.delenv("VOCAB_SIZE", raising=False)
+    model = tiny_model()  # VOCAB_SIZE=97
+    cfg = tg.Config.from_env({})
+    for mode, kind in (("EVAL_ONLY", "artifact"), ("EXPORT_FROM", "checkpoint")):
+        with pytest.raises(ValueError, match=f"{mode}: the {kind} {tmp_path} has a vocabulary of 97 tokens, and this "
+                                             "run's tokenizer and shards are for VOCAB_SIZE=1024"):
+            tg.require_model_matches(cfg, model.mc, mode, kind, tmp_path)
+    tg.require_model_matches(dataclasses.replace(cfg, vocab_size=97), model.mc, "EVAL_ONLY", "artifact", tmp_path)
