@@ -2557,7 +2557,8 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
                 attn = "varlen" if _varlen_has_window() else "sdpa"
     if attn in ("fa3", "varlen") and not rt.cuda:
         raise ValueError(f"ATTN_BACKEND={attn} needs a CUDA GPU")
-    has_gdn, has_swa = "G" in mc.layout.upper(), "S" in mc.layout.upper()
+    kinds = layer_kinds(mc.layout)
+    has_gdn, has_swa = "gdn" in kinds, "swa" in kinds
     conv = cfg.gdn_conv
     if conv == "auto":  # fla's kernel wherever the delta rule runs on a fast kernel (README, throughput)
         conv = "fla" if gdn in FAST_GDN_BACKENDS and importlib.util.find_spec("fla") is not None else "torch"
@@ -2591,10 +2592,14 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
     return backends
 
 
+def layer_kinds(layout: str) -> set[str]:
+    return {spec.kind for spec in parse_layout(layout)}
+
+
 def describe_backends(layout: str, backends: Backends, window: int) -> str:
     """What each kind of layer in LAYOUT runs on, for the log: full causal attention (A, N) always runs SDPA's causal
     kernel, and ATTN_BACKEND only the sliding window (S), so a layout names only the kinds it has."""
-    kinds = {LAYER_KINDS[c] for c in layout.upper() if c in LAYER_KINDS}
+    kinds = layer_kinds(layout)
     parts = [f"gdn:{backends.gdn} conv:{backends.conv}"] if "gdn" in kinds else []
     if kinds & set(UNBOUNDED_KINDS):
         parts.append("full attention:sdpa")
