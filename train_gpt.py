@@ -103,8 +103,8 @@ class Config:
     xsa_last: int = 0  # exclusive self attention (XSA, Zhai 2026, arXiv:2603.09078) in the last XSA_LAST attention
     #                    mixers (A, N or S; in layout order, a shared mixer counted once; more than there are = all):
     #                    each head's output loses its component along the token's own value vector. 0 = off
-    #                    At 300 s on all layers (one seed each; README, Quality): all-attention 0.0126 better,
-    #                    the default hybrid 0.0034 worse
+    #                    At 300 s (README, Quality): on every layer, all-attention 0.0118 better (two seeds), the
+    #                    default hybrid 0.0034 worse; on the hybrid's last 4, 0.0046 worse (one seed)
     gdn_heads: int = 8  # 8 x 64 over 4 x 128: 0.0019 better at 300 s (two seeds), 3% slower steps (README, Quality)
     gdn_head_dim: int = 64  # key dimension per head (FlashQLA needs 128, so 64 runs fla's kernels; README, throughput)
     gdn_expand_v: float = 1.0  # value dimension = gdn_head_dim * gdn_expand_v
