@@ -203,6 +203,10 @@ class Config:
     matrix_bits: int = 6
     embed_bits: int = 8
     matrix_clip_sigmas: float = 12.85
+    matrix_clip_fit: bool = False  # export at the matrix clip that fills ARTIFACT_LIMIT_BYTES (fit_matrix_clip),
+    #                                starting at MATRIX_CLIP_SIGMAS, within [MATRIX_CLIP_FIT_MIN, MATRIX_CLIP_FIT_MAX]
+    matrix_clip_fit_min: float = 8.0  # the narrowest clip measured (lease 11: better than 10; below 8 not measured)
+    matrix_clip_fit_max: float = 24.0
     embed_clip_sigmas: float = 20.0
     compressor: str = "brotli"  # brotli | zstd
     packing: str = "byte"  # byte (one quantized value per byte) | dense (bits-wide fields); see section 8
@@ -330,6 +334,11 @@ class Config:
         need(self.eval_batch_tokens >= self.eval_len,
              f"EVAL_BATCH_TOKENS={self.eval_batch_tokens} must hold at least one window of {self.eval_len}")
         need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must be in 2..8")
+        need(not self.matrix_clip_fit
+             or 0 < self.matrix_clip_fit_min <= self.matrix_clip_sigmas <= self.matrix_clip_fit_max,
+             f"MATRIX_CLIP_FIT starts at MATRIX_CLIP_SIGMAS={self.matrix_clip_sigmas:g}, which must lie in "
+             f"MATRIX_CLIP_FIT_MIN={self.matrix_clip_fit_min:g} .. MATRIX_CLIP_FIT_MAX={self.matrix_clip_fit_max:g}"
+             " (> 0)")
         need(self.compressor in ("brotli", "zstd"), f"COMPRESSOR={self.compressor!r} must be brotli or zstd")
         need(self.packing in ("byte", "dense"), f"PACKING={self.packing!r} must be byte or dense")
         need(self.quant_method in ("gptq", "rtn"), f"QUANT_METHOD={self.quant_method!r} must be gptq or rtn")
@@ -1864,14 +1873,20 @@ def _parallel(fn, items: list) -> list:
         return list(pool.map(fn, items))
 
 
-def write_artifact(path: Path, frames: list[bytes], compressor: str) -> int:
-    """Compress the frames in parallel and write atomically (temp file, fsync, rename). Returns the file size."""
+def pack_artifact(frames: list[bytes], compressor: str) -> bytes:
+    """The artifact file's bytes: the header, then the frames compressed in parallel."""
     packed = _parallel(lambda f: compress(f, compressor), frames)
     rest = struct.pack(f"<{len(packed)}Q", *(len(p) for p in packed)) + b"".join(packed)
     header = ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSOR_IDS[compressor], zlib.crc32(rest),
                                   len(packed))
-    write_atomically(path, lambda f: f.write(header + rest))
-    return len(header) + len(rest)
+    return header + rest
+
+
+def write_artifact(path: Path, frames: list[bytes], compressor: str) -> int:
+    """Compress the frames and write atomically (temp file, fsync, rename). Returns the file size."""
+    data = pack_artifact(frames, compressor)
+    write_atomically(path, lambda f: f.write(data))
+    return len(data)
 
 
 def write_atomically(path: Path, write: Callable) -> None:
@@ -1967,6 +1982,55 @@ def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], d
 
 def code_bytes() -> int:
     return len(Path(__file__).read_bytes())
+
+
+CLIP_FIT_SLACK_BYTES = 40_000  # MATRIX_CLIP_FIT stops this close under the limit: at lease 11's ~6 MB of artifact per
+#                                unit of ln(clip), 0.7% of the clip, worth about 0.00004 bpb by that lease's exports
+CLIP_FIT_MAX_TRIALS = 8  # exports, each a GPTQ pass and a compression (default model, H200: about 9 s + 7 s)
+
+
+def fit_matrix_clip(size_at: Callable[[float], int], start: float, lo: float, hi: float, budget: int, slope: float,
+                    slack: int = CLIP_FIT_SLACK_BYTES, max_trials: int = CLIP_FIT_MAX_TRIALS
+                    ) -> tuple[float, list[tuple[float, int]]]:
+    """The narrowest matrix clip in [lo, hi] (sigmas) whose size fits `budget` bytes, found to within `slack` bytes.
+
+    A narrower clip is a finer grid: better quality, more bytes (lease 11, one run's weights: clip 16 -> 12.85 -> 10
+    -> 8 took the round trip 1.3705 -> 1.3682 -> 1.3663 -> 1.3655 and the model 13.6 -> 14.8 -> 16.2 -> 17.7 MB).
+    The size falls nearly linearly in ln(clip), by about `slope` bytes per unit (each value's entropy falls by
+    log2(e) bits per unit of ln(clip)). So the search steps along that line from `start` (then along the line
+    through its last two sizes), and once it has sizes on both sides of the budget, takes the secant between the
+    nearest two, kept inside them. `size_at(clip)` -> bytes, called with the clips it returns. Returns (clip,
+    trials [(clip, bytes)]): the narrowest clip that fitted, or the widest tried when none did (at `hi`, or after
+    `max_trials`)."""
+    trials = []
+    fit = over = None  # (ln clip, clip, bytes): the narrowest that fitted, the widest that did not
+    clip, x_lo, x_hi = start, math.log(lo), math.log(hi)
+    aim = budget - slack / 2
+    while True:
+        x = math.log(clip)
+        size = size_at(clip)
+        trials.append((clip, size))
+        if size <= budget and (fit is None or x < fit[0]):
+            fit = (x, clip, size)
+        if size > budget and (over is None or x > over[0]):
+            over = (x, clip, size)
+        if fit is not None and (budget - fit[2] <= slack or fit[0] <= x_lo):
+            break  # full enough, or as fine as allowed
+        if (fit is None and over[0] >= x_hi) or len(trials) >= max_trials:
+            break  # even the widest clip is over, or out of trials
+        if fit is not None and over is not None:
+            (xo, _, so), (xf, _, sf) = over, fit
+            x = xo + (so - aim) * (xf - xo) / (so - sf)
+            x = min(max(x, xo + 0.1 * (xf - xo)), xf - 0.1 * (xf - xo))
+        else:  # one side only: along the slope the last two trials show (or the guess), at most to the bound
+            x0, _, s0 = fit or over
+            if len(trials) >= 2:
+                (c1, s1), (c2, s2) = trials[-2:]
+                if c1 != c2 and s1 != s2 and (s1 - s2) / (math.log(c2) - math.log(c1)) > 0:
+                    slope = (s1 - s2) / (math.log(c2) - math.log(c1))
+            x = min(max(x0 + (s0 - aim) / slope, x_lo), x_hi)
+        clip = lo if x <= x_lo else hi if x >= x_hi else math.exp(x)  # a bound exactly, as given
+    return (fit or over)[1], trials
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -2870,16 +2934,35 @@ def calibrate(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, train_ms: 
 
 def export_artifact(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, path: Path,
                     hessians: dict | None) -> dict:
-    """Rank 0 quantizes (GPTQ where there are Hessians), compresses and writes the artifact atomically; every rank
-    gets the sizes and timings."""
+    """Rank 0 quantizes (GPTQ where there are Hessians), compresses and writes the artifact atomically, with
+    MATRIX_CLIP_FIT after choosing the matrix clip that fills the limit; every rank gets the sizes and timings."""
     sizes = [None]
     if rt.is_main:
-        t0 = time.perf_counter()
-        frames, records = serialize_state(base.state_dict(), base.mc, cfg, hessians)
-        sync(rt)
-        t1 = time.perf_counter()
-        model_bytes = write_artifact(path, frames, cfg.compressor)
+        state, code = base.state_dict(), code_bytes()
+        seconds = dict(quantize=0.0, compress=0.0)
+        built = {}  # matrix clip -> (artifact bytes, raw bytes, frames, records)
+
+        def build(clip: float) -> int:  # the artifact + code bytes with this matrix clip
+            t0 = time.perf_counter()
+            frames, records = serialize_state(state, base.mc, dataclasses.replace(cfg, matrix_clip_sigmas=clip),
+                                              hessians)
+            sync(rt)
+            t1 = time.perf_counter()
+            data = pack_artifact(frames, cfg.compressor)
+            seconds["quantize"] += t1 - t0
+            seconds["compress"] += time.perf_counter() - t1
+            built[clip] = (data, sum(map(len, frames)), len(frames), records)
+            return len(data) + code
+
+        if cfg.matrix_clip_fit:
+            clip = fit_export_clip(build, state, cfg, log)
+        else:
+            clip = cfg.matrix_clip_sigmas
+            build(clip)
+        data, raw_bytes, n_frames, records = built[clip]
         t2 = time.perf_counter()
+        write_atomically(path, lambda f: f.write(data))
+        seconds["compress"] += time.perf_counter() - t2
         for r in records:
             log(f"export {r['name']} {tuple(r['shape'])} {r['kind']} bits:{r['bits']} method:{r['method']} "
                 f"clip:{r['clip_sigmas']} bytes:{r['nbytes']}", console=False)
@@ -2888,15 +2971,16 @@ def export_artifact(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, path
             f"{k}: {sum(1 for r in records if label(r) == k)} tensors "
             f"{sum(math.prod(r['shape']) for r in records if label(r) == k):,} params"
             for k in sorted({label(r) for r in records})))
-        code = code_bytes()
+        model_bytes = len(data)
         total = model_bytes + code
         n_params = sum(math.prod(r["shape"]) for r in records)
-        sizes[0] = dict(model_bytes=model_bytes, code_bytes=code, total_bytes=total,
-                        quantize_seconds=round(t1 - t0, 2), compress_seconds=round(t2 - t1, 2))
+        sizes[0] = dict(model_bytes=model_bytes, code_bytes=code, total_bytes=total, matrix_clip_sigmas=clip,
+                        quantize_seconds=round(seconds["quantize"], 2), compress_seconds=round(seconds["compress"], 2))
         tag = f"int{cfg.matrix_bits}+{cfg.compressor}"
-        log(f"Serialized model {tag}: {model_bytes} bytes (raw {sum(map(len, frames))} bytes in {len(frames)} frames, "
-            f"{8 * model_bytes / n_params:.3f} bits/param) to {path}; quantize {t1 - t0:.1f}s, compress+write "
-            f"{t2 - t1:.1f}s")
+        log(f"Serialized model {tag}: {model_bytes} bytes (raw {raw_bytes} bytes in {n_frames} frames, "
+            f"{8 * model_bytes / n_params:.3f} bits/param, matrix clip {clip:.4g} sigmas) to {path}; quantize "
+            f"{seconds['quantize']:.1f}s, compress+write {seconds['compress']:.1f}s"
+            + (f" ({len(built)} exports tried)" if len(built) > 1 else ""))
         log(f"Code size: {code} bytes")
         log(f"Total submission size {tag}: {total} bytes (limit {ARTIFACT_LIMIT_BYTES})")
         if total > ARTIFACT_LIMIT_BYTES:
@@ -2904,6 +2988,26 @@ def export_artifact(base: nn.Module, cfg: Config, rt: Runtime, log: Logger, path
     if rt.distributed:
         dist.broadcast_object_list(sizes, src=0)
     return sizes[0]
+
+
+def fit_export_clip(build: Callable[[float], int], state: dict[str, torch.Tensor], cfg: Config, log: Logger) -> float:
+    """MATRIX_CLIP_FIT: `fit_matrix_clip` over full exports (`build(clip)` -> artifact + code bytes), each logged."""
+    t0 = time.perf_counter()
+    n_matrix = sum(t.numel() for name, t in state.items() if PARAM_ROUTES[route_index(name, t)][0] == "muon")
+    clip, trials = fit_matrix_clip(build, cfg.matrix_clip_sigmas, cfg.matrix_clip_fit_min, cfg.matrix_clip_fit_max,
+                                   ARTIFACT_LIMIT_BYTES, slope=n_matrix * math.log2(math.e) / 8,
+                                   slack=CLIP_FIT_SLACK_BYTES, max_trials=CLIP_FIT_MAX_TRIALS)
+    for c, size in trials:
+        log(f"clip_fit: MATRIX_CLIP_SIGMAS={c:.4f}: {size:,} bytes with the code "
+            f"({'fits' if size <= ARTIFACT_LIMIT_BYTES else 'over the limit'})")
+    size = dict(trials)[clip]
+    fits = size <= ARTIFACT_LIMIT_BYTES
+    why = ("the widest tried, and over the limit" if not fits
+           else "the narrowest allowed (MATRIX_CLIP_FIT_MIN)" if clip <= cfg.matrix_clip_fit_min
+           else f"{ARTIFACT_LIMIT_BYTES - size:,} bytes under the limit")
+    log(f"clip_fit: matrix clip {clip:.4f} sigmas ({why}) after {len(trials)} exports in "
+        f"{time.perf_counter() - t0:.1f}s")
+    return clip
 
 
 def score_artifact(path: Path, cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables,
@@ -3092,7 +3196,8 @@ def export_and_score(base: nn.Module, fwd: nn.Module, cfg: Config, rt: Runtime, 
                    artifact_path=str(path), **sizes)
     if cfg.quant_compare and hessians is not None:
         rtn_path = path.with_name(path.stem + "_rtn" + path.suffix)
-        export_artifact(base, cfg, rt, log, rtn_path, None)
+        same_clip = dataclasses.replace(cfg, matrix_clip_fit=False, matrix_clip_sigmas=sizes["matrix_clip_sigmas"])
+        export_artifact(base, same_clip, rt, log, rtn_path, None)  # the methods compared at one clip
         if rt.distributed:
             dist.barrier()
         rtn = score_artifact(rtn_path, cfg, rt, log, val_tokens, tables, "compare_rtn_roundtrip", with_ttt=False)[1]

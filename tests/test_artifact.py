@@ -1,6 +1,7 @@
 """Quantization and the artifact: packing, exact and deterministic round-trips, and clear errors on bad files."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -258,3 +259,78 @@ def test_a_file_of_another_vocabulary_is_refused_even_when_vocab_size_is_not_set
                                              "run's tokenizer and shards are for VOCAB_SIZE=1024"):
             tg.require_model_matches(cfg, model.mc, mode, kind, tmp_path)
     tg.require_model_matches(dataclasses.replace(cfg, vocab_size=97), model.mc, "EVAL_ONLY", "artifact", tmp_path)
+
+
+def log_linear_size(c: float) -> int:
+    """A stand-in for artifact bytes against the matrix clip: falling in ln(clip), and not exactly linearly."""
+    x = math.log(c)
+    return int(30_100_000 - 6_000_000 * x + 400_000 * (x - 2.5) ** 2)
+
+
+def narrowest_fit(size_at, lo, hi, budget):
+    """An independent answer: bisection in the clip itself for the smallest one whose size fits."""
+    a, b = lo, hi
+    for _ in range(60):
+        m = (a + b) / 2
+        a, b = (a, m) if size_at(m) <= budget else (m, b)
+    return b
+
+
+@pytest.mark.parametrize("start,budget,slope", [(12.85, 15_200_000, 6_000_000), (12.85, 15_200_000, 3_000_000),
+                                                (12.85, 15_200_000, 12_000_000), (9.0, 12_000_000, 6_000_000),
+                                                (12.85, 15_200_000, 60_000_000)])
+def test_clip_fit_finds_the_narrowest_clip_that_fits_within_the_slack(start, budget, slope):
+    calls = []
+    clip, trials = tg.fit_matrix_clip(lambda c: calls.append(c) or log_linear_size(c), start, 8.0, 24.0, budget, slope,
+                                      slack=40_000, max_trials=8)
+    size = log_linear_size(clip)
+    assert size <= budget and budget - size <= 40_000
+    assert narrowest_fit(log_linear_size, 8.0, 24.0, budget) <= clip  # nothing narrower fits ...
+    assert log_linear_size(clip * 0.99) > budget - 40_000 - 70_000  # ... and it is within 1% of the edge
+    assert trials == [(c, log_linear_size(c)) for c in calls] and trials[0][0] == pytest.approx(start)
+    assert clip in calls
+    assert len(trials) <= 3  # a guessed slope half or ten times the true one costs one more export, not several
+
+
+def test_clip_fit_stops_at_its_bounds():
+    # everything fits down to the narrowest allowed clip: that one
+    clip, trials = tg.fit_matrix_clip(log_linear_size, 12.85, 8.0, 24.0, 30_000_000, 6e6, slack=40_000)
+    assert clip == pytest.approx(8.0) and log_linear_size(clip) <= 30_000_000
+    # nothing fits even at the widest: the widest, which the caller reports as over the limit
+    clip, trials = tg.fit_matrix_clip(log_linear_size, 12.85, 8.0, 24.0, 1_000_000, 6e6, slack=40_000)
+    assert clip == pytest.approx(24.0) and trials[-1][0] == clip and log_linear_size(clip) > 1_000_000
+    # a size that jumps (no clip lands in the slack): the trial count bounds the search, and what fits is kept
+    step = lambda c: 16_000_000 if c < 11.0 else 14_000_000  # noqa: E731
+    clip, trials = tg.fit_matrix_clip(step, 12.85, 8.0, 24.0, 15_000_000, 6e6, slack=40_000, max_trials=5)
+    assert len(trials) == 5 and step(clip) <= 15_000_000 and 11.0 <= clip < 11.5
+
+
+def test_export_with_clip_fit_fills_the_limit(tmp_path, monkeypatch):
+    """MATRIX_CLIP_FIT on the real export: with the limit set where a clip of 10 sigmas lands, the written artifact
+    plus the code fits it to within the slack, and its matrices carry the clip that was chosen."""
+    model = tiny_model(seed=5)
+    state = model.state_dict()
+    at10 = len(tg.pack_artifact(tg.serialize_state(state, model.mc, tg.Config(matrix_clip_sigmas=10.0))[0], "brotli"))
+    limit = at10 + tg.code_bytes()
+    monkeypatch.setattr(tg, "ARTIFACT_LIMIT_BYTES", limit)
+    monkeypatch.setattr(tg, "CLIP_FIT_SLACK_BYTES", 300)
+    cfg = tg.Config.from_env({"PRESET": "tiny", "MATRIX_CLIP_FIT": "1"})
+    path, log_path = tmp_path / "fit.pgz", tmp_path / "log.txt"
+    sizes = tg.export_artifact(model, cfg, tg.Runtime(0, 1, 0, torch.device("cpu"), 1), tg.Logger(log_path), path, None)
+    total = path.stat().st_size + tg.code_bytes()
+    assert sizes["total_bytes"] == total and limit - 300 <= total <= limit
+    assert 9.0 < sizes["matrix_clip_sigmas"] < 11.0
+    log = log_path.read_text()
+    assert "clip_fit: matrix clip" in log and log.count("clip_fit: MATRIX_CLIP_SIGMAS=") >= 2
+    mc, read = tg.read_artifact(path)
+    expect = expected_roundtrip(model, dataclasses.replace(cfg, matrix_clip_sigmas=sizes["matrix_clip_sigmas"]))
+    for name in expect:
+        assert torch.equal(read[name], expect[name]), name
+
+
+def test_clip_fit_start_must_lie_in_its_range():
+    with pytest.raises(ValueError, match="MATRIX_CLIP_FIT starts at MATRIX_CLIP_SIGMAS=30"):
+        tg.Config.from_env({"MATRIX_CLIP_FIT": "1", "MATRIX_CLIP_SIGMAS": "30"})
+    with pytest.raises(ValueError, match="MATRIX_CLIP_FIT_MIN=0"):
+        tg.Config.from_env({"MATRIX_CLIP_FIT": "1", "MATRIX_CLIP_FIT_MIN": "0"})
+    assert tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "30"}).matrix_clip_sigmas == 30.0  # no fit: no range to respect

@@ -208,6 +208,23 @@ def test_export_from_applies_this_runs_export_settings(trained, tiny_data):
     assert "calibration:" not in again and "int6-rtn" in again
 
 
+def test_clip_fit_exports_at_the_narrowest_allowed_clip_when_everything_fits(trained, tiny_data):
+    """MATRIX_CLIP_FIT in the script: the tiny model is far under 16,000,000 bytes, so the fit goes to
+    MATRIX_CLIP_FIT_MIN; QUANT_COMPARE's round-to-nearest export uses the clip chosen for GPTQ, not a fit of its own."""
+    cwd, _ = trained
+    out = run_script(cwd, {**tiny_env(tiny_data, "reexport_fit"), "EXPORT_FROM": str(cwd / "ckpt" / "e2e.pt"),
+                           "MATRIX_CLIP_FIT": "1", "MATRIX_CLIP_FIT_MIN": "9.5", "QUANT_COMPARE": "1",
+                           "TTT_ENABLED": "0"})
+    s = summary(out)
+    assert s["matrix_clip_sigmas"] == 9.5 and s["total_bytes"] < tg.ARTIFACT_LIMIT_BYTES
+    assert "clip_fit: matrix clip 9.5000 sigmas (the narrowest allowed (MATRIX_CLIP_FIT_MIN))" in out
+    assert "compare_rtn_roundtrip" in out and "quantization_gap rtn:" in out
+    log = (cwd / "logs" / "reexport_fit.txt").read_text()
+    matrix_clips = re.findall(r"^export \S+ \(.*\) int bits:6 method:(gptq|rtn) clip:(\S+) ", log, re.M)
+    assert {m for m, _ in matrix_clips} == {"gptq", "rtn"}  # both exports logged their matrices ...
+    assert {float(c) for _, c in matrix_clips} == {9.5}  # ... at the one clip
+
+
 def test_export_from_rejects_a_missing_or_contradicted_checkpoint(trained, tiny_data, tmp_path):
     cwd, _ = trained
     missing = tmp_path / "none.pt"
