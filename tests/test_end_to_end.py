@@ -223,6 +223,10 @@ def test_clip_fit_exports_at_the_narrowest_allowed_clip_when_everything_fits(tra
     matrix_clips = re.findall(r"^export \S+ \(.*\) int bits:6 method:(gptq|rtn) clip:(\S+) ", log, re.M)
     assert {m for m, _ in matrix_clips} == {"gptq", "rtn"}  # both exports logged their matrices ...
     assert {float(c) for _, c in matrix_clips} == {9.5}  # ... at the one clip
+    plain = run_script(cwd, {**tiny_env(tiny_data, "reexport_95"), "EXPORT_FROM": str(cwd / "ckpt" / "e2e.pt"),
+                             "MATRIX_CLIP_SIGMAS": "9.5", "TTT_ENABLED": "0"})
+    assert "clip_fit" not in plain  # the fit's earlier trials left nothing behind: its artifact is the plain export's
+    assert (cwd / "artifacts" / "reexport_fit.pgz").read_bytes() == (cwd / "artifacts" / "reexport_95.pgz").read_bytes()
 
 
 def test_export_from_rejects_a_missing_or_contradicted_checkpoint(trained, tiny_data, tmp_path):
