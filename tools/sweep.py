@@ -55,7 +55,7 @@ from make_submission import NoSummaryError, last_run, read_log  # noqa: E402
 # Settings that name a run or its files rather than what was trained; the table never lists them as changes.
 NOT_SETTINGS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH", "CHECKPOINT_PATH"}
 EVAL_SETTINGS = ("EVAL_", "TTT_", "STREAM_", "ARTIFACT_PATH", "VAL_MAX_TOKENS")  # what a rescoring's row lists
-EXPORT_SETTINGS = EVAL_SETTINGS + ("EXPORT_FROM", "QUANT_", "GPTQ_", "MATRIX_BITS", "MATRIX_CLIP_SIGMAS", "EMBED_BITS",
+EXPORT_SETTINGS = EVAL_SETTINGS + ("EXPORT_FROM", "QUANT_", "GPTQ_", "MATRIX_BITS", "MATRIX_CLIP_", "EMBED_BITS",
                                    "EMBED_CLIP_SIGMAS", "COMPRESSOR", "PACKING")  # ... and an EXPORT_FROM run's
 COLUMNS = ["run", "settings beyond the defaults", "seed", "device", "params", "steps", "tok/s", "train passes",
            "pre-quant", "round trip", "+ TTT", "artifact + code", "wall s"]
