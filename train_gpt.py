@@ -1874,19 +1874,13 @@ def _parallel(fn, items: list) -> list:
 
 
 def pack_artifact(frames: list[bytes], compressor: str) -> bytes:
-    """The artifact file's bytes: the header, then the frames compressed in parallel."""
+    """The artifact file's bytes: the header, then the frames compressed in parallel (written by
+    `write_atomically`)."""
     packed = _parallel(lambda f: compress(f, compressor), frames)
     rest = struct.pack(f"<{len(packed)}Q", *(len(p) for p in packed)) + b"".join(packed)
     header = ARTIFACT_HEADER.pack(ARTIFACT_MAGIC, ARTIFACT_VERSION, COMPRESSOR_IDS[compressor], zlib.crc32(rest),
                                   len(packed))
     return header + rest
-
-
-def write_artifact(path: Path, frames: list[bytes], compressor: str) -> int:
-    """Compress the frames and write atomically (temp file, fsync, rename). Returns the file size."""
-    data = pack_artifact(frames, compressor)
-    write_atomically(path, lambda f: f.write(data))
-    return len(data)
 
 
 def write_atomically(path: Path, write: Callable) -> None:

@@ -49,8 +49,9 @@ def export(model, tmp_path, name="a.pgz", **cfg_kw):
     cfg = tg.Config(**cfg_kw)
     frames, records = tg.serialize_state(model.state_dict(), model.mc, cfg)
     path = tmp_path / name
-    size = tg.write_artifact(path, frames, cfg.compressor)
-    assert size == path.stat().st_size
+    data = tg.pack_artifact(frames, cfg.compressor)
+    tg.write_atomically(path, lambda f: f.write(data))
+    assert len(data) == path.stat().st_size
     return path, cfg
 
 
@@ -184,7 +185,7 @@ def test_writing_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tg.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="disk full"):
-        tg.write_artifact(path, frames, cfg.compressor)
+        tg.write_atomically(path, lambda f: f.write(tg.pack_artifact(frames, cfg.compressor)))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
 
