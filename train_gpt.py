@@ -2020,8 +2020,9 @@ def fit_matrix_clip(size_at: Callable[[float], int], start: float, lo: float, hi
             x0, _, s0 = fit or over
             if len(trials) >= 2:
                 (c1, s1), (c2, s2) = trials[-2:]
-                if c1 != c2 and s1 != s2 and (s1 - s2) / (math.log(c2) - math.log(c1)) > 0:
-                    slope = (s1 - s2) / (math.log(c2) - math.log(c1))
+                seen = (s1 - s2) / math.log(c2 / c1) if c1 != c2 else 0.0
+                if seen > 0:
+                    slope = seen
             x = min(max(x0 + (s0 - aim) / slope, x_lo), x_hi)
         clip = lo if x <= x_lo else hi if x >= x_hi else math.exp(x)  # a bound exactly, as given
     return (fit or over)[1], trials
