@@ -334,4 +334,16 @@ def test_clip_fit_start_must_lie_in_its_range():
         tg.Config.from_env({"MATRIX_CLIP_FIT": "1", "MATRIX_CLIP_SIGMAS": "30"})
     with pytest.raises(ValueError, match="MATRIX_CLIP_FIT_MIN=0"):
         tg.Config.from_env({"MATRIX_CLIP_FIT": "1", "MATRIX_CLIP_FIT_MIN": "0"})
-    assert tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "30"}).matrix_clip_sigmas == 30.0  # no fit: no range to respect
+    assert tg.Config.from_env({"MATRIX_CLIP_FIT": "0", "MATRIX_CLIP_SIGMAS": "30"}).matrix_clip_sigmas == 30.0  # no fit:
+    #                                                                                      no range to respect
+
+
+def test_a_clip_set_alone_is_refused_while_the_fit_is_on_by_default():
+    """MATRIX_CLIP_SIGMAS alone would only move where the default fit starts, not the clip exported: refused, with
+    both ways out named; either way out is accepted, and so is the setting where nothing is exported."""
+    assert tg.Config().matrix_clip_fit
+    with pytest.raises(ValueError, match="MATRIX_CLIP_SIGMAS=10 is only where the clip fit starts.*MATRIX_CLIP_FIT=0"):
+        tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "10"})
+    assert not tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "10", "MATRIX_CLIP_FIT": "0"}).matrix_clip_fit
+    assert tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "10", "MATRIX_CLIP_FIT": "1"}).matrix_clip_sigmas == 10.0
+    assert tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "10", "EVAL_ONLY": "1", "ARTIFACT_PATH": "a.pgz"}).eval_only

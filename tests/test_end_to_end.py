@@ -200,7 +200,8 @@ def test_export_from_applies_this_runs_export_settings(trained, tiny_data):
     artifact is not (a coarser clip and round-to-nearest instead of GPTQ)."""
     cwd, out = trained
     again = run_script(cwd, {**tiny_env(tiny_data, "reexport_rtn"), "EXPORT_FROM": str(cwd / "ckpt" / "e2e.pt"),
-                             "QUANT_METHOD": "rtn", "MATRIX_CLIP_SIGMAS": "3", "TTT_ENABLED": "0"})
+                             "QUANT_METHOD": "rtn", "MATRIX_CLIP_FIT": "0", "MATRIX_CLIP_SIGMAS": "3",
+                             "TTT_ENABLED": "0"})
     first, second = summary(out), summary(again)
     assert second["pre_quant"]["loss"] == first["pre_quant"]["loss"]
     assert second["final_no_ttt"]["loss"] != first["final_no_ttt"]["loss"]
@@ -209,11 +210,12 @@ def test_export_from_applies_this_runs_export_settings(trained, tiny_data):
 
 
 def test_clip_fit_exports_at_the_narrowest_allowed_clip_when_everything_fits(trained, tiny_data):
-    """MATRIX_CLIP_FIT in the script: the tiny model is far under 16,000,000 bytes, so the fit goes to
-    MATRIX_CLIP_FIT_MIN; QUANT_COMPARE's round-to-nearest export uses the clip chosen for GPTQ, not a fit of its own."""
+    """MATRIX_CLIP_FIT (on by default) in the script: the tiny model is far under 16,000,000 bytes, so the fit goes
+    to MATRIX_CLIP_FIT_MIN; QUANT_COMPARE's round-to-nearest export uses the clip chosen for GPTQ, not a fit of its
+    own. MATRIX_CLIP_FIT=0 exports at MATRIX_CLIP_SIGMAS itself."""
     cwd, _ = trained
     out = run_script(cwd, {**tiny_env(tiny_data, "reexport_fit"), "EXPORT_FROM": str(cwd / "ckpt" / "e2e.pt"),
-                           "MATRIX_CLIP_FIT": "1", "MATRIX_CLIP_FIT_MIN": "9.5", "QUANT_COMPARE": "1",
+                           "MATRIX_CLIP_FIT_MIN": "9.5", "QUANT_COMPARE": "1",
                            "TTT_ENABLED": "0"})
     s = summary(out)
     assert s["matrix_clip_sigmas"] == 9.5 and s["total_bytes"] < tg.ARTIFACT_LIMIT_BYTES
@@ -224,7 +226,7 @@ def test_clip_fit_exports_at_the_narrowest_allowed_clip_when_everything_fits(tra
     assert {m for m, _ in matrix_clips} == {"gptq", "rtn"}  # both exports logged their matrices ...
     assert {float(c) for _, c in matrix_clips} == {9.5}  # ... at the one clip
     plain = run_script(cwd, {**tiny_env(tiny_data, "reexport_95"), "EXPORT_FROM": str(cwd / "ckpt" / "e2e.pt"),
-                             "MATRIX_CLIP_SIGMAS": "9.5", "TTT_ENABLED": "0"})
+                             "MATRIX_CLIP_FIT": "0", "MATRIX_CLIP_SIGMAS": "9.5", "TTT_ENABLED": "0"})
     assert "clip_fit" not in plain  # the fit's earlier trials left nothing behind: its artifact is the plain export's
     assert (cwd / "artifacts" / "reexport_fit.pgz").read_bytes() == (cwd / "artifacts" / "reexport_95.pgz").read_bytes()
 
