@@ -181,14 +181,29 @@ def test_an_export_from_row_lists_export_and_evaluation_settings_and_no_training
     did; its seed is not the model's, and the means leave it out."""
     summary = dict(run_id="x", seed=1337, device="fake", wall_seconds=20.0, eval_only=False, steps=100,
                    export_from="ckpt/a.pt", pre_quant=dict(bpb=1.40), final_no_ttt=dict(bpb=1.41), final=dict(bpb=1.39))
-    config = ["EXPORT_FROM=ckpt/a.pt", "MATRIX_CLIP_SIGMAS=10.0", "MATRIX_CLIP_FIT=True", "MATRIX_LR=0.06",
+    config = ["EXPORT_FROM=ckpt/a.pt", "MATRIX_CLIP_SIGMAS=10.0", "MATRIX_CLIP_FIT=False", "MATRIX_LR=0.06",
               "LAYOUT=GGGG", "SEED=1337", "TTT_ENABLED=True", "CHECKPOINT_PATH="]
     (tmp_path / "x.txt").write_text("".join(f"config {c}\n" for c in config) + f"summary {json.dumps(summary)}\n")
     row = dict(zip(sweep.COLUMNS, sweep.table_row(read_log(tmp_path / "x.txt"))))
-    assert row["settings beyond the defaults"] == "EXPORT_FROM=ckpt/a.pt MATRIX_CLIP_SIGMAS=10.0 MATRIX_CLIP_FIT=True"
+    assert row["settings beyond the defaults"] == "EXPORT_FROM=ckpt/a.pt MATRIX_CLIP_SIGMAS=10.0 MATRIX_CLIP_FIT=False"
     assert (row["seed"], row["steps"], row["round trip"]) == ("—", "100", "1.4100")
     proc = run_sweep(tmp_path, "--table", "--means", "x.txt", fake=False)
     assert proc.returncode == 0 and proc.stdout.split("\n\n", 1)[1].splitlines()[2:] == []
+
+
+def test_a_log_from_before_the_clip_fit_counts_as_exported_without_it(tmp_path):
+    """MATRIX_CLIP_FIT came in off and is now on: a log that records MATRIX_CLIP_SIGMAS but not MATRIX_CLIP_FIT ran
+    without the fit, and groups with later runs that set MATRIX_CLIP_FIT=0; a run with the fit lists nothing."""
+    summary = dict(run_id="x", seed=1337, device="fake", wall_seconds=20.0, eval_only=False, steps=100,
+                   pre_quant=dict(bpb=1.40), final_no_ttt=dict(bpb=1.41), final=dict(bpb=1.39))
+    for name, extra in [("old", []), ("off", ["MATRIX_CLIP_FIT=False"]), ("on", ["MATRIX_CLIP_FIT=True"])]:
+        config = ["MATRIX_CLIP_SIGMAS=12.85", f"SEED={1337 + len(extra)}", *extra]
+        (tmp_path / f"{name}.txt").write_text("".join(f"config {c}\n" for c in config)
+                                              + f"summary {json.dumps({**summary, 'run_id': name})}\n")
+    rows = {name: dict(zip(sweep.COLUMNS, sweep.table_row(read_log(tmp_path / f"{name}.txt"))))
+            for name in ("old", "off", "on")}
+    assert rows["old"]["settings beyond the defaults"] == "MATRIX_CLIP_FIT=False" == rows["off"]["settings beyond the defaults"]
+    assert rows["on"]["settings beyond the defaults"] == "none"
 
 
 def test_the_table_of_logs_shows_an_unfinished_run_and_fails(tmp_path):

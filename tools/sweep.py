@@ -237,11 +237,18 @@ def trained(config: dict[str, str]) -> bool:
     return config.get("EVAL_ONLY") != "True" and not config.get("EXPORT_FROM")
 
 
+# Settings added with one default and later given another. A log that records the older setting named beside it but
+# not this one is from before this one existed, and ran as the value given (a setting whose default never changed
+# needs no entry: a log without it ran at the current default).
+BEFORE_THE_SETTING = {"MATRIX_CLIP_FIT": ("MATRIX_CLIP_SIGMAS", "False")}  # on by default since lease 12
+
+
 def changed_settings(config: dict[str, str]) -> str:
     """The logged settings that differ from the current Config defaults, as KEY=VALUE words: for a run that did not
     train, only those that act on what it did (evaluation; for EXPORT_FROM, export too)."""
     defaults = tg.Config()
     listed = None if trained(config) else EVAL_SETTINGS if config.get("EVAL_ONLY") == "True" else EXPORT_SETTINGS
+    config = {**{key: value for key, (older, value) in BEFORE_THE_SETTING.items() if older in config}, **config}
     words = [f"{key}={config[key]}" for key in (f.name.upper() for f in fields(tg.Config))
              if key in config and key not in NOT_SETTINGS and config[key] != str(getattr(defaults, key.lower()))
              and (listed is None or key.startswith(listed))]
