@@ -334,8 +334,8 @@ def test_clip_fit_start_must_lie_in_its_range():
         tg.Config.from_env({"MATRIX_CLIP_FIT": "1", "MATRIX_CLIP_SIGMAS": "30"})
     with pytest.raises(ValueError, match="MATRIX_CLIP_FIT_MIN=0"):
         tg.Config.from_env({"MATRIX_CLIP_FIT": "1", "MATRIX_CLIP_FIT_MIN": "0"})
-    assert tg.Config.from_env({"MATRIX_CLIP_FIT": "0", "MATRIX_CLIP_SIGMAS": "30"}).matrix_clip_sigmas == 30.0  # no fit:
-    #                                                                                      no range to respect
+    no_fit = tg.Config.from_env({"MATRIX_CLIP_FIT": "0", "MATRIX_CLIP_SIGMAS": "30"})
+    assert no_fit.matrix_clip_sigmas == 30.0  # no fit: no range to respect
 
 
 def test_a_clip_set_alone_is_refused_while_the_fit_is_on_by_default():

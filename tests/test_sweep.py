@@ -202,8 +202,8 @@ def test_a_log_from_before_the_clip_fit_counts_as_exported_without_it(tmp_path):
                                               + f"summary {json.dumps({**summary, 'run_id': name})}\n")
     rows = {name: dict(zip(sweep.COLUMNS, sweep.table_row(read_log(tmp_path / f"{name}.txt"))))
             for name in ("old", "off", "on")}
-    assert rows["old"]["settings beyond the defaults"] == "MATRIX_CLIP_FIT=False" == rows["off"]["settings beyond the defaults"]
-    assert rows["on"]["settings beyond the defaults"] == "none"
+    settings = {name: row["settings beyond the defaults"] for name, row in rows.items()}
+    assert settings == {"old": "MATRIX_CLIP_FIT=False", "off": "MATRIX_CLIP_FIT=False", "on": "none"}
 
 
 def test_the_table_of_logs_shows_an_unfinished_run_and_fails(tmp_path):
