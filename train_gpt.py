@@ -336,16 +336,16 @@ class Config:
         need(self.eval_batch_tokens >= self.eval_len,
              f"EVAL_BATCH_TOKENS={self.eval_batch_tokens} must hold at least one window of {self.eval_len}")
         need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must be in 2..8")
-        need(not self.matrix_clip_fit
-             or 0 < self.matrix_clip_fit_min <= self.matrix_clip_sigmas <= self.matrix_clip_fit_max,
-             f"MATRIX_CLIP_FIT starts at MATRIX_CLIP_SIGMAS={self.matrix_clip_sigmas:g}, which must lie in "
-             f"MATRIX_CLIP_FIT_MIN={self.matrix_clip_fit_min:g} .. MATRIX_CLIP_FIT_MAX={self.matrix_clip_fit_max:g}"
-             " (> 0)")
         need(not (self.matrix_clip_fit and "matrix_clip_sigmas" in explicit and "matrix_clip_fit" not in explicit
                   and not self.eval_only),
              f"MATRIX_CLIP_SIGMAS={self.matrix_clip_sigmas:g} is only where the clip fit starts (MATRIX_CLIP_FIT is on "
              "by default and exports at the clip that fills the limit): set MATRIX_CLIP_FIT=0 to export at this "
              "clip, or MATRIX_CLIP_FIT=1 to fit from it")
+        need(not self.matrix_clip_fit
+             or 0 < self.matrix_clip_fit_min <= self.matrix_clip_sigmas <= self.matrix_clip_fit_max,
+             f"MATRIX_CLIP_FIT starts at MATRIX_CLIP_SIGMAS={self.matrix_clip_sigmas:g}, which must lie in "
+             f"MATRIX_CLIP_FIT_MIN={self.matrix_clip_fit_min:g} .. MATRIX_CLIP_FIT_MAX={self.matrix_clip_fit_max:g}"
+             " (> 0)")
         need(self.compressor in ("brotli", "zstd"), f"COMPRESSOR={self.compressor!r} must be brotli or zstd")
         need(self.packing in ("byte", "dense"), f"PACKING={self.packing!r} must be byte or dense")
         need(self.quant_method in ("gptq", "rtn"), f"QUANT_METHOD={self.quant_method!r} must be gptq or rtn")

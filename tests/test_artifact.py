@@ -344,6 +344,8 @@ def test_a_clip_set_alone_is_refused_while_the_fit_is_on_by_default():
     assert tg.Config().matrix_clip_fit
     with pytest.raises(ValueError, match="MATRIX_CLIP_SIGMAS=10 is only where the clip fit starts.*MATRIX_CLIP_FIT=0"):
         tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "10"})
+    with pytest.raises(ValueError, match="MATRIX_CLIP_SIGMAS=30 is only where the clip fit starts"):
+        tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "30"})  # outside the fit's range too: the way out comes first
     assert not tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "10", "MATRIX_CLIP_FIT": "0"}).matrix_clip_fit
     assert tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "10", "MATRIX_CLIP_FIT": "1"}).matrix_clip_sigmas == 10.0
     assert tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "10", "EVAL_ONLY": "1", "ARTIFACT_PATH": "a.pgz"}).eval_only
