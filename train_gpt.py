@@ -210,6 +210,13 @@ class Config:
     matrix_clip_fit_min: float = 8.0  # the narrowest clip measured (lease 11: better than 10; below 8 not measured)
     matrix_clip_fit_max: float = 24.0
     embed_clip_sigmas: float = 20.0
+    qat_frac: float = 0.0  # quantization-aware training over the last QAT_FRAC of the run (progress as for
+    #                        WARMDOWN_FRAC): the matrices exported as ints are used rounded to their int grid in the
+    #                        forward, gradients straight through to the fp32 weights (section 8). 0 = off. Not yet
+    #                        measured on the GPU (lease 13 saw the quantization gap grow from 0.013 at 300 s to 0.02
+    #                        at 600 s)
+    qat_clip_sigmas: float = 10.6  # the grid QAT rounds to, as MATRIX_CLIP_SIGMAS (the clip fit exported the default
+    #                                hybrid and all-attention at 10.49-10.71 on leases 12 and 13)
     compressor: str = "brotli"  # brotli | zstd
     packing: str = "byte"  # byte (one quantized value per byte) | dense (bits-wide fields); see section 8
 
@@ -346,6 +353,10 @@ class Config:
              f"MATRIX_CLIP_FIT starts at MATRIX_CLIP_SIGMAS={self.matrix_clip_sigmas:g}, which must lie in "
              f"MATRIX_CLIP_FIT_MIN={self.matrix_clip_fit_min:g} .. MATRIX_CLIP_FIT_MAX={self.matrix_clip_fit_max:g}"
              " (> 0)")
+        need(0.0 <= self.qat_frac <= 1.0, f"QAT_FRAC={self.qat_frac} must be in [0, 1]")
+        need(self.qat_clip_sigmas > 0, f"QAT_CLIP_SIGMAS={self.qat_clip_sigmas} must be positive")
+        need(not (self.model_from_file and self.qat_frac),
+             "QAT_FRAC acts while training; EVAL_ONLY and EXPORT_FROM do not train")
         need(self.compressor in ("brotli", "zstd"), f"COMPRESSOR={self.compressor!r} must be brotli or zstd")
         need(self.packing in ("byte", "dense"), f"PACKING={self.packing!r} must be byte or dense")
         need(self.quant_method in ("gptq", "rtn"), f"QUANT_METHOD={self.quant_method!r} must be gptq or rtn")
@@ -730,12 +741,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
 
 
 class Linear(nn.Linear):
-    """A bias-free linear layer with fp32 master weights (autocast computes in bf16 on the GPU)."""
+    """A bias-free linear layer with fp32 master weights (autocast computes in bf16 on the GPU). Under
+    quantization-aware training (QAT_FRAC; `enable_qat` sets qat_bits, qat_clip_sigmas and the shared switch) its
+    forward uses the weight as the export would round it, while the switch is on (`fake_quantize`)."""
+
+    qat_bits = 0  # 0: a plain layer, no fake quantization
+    qat_clip_sigmas = 0.0
 
     def __init__(self, d_in: int, d_out: int, zero_init: bool = False):
         super().__init__(d_in, d_out, bias=False)
         if zero_init:
             nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.qat_bits:
+            return F.linear(x, self.weight)
+        return F.linear(x, fake_quantize(self.weight, self.qat_switch, self.qat_bits, self.qat_clip_sigmas))
 
 
 class ShortConv(nn.Module):
@@ -1673,8 +1694,12 @@ def quant_plan(name: str, t: torch.Tensor, cfg: Config) -> tuple[str, int, float
 
 def row_scales(w: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
     """Per-row symmetric scale = clip_sigmas * std(row) / qmax, rounded to fp16 (as stored)."""
+    return row_scales_fp32(w, bits, clip_sigmas).half()
+
+
+def row_scales_fp32(w: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
     qmax = 2 ** (bits - 1) - 1
-    return (clip_sigmas * w.float().std(dim=1, unbiased=False) / qmax).clamp_min(MIN_SCALE).half()
+    return (clip_sigmas * w.float().std(dim=1, unbiased=False) / qmax).clamp_min(MIN_SCALE)
 
 
 def quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1687,6 +1712,75 @@ def quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: float) -> tuple[torch
 
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()[:, None]
+
+
+# Quantization-aware training (QAT_FRAC): over the last part of the run the matrices the export stores as ints are
+# used, in the forward, as round-to-nearest would store them (quantize_rows' grid, at QAT_CLIP_SIGMAS), and their
+# gradients pass straight through to the fp32 weights, which the optimizers, the EMA and the export keep using. One
+# 0-d tensor switches it for every layer: a tensor, not a Python flag, so that turning it on in the middle of a
+# compiled run changes what the compiled graph computes, with no recompile (a flag read in forward can be
+# specialized into the graph and never seen to change). Evaluations run with the switch off.
+
+
+def round_to_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Positive float32 x (below fp16's largest value) rounded to the nearest fp16 value, kept in float32: what
+    x.half().float() gives, written out because torch.compile drops a cast down and back up (Inductor does not
+    emulate precision casts by default, so a compiled fake quantization would use unrounded scales). fp16 carries
+    11 significant bits; below 2^-14 its values are multiples of 2^-24."""
+    _, exponent = torch.frexp(x)  # x = m 2^exponent, m in [0.5, 1)
+    spacing = torch.ldexp(torch.ones_like(x), (exponent - 11).clamp_min(-24))
+    return torch.round(x / spacing) * spacing  # half to even, as the cast rounds
+
+
+def fake_quantize(w: torch.Tensor, switch: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
+    """Where `switch` is 1: w rounded to nearest on the per-row grid of quantize_rows (the same fp16 scales), i.e.
+    dequantize_rows(*quantize_rows(w, bits, clip_sigmas)); where 0: w itself. The gradient reaches w unchanged."""
+    qmax = 2 ** (bits - 1) - 1
+    wd = w.detach()
+    scale = round_to_fp16(row_scales_fp32(wd, bits, clip_sigmas))[:, None]
+    rounded = torch.round(wd.float() / scale).clamp_(-qmax, qmax) * scale
+    return w + switch * (rounded.to(w.dtype) - wd)
+
+
+def enable_qat(model: nn.Module, cfg: Config) -> list[str]:
+    """Gives every Linear whose weight the export stores as ints (quant_plan) fake quantization at its bits and
+    QAT_CLIP_SIGMAS, behind one switch, off until `set_qat` turns it on; returns those weights' names. Call it once
+    the model is on its device: the layers share the switch tensor, which moving the model would copy apart."""
+    switch = torch.zeros((), device=next(model.parameters()).device)
+    names = []
+    for mod_name, mod in model.named_modules():
+        if not isinstance(mod, Linear):
+            continue
+        name = f"{mod_name}.weight"
+        kind, bits, _ = quant_plan(name, mod.weight, cfg)
+        if kind == "int":
+            mod.qat_bits, mod.qat_clip_sigmas = bits, cfg.qat_clip_sigmas
+            mod.register_buffer("qat_switch", switch, persistent=False)  # not in state dicts, checkpoints, artifacts
+            names.append(name)
+    model.qat_switch = switch
+    return names
+
+
+def set_qat(model: nn.Module, on: bool) -> None:
+    model.qat_switch.fill_(1.0 if on else 0.0)
+
+
+def qat_is_on(model: nn.Module | None) -> bool:
+    switch = getattr(model, "qat_switch", None)
+    return switch is not None and bool(switch.item())
+
+
+@contextlib.contextmanager
+def qat_paused(model: nn.Module | None):
+    """The switch off inside (an evaluation during training scores the weights themselves), as it was afterwards."""
+    was_on = qat_is_on(model)
+    if was_on:
+        set_qat(model, False)
+    try:
+        yield
+    finally:
+        if was_on:
+            set_qat(model, True)
 
 
 def gptq_quantize(w: torch.Tensor, H: torch.Tensor, bits: int, clip_sigmas: float, block: int = 128,
@@ -2680,15 +2774,21 @@ def describe_backends(layout: str, backends: Backends, window: int) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def lr_multiplier(step: int, elapsed_s: float, cfg: Config) -> float:
-    """Linear warmup over LR_WARMUP_STEPS, then flat, then a decay to 0 over the last WARMDOWN_FRAC of the run
-    (WARMDOWN_SHAPE); progress is the larger of steps done / ITERATIONS and wallclock used / the training budget
-    (the cap less GPTQ_RESERVE_SECONDS)."""
-    if step < cfg.lr_warmup_steps:
-        return (step + 1) / cfg.lr_warmup_steps
+def run_progress(step: int, elapsed_s: float, cfg: Config) -> float:
+    """How far the run is: the larger of steps done / ITERATIONS and wallclock used / the training budget (the cap
+    less GPTQ_RESERVE_SECONDS); 1 at the end. WARMDOWN_FRAC and QAT_FRAC are fractions of it."""
     progress = step / cfg.iterations
     if cfg.train_budget_seconds > 0:
         progress = max(progress, elapsed_s / cfg.train_budget_seconds)
+    return progress
+
+
+def lr_multiplier(step: int, elapsed_s: float, cfg: Config) -> float:
+    """Linear warmup over LR_WARMUP_STEPS, then flat, then a decay to 0 over the last WARMDOWN_FRAC of the run
+    (WARMDOWN_SHAPE, `run_progress`)."""
+    if step < cfg.lr_warmup_steps:
+        return (step + 1) / cfg.lr_warmup_steps
+    progress = run_progress(step, elapsed_s, cfg)
     if cfg.warmdown_frac <= 0 or progress < 1.0 - cfg.warmdown_frac:
         return 1.0
     if progress >= 1.0:
@@ -2770,6 +2870,7 @@ class TrainStats:
     train_ms: float = 0.0
     tokens: int = 0
     stopped_by_cap: bool = False
+    qat_from_step: int | None = None  # the first step trained with fake quantization (QAT_FRAC)
 
     @property
     def step_avg_ms(self) -> float:
@@ -2784,7 +2885,8 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
           log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> TrainStats:
     """The timed loop; every average in `emas` is updated after each step. The timer excludes validation; the budget
     (MAX_WALLCLOCK_SECONDS less the GPTQ reserve) is agreed across ranks and checked before each step, so training
-    stops before the next step would cross it."""
+    stops before the next step would cross it. With QAT_FRAC, the fake quantization `enable_qat` gave `base` is
+    switched on at the first step in the run's last QAT_FRAC, off for validation, and off again when training ends."""
     stats, loader = TrainStats(), TrainLoader(cfg, rt)
     cap_ms = 1000 * cfg.train_budget_seconds
     loss_sum = torch.zeros((), device=rt.device)
@@ -2804,13 +2906,21 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
         if cfg.val_loss_every and stats.steps and stats.steps % cfg.val_loss_every == 0:
             sync(rt)
             p0 = time.perf_counter()
-            log(evaluate(base, val_tokens, tables, cfg, rt).line(f"step:{stats.steps}/{cfg.iterations}"))
+            with qat_paused(base):
+                log(evaluate(base, val_tokens, tables, cfg, rt).line(f"step:{stats.steps}/{cfg.iterations}"))
             paused_ms += 1000 * (time.perf_counter() - p0)
         step_avg = elapsed_ms() / stats.steps if stats.steps else 0.0
         if cap_ms and _agree_stop(elapsed_ms() + step_avg > cap_ms, rt):
             stats.stopped_by_cap = True
             break
-        loss_sum += train_step(model, opts, loader, cfg, rt, stats.steps, lr_multiplier(stats.steps, elapsed_ms() / 1000, cfg))
+        elapsed_s = elapsed_ms() / 1000
+        if (cfg.qat_frac and stats.qat_from_step is None  # every rank switches at the same step
+                and _any_rank(run_progress(stats.steps, elapsed_s, cfg) >= 1 - cfg.qat_frac, rt)):
+            set_qat(base, True)
+            stats.qat_from_step = stats.steps
+            log(f"qat: fake quantization on from step {stats.steps} (train_time {1000 * elapsed_s:.0f}ms, the last "
+                f"QAT_FRAC={cfg.qat_frac:g} of the run)")
+        loss_sum += train_step(model, opts, loader, cfg, rt, stats.steps, lr_multiplier(stats.steps, elapsed_s, cfg))
         for ema in emas:
             ema.update()
         stats.steps += 1
@@ -2822,6 +2932,9 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
         log_window(stats.steps % cfg.train_log_every)
     stats.train_ms = elapsed_ms()
     loader.close()
+    if stats.qat_from_step is not None:  # what follows (scores, calibration, export) sees the weights themselves
+        set_qat(base, False)
+        log(f"qat: off after training, {stats.steps - stats.qat_from_step} steps with fake quantization")
     return stats
 
 
@@ -2848,12 +2961,17 @@ def score_ema_compare(base: nn.Module, fwd: nn.Module, others: dict[float, EMA |
     return scores
 
 
-def _agree_stop(flag: bool, rt: Runtime) -> bool:
+def _any_rank(flag: bool, rt: Runtime) -> bool:
+    """True on every rank if `flag` is true on any (each rank reads its own clock)."""
     if not rt.distributed:
         return flag
     t = torch.tensor([int(flag)], device=rt.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def _agree_stop(flag: bool, rt: Runtime) -> bool:
+    return _any_rank(flag, rt)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -3119,6 +3237,11 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
         f"{len(base.mixers)} distinct mixers, {len(base.mlps)} distinct MLPs); optimizer routing:")
     for line in describe_routes(base):
         log(line)
+    if cfg.qat_frac:
+        qat = enable_qat(base, cfg)
+        log(f"qat: {len(qat)} matrices ({sum(base.get_parameter(n).numel() for n in qat):,} params) trained rounded "
+            f"to int{cfg.matrix_bits} at {cfg.qat_clip_sigmas:g} sigmas over the last QAT_FRAC={cfg.qat_frac:g} of "
+            "the run (gradients straight through)")
     path = artifact_destination(cfg, run_id, log)
     train_files = shard_files(cfg.data_path, "train")
     train_tokens = count_tokens(train_files)
@@ -3150,7 +3273,8 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
                                                  max_wallclock_seconds=cfg.max_wallclock_seconds))
     summary = dict(steps=stats.steps, train_time_ms=round(stats.train_ms), step_avg_ms=round(stats.step_avg_ms, 2),
                    tokens_per_s=round(stats.tokens_per_s), stopped_by_cap=stats.stopped_by_cap, peak_mem_mib=round(peak),
-                   params=count_parameters(base), train_tokens=train_tokens, train_passes=round(passes, 4))
+                   params=count_parameters(base), train_tokens=train_tokens, train_passes=round(passes, 4),
+                   qat_from_step=stats.qat_from_step)
     if compared:
         summary["ema_compare"] = compared
     return summary | export_and_score(base, fwd, cfg, rt, log, path, val_tokens, tables, stats.train_ms,

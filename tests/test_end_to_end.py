@@ -85,6 +85,21 @@ def test_training_writes_log_artifact_and_final_score(trained, tiny_data):
     assert f"train_passes:{read / total:.2f} ({read:,} tokens read of {total:,})" in log
 
 
+def test_qat_runs_through_the_script_and_leaves_nothing_in_the_artifact(tmp_path, tiny_data):
+    """QAT_FRAC=0.5: fake quantization from the first step in the run's second half to the end of training; the
+    artifact holds only the model (EVAL_ONLY rebuilds it and reproduces the score)."""
+    out = run_script(tmp_path, {**tiny_env(tiny_data, "qat"), "QAT_FRAC": "0.5", "TTT_ENABLED": "0"})
+    first = next(step for step in range(STEPS) if step / STEPS >= 0.5)  # no wallclock cap in the tiny preset
+    assert summary(out)["qat_from_step"] == first
+    assert re.search(r"^qat: \d+ matrices \([\d,]+ params\) trained rounded to int6 at 10\.6 sigmas", out, re.M)
+    assert f"qat: fake quantization on from step {first} " in out
+    assert f"qat: off after training, {STEPS - first} steps with fake quantization" in out
+    assert out.index("qat: off after training") < out.index("pre_quant")
+    rescore = {**tiny_env(tiny_data, "qat_rescore"), "EVAL_ONLY": "1", "TTT_ENABLED": "0",
+               "ARTIFACT_PATH": str(tmp_path / "artifacts" / "qat.pgz")}
+    assert exact_line(run_script(tmp_path, rescore), SLIDING) == exact_line(out, SLIDING)
+
+
 def test_a_run_says_at_the_start_that_it_will_replace_an_artifact_and_append_to_a_log_of_its_run_id(tmp_path, tiny_data):
     (tmp_path / "artifacts").mkdir()
     (tmp_path / "artifacts" / "again.pgz").write_bytes(b"an earlier run's artifact")

@@ -111,6 +111,23 @@ def test_attention_backend_matches_reference(backend, cached):
     assert all(v <= 2e-2 for v in errs.values()), errs
 
 
+@cuda
+def test_compiled_fake_quantization_on_the_gpu_is_the_exports_rounding():
+    """QAT's weight in the compiled training graph (Triton): the export's grid, fp16 scales included; a row whose
+    scale sits on an fp16 midpoint may round to the neighbouring fp16 value (the compiled std's last bit)."""
+    torch.manual_seed(0)
+    x = torch.rand(100_000, device="cuda") * 10 ** torch.empty(100_000, device="cuda").uniform_(-9, 4)
+    assert torch.equal(torch.compile(tg.round_to_fp16)(x), x.half().float())
+    w = torch.randn(1536, 512, device="cuda") * torch.rand(1536, 1, device="cuda")
+    exported = tg.dequantize_rows(*tg.quantize_rows(w, 6, 10.6))
+    compiled = torch.compile(tg.fake_quantize)(w, torch.ones((), device="cuda"), 6, 10.6)
+    rows_off = int(((compiled - exported).abs().amax(dim=1) > 1e-6).sum())
+    print(f"rows off the export's grid: {rows_off} of {w.shape[0]}")
+    assert rows_off <= w.shape[0] // 100
+    scale = tg.row_scales(w, 6, 10.6).float()[:, None]
+    assert ((compiled - exported).abs() <= 31 * scale * 2.0**-10 + 1e-7).all()
+
+
 @needs_fla
 @pytest.mark.parametrize("impl", ["fla", "qla"])
 def test_model_fast_path_matches_torch_path_and_compiles_without_breaks(impl):

@@ -36,6 +36,14 @@ def test_bench_train_reports_both_stacks_and_a_breakdown(tmp_path):
     assert all(v > 0 for v in bench["breakdown_ms"].values())
 
 
+def test_bench_variant_with_qat_frac_times_steps_with_qat_on(tmp_path):
+    bench = run_bench(tmp_path, BENCH_STEPS="1", BENCH_COMPARE="0", BENCH_BREAKDOWN="0",
+                      BENCH_VARIANTS="qat:QAT_FRAC=0.15")
+    plain, qat = bench["runs"]
+    assert qat["layout"] == "qat" and qat["tokens_per_s"] > 0
+    assert plain["qat_matrices"] == 0 and qat["qat_matrices"] > 0
+
+
 @pytest.mark.parametrize("neg_eigval", [False, True])
 def test_bench_fusion_alternative_is_the_same_mixer_fused(neg_eigval):
     """BENCH_FUSION times the production mixer against its projections fused into one matmul; both must compute

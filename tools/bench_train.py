@@ -113,6 +113,10 @@ def print_profile(step, label: str, rows: int, out=lambda msg: print(msg, flush=
 def bench_steps(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, steps: int, warmup: int) -> dict:
     """ms per optimizer step of the whole training step, as train_gpt.py runs it on one rank."""
     base = tg.GPT(tg.ModelConfig.from_config(cfg), backends).to(rt.device)
+    qat = []
+    if cfg.qat_frac:  # e.g. BENCH_VARIANTS="qat:QAT_FRAC=0.15": every step of the variant timed with QAT on
+        qat = tg.enable_qat(base, cfg)
+        tg.set_qat(base, True)
     opts = tg.build_optimizers(base, cfg, rt)
     model = tg.maybe_compile(base, cfg, rt)
     ema = tg.EMA(base, cfg.ema_decay)
@@ -132,7 +136,8 @@ def bench_steps(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, steps: in
     loader.close()
     peak = torch.cuda.max_memory_allocated() / 2**20 if rt.cuda else 0.0
     return dict(layout=cfg.layout, params=tg.count_parameters(base), ms_per_step=round(ms, 2),
-                tokens_per_s=round(cfg.train_batch_tokens / (ms / 1000)), peak_mem_mib=round(peak))
+                tokens_per_s=round(cfg.train_batch_tokens / (ms / 1000)), peak_mem_mib=round(peak),
+                qat_matrices=len(qat))
 
 
 def bench_components(cfg: tg.Config, rt: tg.Runtime, backends: tg.Backends, repeat: int, report) -> dict:
