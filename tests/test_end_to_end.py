@@ -320,6 +320,31 @@ def test_submission_tool_reads_the_logs(trained, tmp_path, tiny_data):
     assert proc.returncode == 1 and "share a seed" in proc.stderr
 
 
+def test_quant_damage_tool_scores_the_checkpoint_as_the_script_does(trained, tiny_data):
+    """tools/quant_damage.py: `as trained` is the run's score before quantization and `all of them` the round trip
+    of an export with QUANT_METHOD=rtn at the same clips (EXPORT_FROM); the embedding and the matrices each cost
+    something, and another embedding clip gives another score."""
+    cwd, _ = trained
+    clip = {"MATRIX_CLIP_FIT": "0", "MATRIX_CLIP_SIGMAS": "3"}
+    env = {**os.environ, **tiny_env(tiny_data, "damage"), **clip, "QUANT_DAMAGE_EMBED_CLIPS": "4",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "quant_damage.py"), str(cwd / "ckpt" / "e2e.pt")],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("quant_damage "))
+    rows = [(r["weights"], r["bpb"]) for r in json.loads(line[len("quant_damage "):])["rows"]]
+    rtn = summary(run_script(cwd, {**tiny_env(tiny_data, "damage_rtn"), **clip, "QUANT_METHOD": "rtn",
+                                   "EXPORT_FROM": str(cwd / "ckpt" / "e2e.pt"), "TTT_ENABLED": "0"}))
+    scores = dict(rows)
+    assert scores["as trained"] == pytest.approx(rtn["pre_quant"]["bpb"], rel=1e-9)
+    assert scores["all of them (an export with QUANT_METHOD=rtn)"] == pytest.approx(rtn["final_no_ttt"]["bpb"],
+                                                                                   rel=1e-9)
+    embed, matrices = (next(v for k, v in rows if k.startswith(prefix)) for prefix in ("embedding int8 at 20 ",
+                                                                                      "matrices int6 at 3 "))
+    assert embed != scores["as trained"] and matrices != scores["as trained"]
+    assert scores["embedding int8 at 4 sigmas"] != embed
+
+
 def test_context_tool_splits_the_scripts_own_scores(trained, tiny_data):
     """tools/eval_by_context.py: its two totals are the script's EVAL_ONLY scores in those modes, and its rows
     partition the targets, bytes and losses of both."""
