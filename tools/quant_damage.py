@@ -95,6 +95,9 @@ def main() -> None:
     rows += [(f"matrices int{cfg.matrix_bits} at {k:g} sigmas", score(rounded(state, cfg, {"muon"}, matrix_clip=k)))
              for k in matrix_clips]
     base = rows[0][1]
+    if cfg.matrix_clip_fit:
+        print(f"note: the matrices are rounded at MATRIX_CLIP_SIGMAS={cfg.matrix_clip_sigmas:g}; a run's export fits "
+              "its own clip (its `Serialized model` line): set MATRIX_CLIP_FIT=0 MATRIX_CLIP_SIGMAS=<that clip>")
     print(f"checkpoint {path} ({mc.layout}, {info['steps']} steps{', EMA' if info['ema'] else ''}); {len(tokens):,} "
           f"validation tokens, {tg.eval_tag(cfg).lstrip('_') or 'plain windows'}; round to nearest")
     print(f"{'weights':<64}{'val_bpb':>9}{'cost':>9}")
