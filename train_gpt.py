@@ -2473,7 +2473,7 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
             per_adapt = sum(adapt_times[1:]) / (len(adapt_times) - 1) if len(adapt_times) > 1 else sum(adapt_times)
             elapsed = spent_s + time.perf_counter() - t0
             over = elapsed + per_score * (len(chunks) - c - 1) + per_adapt > cfg.eval_max_seconds
-            if _agree_stop(over, rt):
+            if _any_rank(over, rt):
                 adapting = False
                 log(f"ttt: EVAL_MAX_SECONDS={cfg.eval_max_seconds:.0f} would be exceeded; adaptation stops after "
                     f"{len(adapt_times)}/{len(chunks) - 1} chunks, scoring continues")
@@ -2910,7 +2910,7 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
                 log(evaluate(base, val_tokens, tables, cfg, rt).line(f"step:{stats.steps}/{cfg.iterations}"))
             paused_ms += 1000 * (time.perf_counter() - p0)
         step_avg = elapsed_ms() / stats.steps if stats.steps else 0.0
-        if cap_ms and _agree_stop(elapsed_ms() + step_avg > cap_ms, rt):
+        if cap_ms and _any_rank(elapsed_ms() + step_avg > cap_ms, rt):
             stats.stopped_by_cap = True
             break
         elapsed_s = elapsed_ms() / 1000
@@ -2968,10 +2968,6 @@ def _any_rank(flag: bool, rt: Runtime) -> bool:
     t = torch.tensor([int(flag)], device=rt.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
-
-
-def _agree_stop(flag: bool, rt: Runtime) -> bool:
-    return _any_rank(flag, rt)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -230,7 +230,7 @@ def test_stream_ttt_continues_exactly_after_adaptation_stops(segment, monkeypatc
     model = tiny_model(layout="GSGs")
     cfg = stream_cfg(ttt_enabled=True, ttt_state="rebuild", stream_segment=segment, eval_max_seconds=1e9)
     asked = []
-    monkeypatch.setattr(tg, "_agree_stop", lambda over, rt: asked.append(over) or len(asked) >= 2)
+    monkeypatch.setattr(tg, "_any_rank", lambda over, rt: asked.append(over) or len(asked) >= 2)
     tally = tg.Tally(torch.device("cpu"), track=len(tokens))
     tg.evaluate_ttt(model, tokens, tables(), cfg, CPU, tg.Logger(None), tally=tally)
     start = 64 - cfg.stream_warmup  # chunk 1 (targets 65..128) was rebuilt from here with the final weights

@@ -145,7 +145,7 @@ def main() -> int:
                 ema.update()
 
         def loop_step():  # as train_gpt.train runs a step: the agreed cap check first, a sync after
-            tg._agree_stop(False, rt)
+            tg._any_rank(False, rt)
             step()
             tg.sync(rt)
 
