@@ -16,6 +16,7 @@ export's bits and clips; MATRIX_CLIP_SIGMAS needs MATRIX_CLIP_FIT=0, as for a ru
 figures also print as one `quant_damage {json}` line.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -34,23 +35,15 @@ def tensor_class(name: str, t: torch.Tensor, cfg: tg.Config) -> str:
     return "fp16" if kind == "fp16" else tg.PARAM_ROUTES[tg.route_index(name, t)][0]
 
 
-def rounded(state: dict[str, torch.Tensor], cfg: tg.Config, classes: set[str], embed_clip: float | None = None,
-            matrix_clip: float | None = None) -> dict[str, torch.Tensor]:
-    """`state` with the tensors of `classes` rounded as the export stores them (round to nearest), at the
-    configured clips unless others are given."""
-    out = {}
-    for name, t in state.items():
-        c = tensor_class(name, t, cfg)
-        if c not in classes:
-            out[name] = t
-        elif c == "fp16":
-            out[name] = t.half().to(t.dtype)
-        else:
-            _, bits, clip = tg.quant_plan(name, t, cfg)
-            clip = {"embed": embed_clip, "muon": matrix_clip}[c] or clip
-            q, scale = tg.quantize_rows(t.reshape(t.shape[0], -1), bits, clip)
-            out[name] = tg.dequantize_rows(q, scale).reshape(t.shape).to(t.dtype)
-    return out
+def rounded(state: dict[str, torch.Tensor], mc: tg.ModelConfig, cfg: tg.Config, classes: set[str],
+            embed_clip: float | None = None, matrix_clip: float | None = None) -> dict[str, torch.Tensor]:
+    """`state` with the tensors of `classes` rounded by the export's own serialization (round to nearest: no
+    Hessians), read back, at the configured clips unless others are given."""
+    part = {name: t for name, t in state.items() if tensor_class(name, t, cfg) in classes}
+    clips = dict(embed_clip_sigmas=embed_clip or cfg.embed_clip_sigmas,
+                 matrix_clip_sigmas=matrix_clip or cfg.matrix_clip_sigmas)
+    frames, _ = tg.serialize_state(part, mc, dataclasses.replace(cfg, **clips))
+    return {**state, **tg.deserialize_state(frames, "quant_damage")[1]}
 
 
 def clips(var: str) -> list[float]:
@@ -88,11 +81,11 @@ def main() -> None:
             label += f" int{cfg.embed_bits} at {cfg.embed_clip_sigmas:g} sigmas"
         elif c == "muon":
             label += f" int{cfg.matrix_bits} at {cfg.matrix_clip_sigmas:g} sigmas"
-        rows.append((f"{label} ({n:,} params)", score(rounded(state, cfg, {c}))))
-    rows.append(("all of them (an export with QUANT_METHOD=rtn)", score(rounded(state, cfg, set(CLASSES)))))
-    rows += [(f"embedding int{cfg.embed_bits} at {k:g} sigmas", score(rounded(state, cfg, {"embed"}, embed_clip=k)))
+        rows.append((f"{label} ({n:,} params)", score(rounded(state, mc, cfg, {c}))))
+    rows.append(("all of them (an export with QUANT_METHOD=rtn)", score(rounded(state, mc, cfg, set(CLASSES)))))
+    rows += [(f"embedding int{cfg.embed_bits} at {k:g} sigmas", score(rounded(state, mc, cfg, {"embed"}, embed_clip=k)))
              for k in embed_clips]
-    rows += [(f"matrices int{cfg.matrix_bits} at {k:g} sigmas", score(rounded(state, cfg, {"muon"}, matrix_clip=k)))
+    rows += [(f"matrices int{cfg.matrix_bits} at {k:g} sigmas", score(rounded(state, mc, cfg, {"muon"}, matrix_clip=k)))
              for k in matrix_clips]
     base = rows[0][1]
     if cfg.matrix_clip_fit:
