@@ -91,7 +91,8 @@ def test_qat_runs_through_the_script_and_leaves_nothing_in_the_artifact(tmp_path
     out = run_script(tmp_path, {**tiny_env(tiny_data, "qat"), "QAT_FRAC": "0.5", "TTT_ENABLED": "0"})
     first = next(step for step in range(STEPS) if step / STEPS >= 0.5)  # no wallclock cap in the tiny preset
     assert summary(out)["qat_from_step"] == first
-    assert re.search(r"^qat: \d+ matrices \([\d,]+ params\) trained rounded to int6 at 10\.6 sigmas", out, re.M)
+    grid = f"int{tg.Config().matrix_bits} at {tg.Config().qat_clip_sigmas:g} sigmas"  # the defaults' grid
+    assert re.search(r"^qat: \d+ matrices \([\d,]+ params\) trained rounded to " + re.escape(grid), out, re.M)
     assert f"qat: fake quantization on from step {first} " in out
     assert f"qat: off after training, {STEPS - first} steps with fake quantization" in out
     assert out.index("qat: off after training") < out.index("pre_quant")
