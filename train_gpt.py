@@ -2912,12 +2912,17 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
                 log(evaluate(base, val_tokens, tables, cfg, rt).line(f"step:{stats.steps}/{cfg.iterations}"))
             paused_ms += 1000 * (time.perf_counter() - p0)
         step_avg = elapsed_ms() / stats.steps if stats.steps else 0.0
-        if cap_ms and _any_rank(elapsed_ms() + step_avg > cap_ms, rt):
+        elapsed_s = elapsed_ms() / 1000
+        qat_pending = cfg.qat_frac > 0 and stats.qat_from_step is None
+        stop = qat_now = False
+        if cap_ms or qat_pending:  # one collective for both, so every rank stops, or switches QAT on, at one step
+            stop, qat_now = _any_ranks(
+                (bool(cap_ms) and 1000 * elapsed_s + step_avg > cap_ms,
+                 qat_pending and run_progress(stats.steps, elapsed_s, cfg) >= 1 - cfg.qat_frac), rt)
+        if stop:
             stats.stopped_by_cap = True
             break
-        elapsed_s = elapsed_ms() / 1000
-        if (cfg.qat_frac and stats.qat_from_step is None  # every rank switches at the same step
-                and _any_rank(run_progress(stats.steps, elapsed_s, cfg) >= 1 - cfg.qat_frac, rt)):
+        if qat_now:
             set_qat(base, True)
             stats.qat_from_step = stats.steps
             log(f"qat: fake quantization on from step {stats.steps} (train_time {1000 * elapsed_s:.0f}ms, the last "
@@ -2963,13 +2968,18 @@ def score_ema_compare(base: nn.Module, fwd: nn.Module, others: dict[float, EMA |
     return scores
 
 
-def _any_rank(flag: bool, rt: Runtime) -> bool:
-    """True on every rank if `flag` is true on any (each rank reads its own clock)."""
+def _any_ranks(flags: tuple[bool, ...], rt: Runtime) -> tuple[bool, ...]:
+    """Each flag true on every rank if it is true on any (each rank reads its own clock); one collective for all."""
     if not rt.distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=rt.device)
+        return tuple(flags)
+    t = torch.tensor([int(f) for f in flags], device=rt.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return tuple(bool(v) for v in t.tolist())
+
+
+def _any_rank(flag: bool, rt: Runtime) -> bool:
+    """True on every rank if `flag` is true on any."""
+    return _any_ranks((flag,), rt)[0]
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -483,7 +483,7 @@ def test_a_run_stopped_by_the_cap_logs_its_last_partial_window(monkeypatch):
     monkeypatch.setattr(tg, "train_step", lambda *args: torch.tensor(float(next(losses))))
     monkeypatch.setattr(tg, "TrainLoader", lambda cfg, rt: types.SimpleNamespace(close=lambda: None))
     asked = []
-    monkeypatch.setattr(tg, "_any_rank", lambda flag, rt: asked.append(flag) or len(asked) > 7)  # cap after 7
+    monkeypatch.setattr(tg, "_any_ranks", lambda flags, rt: asked.append(flags) or (len(asked) > 7, False))  # cap: 7
     lines = []
     stats = tg.train(None, None, None, [], cfg, CPU, lines.append, None, None)
     assert stats.steps == 7 and stats.stopped_by_cap
@@ -491,7 +491,7 @@ def test_a_run_stopped_by_the_cap_logs_its_last_partial_window(monkeypatch):
     assert logged == [["step:5/100", "train_loss:3.0000"], ["step:7/100", "train_loss:6.5000"]]  # 1..5, then 6, 7
     asked.clear(), lines.clear()
     losses = iter(range(1, 100))
-    monkeypatch.setattr(tg, "_any_rank", lambda flag, rt: asked.append(flag) or len(asked) > 10)
+    monkeypatch.setattr(tg, "_any_ranks", lambda flags, rt: asked.append(flags) or (len(asked) > 10, False))
     tg.train(None, None, None, [], cfg, CPU, lines.append, None, None)
     assert [line.split()[0] for line in lines if line.startswith("step:")] == ["step:5/100", "step:10/100"]  # no repeat
 

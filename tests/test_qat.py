@@ -174,6 +174,18 @@ def test_every_rank_switches_qat_on_at_the_step_the_first_one_reaches_it(tmp_pat
     assert ahead != [step / iterations >= 0.5 for step in range(iterations)]  # rank 0 alone would start later
 
 
+def _any_ranks_worker(rank, world, out_dir):
+    flags = [(True, False, False), (False, True, False)][rank]
+    torch.save(tg._any_ranks(flags, tg.Runtime(rank, world, rank, torch.device("cpu"), 1)), f"{out_dir}/rank{rank}.pt")
+
+
+def test_the_cap_and_qat_decisions_share_one_collective_and_each_is_any_ranks(tmp_path):
+    """train() asks for the cap's stop and QAT's switch together: each flag is true on every rank when one rank's
+    is, independently of the other flag."""
+    spawn_ranks(_any_ranks_worker, 2, str(tmp_path))
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [(True, True, False)] * 2
+
+
 def test_qat_with_a_wallclock_cap_starts_by_time():
     cfg = tg.Config.from_env({"PRESET": "tiny", "QAT_FRAC": "0.3", "MAX_WALLCLOCK_SECONDS": "110",
                               "GPTQ_RESERVE_SECONDS": "10", "ITERATIONS": "1000"})
