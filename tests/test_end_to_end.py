@@ -291,6 +291,27 @@ def test_torchrun_two_ranks_trains_and_writes_one_artifact(tmp_path, tiny_data, 
     assert s["train_passes"] == summary(trained[1])["train_passes"] > 0
 
 
+def test_loss_diff_reads_the_scripts_training_losses(trained, tmp_path, tiny_data):
+    """tools/loss_diff.py on logs train_gpt.py wrote: the same training again (without TTT, which comes after) logs
+    the same losses, window for window; the two-rank run of the same batch is refused, by its world size."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import loss_diff
+
+    run_script(tmp_path, {**tiny_env(tiny_data, "again"), "TTT_ENABLED": "0"})
+    first, again = loss_diff.read_train_log(trained[0] / "logs" / "e2e.txt"), loss_diff.read_train_log(
+        tmp_path / "logs" / "again.txt")
+    log_every = TINY["train_log_every"]
+    assert sorted(first.windows) == [(s - log_every + 1, s) for s in range(log_every, STEPS + 1, log_every)]
+    loss_diff.check_same_batches(first, again)
+    [row] = loss_diff.compare(first, again)
+    assert row["steps"] == STEPS and row["diff"] == 0.0 and row["a"] > 0
+    two_ranks = tmp_path / "ddp"
+    two_ranks.mkdir()
+    run_script(two_ranks, {**tiny_env(tiny_data, "ddp"), "TTT_ENABLED": "0"}, torchrun=2)
+    with pytest.raises(ValueError, match="world size x gradient accumulation: 1 x "):
+        loss_diff.check_same_batches(first, loss_diff.read_train_log(two_ranks / "logs" / "ddp.txt"))
+
+
 def test_submission_tool_reads_the_logs(trained, tmp_path, tiny_data):
     cwd, out = trained
     log2 = tmp_path / "seed2.txt"

@@ -258,3 +258,92 @@ def test_a_log_that_did_not_train_is_no_submission(tmp_path, extra, message):
         ms.read_run(log)
     log.write_text(f"run_id:x\nconfig LAYOUT=AAGA\nsummary {json.dumps(_summary_run(1))}\n")
     assert ms.read_run(log)["total_bytes"] == _summary_run(1)["total_bytes"]
+
+
+def _train_log(run_id: str, step_losses: list[float], log_every: int, seed: int = 1337, world: str = "1",
+               accum: str = "2", data: str = "1 shard, 93,535,700 tokens", eval_only: bool = False) -> str:
+    """A train_gpt.py log as the script writes one: header lines, config lines, and a `step:` line every `log_every`
+    steps (and at the last) with the mean loss of the steps since the line before."""
+    lines = [f"run_id:{run_id}", f"runtime: world_size:{world} grad_accum_steps:{accum} device:cpu",
+             f"config EVAL_ONLY={eval_only}", f"config SEED={seed}", "config TRAIN_BATCH_TOKENS=262144",
+             "config TRAIN_SEQ_LEN=2048", f"train_data: {data}",
+             "step:0/100 val_loss:7.0000 val_bpb:4.0000 train_time:0ms"]
+    first = 0
+    for step in range(1, len(step_losses) + 1):
+        if step % log_every == 0 or step == len(step_losses):
+            mean = sum(step_losses[first:step]) / (step - first)
+            lines.append(f"step:{step}/100 train_loss:{mean:.6f} train_time:{step}ms step_avg:1.00ms tok/s:1")
+            first = step
+    return "\n".join(lines) + "\n"
+
+
+def test_loss_diff_is_the_mean_over_the_ranges_steps_of_a_minus_b(tmp_path):
+    """Windows of unequal length (the last one under a cap) and windows only one log has: the figure equals the
+    difference of the per-step losses averaged over exactly the steps of the windows both logs share."""
+    import loss_diff
+
+    gen = torch.Generator().manual_seed(0)
+    a_steps = (2 + torch.rand(97, generator=gen)).tolist()
+    b_steps = (2 + torch.rand(103, generator=gen)).tolist()
+    (tmp_path / "a.txt").write_text(_train_log("a", a_steps, 10))
+    (tmp_path / "b.txt").write_text(_train_log("b", b_steps, 10))
+    a, b = loss_diff.read_train_log(tmp_path / "a.txt"), loss_diff.read_train_log(tmp_path / "b.txt")
+    assert sorted(a.windows)[-1] == (91, 97) and sorted(b.windows)[-1] == (101, 103)
+    loss_diff.check_same_batches(a, b)
+    rows = loss_diff.compare(a, b, [(0, 39), (40, 97), (95, 103)])
+    # 0-39: the windows ending at 10, 20, 30 (steps 1-30); 40-97: those ending at 40 ... 90 (steps 31-90), not A's
+    # last window 91-97, which B does not have (B's is 91-100); 95-103: no window both logs share
+    covered = [range(1, 31), range(31, 91)]
+    for row, steps in zip(rows, covered):
+        want = sum(a_steps[s - 1] - b_steps[s - 1] for s in steps) / len(steps)
+        assert row["steps"] == len(steps) and row["windows"] == len(steps) // 10
+        assert row["diff"] == pytest.approx(want, abs=1e-5)  # the log rounds each window's mean to 6 decimals
+    assert rows[2] == dict(first=95, last=103, windows=0, steps=0, a=None, b=None, diff=None)
+    # a run with A's 97 steps shares A's short last window, which counts by its 7 steps, not as one of two windows
+    c_steps = b_steps[:97]
+    (tmp_path / "c.txt").write_text(_train_log("c", c_steps, 10))
+    [row] = loss_diff.compare(a, loss_diff.read_train_log(tmp_path / "c.txt"), [(81, 97)])
+    assert row["windows"] == 2 and row["steps"] == 17
+    assert row["diff"] == pytest.approx(sum(a_steps[s] - c_steps[s] for s in range(80, 97)) / 17, abs=1e-5)
+    assert loss_diff.default_ranges(90) == [(0, 90)]
+    assert loss_diff.default_ranges(900) == [(0, 399), (400, 799), (800, 900)]
+
+
+@pytest.mark.parametrize("b_kwargs,differs", [
+    (dict(seed=1338), "SEED: 1337 against 1338"),
+    (dict(world="2", accum="1"), "world size x gradient accumulation: 1 x 2 against 2 x 1"),
+    (dict(data="2 shards, 187,071,400 tokens"), "training text: 1 shard, 93,535,700 tokens against 2 shards"),
+])
+def test_loss_diff_refuses_runs_that_did_not_see_the_same_batches(tmp_path, b_kwargs, differs):
+    import loss_diff
+
+    (tmp_path / "a.txt").write_text(_train_log("a", [3.0] * 20, 5))
+    (tmp_path / "b.txt").write_text(_train_log("b", [2.0] * 20, 5, **b_kwargs))
+    assert loss_diff.main([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]) == 2
+    with pytest.raises(ValueError, match=re.escape(differs)):
+        loss_diff.check_same_batches(*(loss_diff.read_train_log(tmp_path / f"{r}.txt") for r in "ab"))
+
+
+def test_loss_diff_reads_the_last_run_of_a_log_and_refuses_what_has_no_training_losses(tmp_path, capsys):
+    import loss_diff
+
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(_train_log("a", [9.0] * 20, 5, seed=1) + _train_log("a", [3.0] * 20, 5))  # a rerun of RUN_ID a
+    b.write_text(_train_log("b", [2.5] * 20, 5))
+    assert loss_diff.main([str(a), str(b), "--ranges", "0-20"]) == 0
+    assert "| 0–20 | 4 | 20 | 3.0000 | 2.5000 | +0.5000 |" in capsys.readouterr().out
+    for bad in ("20-10", "x", ","):
+        assert loss_diff.main([str(a), str(b), "--ranges", bad]) == 2
+        assert "--ranges" in capsys.readouterr().err
+    b.write_text(_train_log("b", [2.5] * 20, 5, eval_only=True))
+    with pytest.raises(ValueError, match="did not train"):
+        loss_diff.read_train_log(b)
+    b.write_text(_train_log("b", [], 5))
+    with pytest.raises(ValueError, match=re.escape(f"{b}: no `step:N/M train_loss:...` lines")):
+        loss_diff.read_train_log(b)
+    b.write_text(_train_log("b", [2.5] * 20, 5).replace("config SEED=1337\n", ""))
+    with pytest.raises(ValueError, match=re.escape("SEED: 1337 against (not logged)")):
+        loss_diff.check_same_batches(loss_diff.read_train_log(a), loss_diff.read_train_log(b))
+    b.write_text(_train_log("b", [2.5] * 20, 4))
+    with pytest.raises(ValueError, match="no window of the same steps"):
+        loss_diff.compare(loss_diff.read_train_log(a), loss_diff.read_train_log(b))
