@@ -50,9 +50,9 @@ def read_train_log(path: Path) -> TrainLog:
         raise ValueError(f"{path}: the run did not train (EVAL_ONLY or EXPORT_FROM); it has no training losses")
     settings = {key: config.get(key, "(not logged)") for key in SAME_BATCH_SETTINGS}
     runtime = re.search(r"^runtime: world_size:(\d+) grad_accum_steps:(\d+)", text, flags=re.M)
-    data = re.search(r"^train_data: (.*)$", text, flags=re.M)
+    data = re.search(r"^train_data: (\d+) shards?, ([\d,]+) tokens", text, flags=re.M)  # older logs: "1 shards"
     settings["world size x gradient accumulation"] = f"{runtime[1]} x {runtime[2]}" if runtime else "(not logged)"
-    settings["training text"] = data[1] if data else "(not logged)"
+    settings["training text"] = f"{data[1]} shard(s), {data[2]} tokens" if data else "(not logged)"
     windows, previous = {}, 0
     for match in STEP_LINE.finditer(text):
         step = int(match[1])
