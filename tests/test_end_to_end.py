@@ -289,11 +289,18 @@ def test_torchrun_two_ranks_trains_and_writes_one_artifact(tmp_path, tiny_data, 
     assert abs(s["pre_quant"]["loss"] - summary(trained[1])["pre_quant"]["loss"]) < 0.05
     # the ranks split one global batch: the passes over the training text are one process's, not half or twice them
     assert s["train_passes"] == summary(trained[1])["train_passes"] > 0
+    # so tools/loss_diff.py refuses to compare its training losses with the one-process run's, by the world size
+    sys.path.insert(0, str(ROOT / "tools"))
+    import loss_diff
+
+    with pytest.raises(ValueError, match="world size x gradient accumulation: 1 x "):
+        loss_diff.check_same_batches(loss_diff.read_train_log(trained[0] / "logs" / "e2e.txt"),
+                                     loss_diff.read_train_log(tmp_path / "logs" / "ddp.txt"))
 
 
 def test_loss_diff_reads_the_scripts_training_losses(trained, tmp_path, tiny_data):
     """tools/loss_diff.py on logs train_gpt.py wrote: the same training again (without TTT, which comes after) logs
-    the same losses, window for window; the two-rank run of the same batch is refused, by its world size."""
+    the same losses, window for window (the two-rank run is refused: test_torchrun_two_ranks_...)."""
     sys.path.insert(0, str(ROOT / "tools"))
     import loss_diff
 
@@ -305,11 +312,6 @@ def test_loss_diff_reads_the_scripts_training_losses(trained, tmp_path, tiny_dat
     loss_diff.check_same_batches(first, again)
     [row] = loss_diff.compare(first, again)
     assert row["steps"] == STEPS and row["diff"] == 0.0 and row["a"] > 0
-    two_ranks = tmp_path / "ddp"
-    two_ranks.mkdir()
-    run_script(two_ranks, {**tiny_env(tiny_data, "ddp"), "TTT_ENABLED": "0"}, torchrun=2)
-    with pytest.raises(ValueError, match="world size x gradient accumulation: 1 x "):
-        loss_diff.check_same_batches(first, loss_diff.read_train_log(two_ranks / "logs" / "ddp.txt"))
 
 
 def test_submission_tool_reads_the_logs(trained, tmp_path, tiny_data):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_submission import last_run  # noqa: E402
+from make_submission import last_run, logged_config, trained  # noqa: E402
 
 DEFAULT_RANGE_STEPS = 400
 SAME_BATCH_SETTINGS = ("SEED", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN")
@@ -45,8 +45,8 @@ class TrainLog:
 def read_train_log(path: Path) -> TrainLog:
     """The training-loss windows and batch-deciding settings of the last run in one train_gpt.py log."""
     text, _ = last_run(path.read_text(encoding="utf-8", errors="replace"))
-    config = dict(re.findall(r"^config (\w+)=(.*)$", text, flags=re.M))
-    if config.get("EVAL_ONLY") == "True" or config.get("EXPORT_FROM"):
+    config = logged_config(text)
+    if not trained(config):
         raise ValueError(f"{path}: the run did not train (EVAL_ONLY or EXPORT_FROM); it has no training losses")
     settings = {key: config.get(key, "(not logged)") for key in SAME_BATCH_SETTINGS}
     runtime = re.search(r"^runtime: world_size:(\d+) grad_accum_steps:(\d+)", text, flags=re.M)
@@ -99,9 +99,11 @@ def compare(a: TrainLog, b: TrainLog, ranges: list[tuple[int, int]] | None = Non
     for lo, hi in ranges or default_ranges(common[-1][1]):
         inside = [w for w in common if lo <= w[1] <= hi]
         steps = sum(w[1] - w[0] + 1 for w in inside)
-        mean = lambda log: sum(log.windows[w] * (w[1] - w[0] + 1) for w in inside) / steps  # noqa: E731
-        rows.append(dict(first=lo, last=hi, windows=len(inside), steps=steps, a=mean(a) if inside else None,
-                         b=mean(b) if inside else None, diff=mean(a) - mean(b) if inside else None))
+        row = dict(first=lo, last=hi, windows=len(inside), steps=steps, a=None, b=None, diff=None)
+        if inside:
+            row["a"], row["b"] = (sum(log.windows[w] * (w[1] - w[0] + 1) for w in inside) / steps for log in (a, b))
+            row["diff"] = row["a"] - row["b"]
+        rows.append(row)
     return rows
 
 

@@ -37,6 +37,17 @@ def last_run(text: str) -> tuple[str, int]:
     return (text[starts[-1]:] if starts else text), len(starts)
 
 
+def logged_config(run_text: str) -> dict[str, str]:
+    """The settings one run logged (its `config KEY=VALUE` lines), as strings."""
+    return dict(re.findall(r"^config (\w+)=(.*)$", run_text, flags=re.M))
+
+
+def trained(config: dict[str, str]) -> bool:
+    """Whether the run trained its model: a rescoring (EVAL_ONLY) takes it from an artifact, an EXPORT_FROM run from
+    a checkpoint; the seed of either is the process's, not the model's."""
+    return config.get("EVAL_ONLY") != "True" and not config.get("EXPORT_FROM")
+
+
 def read_log(path: Path) -> dict:
     """The `summary {...}` of the last run in one train_gpt.py log, with that run's settings under "config" (as
     logged, strings) and the log's path under "log". train_gpt.py appends to the log of a RUN_ID used before, so a
@@ -52,7 +63,7 @@ def read_log(path: Path) -> dict:
     if not lines:
         raise NoSummaryError(f"{path}: no 'summary {{...}}' line{which}; did the run finish?")
     summary = json.loads(lines[-1][len("summary "):])
-    summary["config"] = dict(re.findall(r"^config (\w+)=(.*)$", last, flags=re.M))
+    summary["config"] = logged_config(last)
     summary["log"] = str(path)
     return summary
 

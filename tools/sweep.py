@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 import train_gpt as tg  # noqa: E402
-from make_submission import NoSummaryError, last_run, read_log  # noqa: E402
+from make_submission import NoSummaryError, last_run, read_log, trained  # noqa: E402
 
 # Settings that name a run or its files rather than what was trained; the table never lists them as changes.
 NOT_SETTINGS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH", "CHECKPOINT_PATH"}
@@ -229,12 +229,6 @@ def run_all(runs: list[Run], slots: list[str], script: Path, workdir: Path, poll
                 time.sleep(poll_s)
     finally:
         stop_all(running)
-
-
-def trained(config: dict[str, str]) -> bool:
-    """Whether the run trained its model: a rescoring (EVAL_ONLY) takes it from an artifact, an EXPORT_FROM run from
-    a checkpoint; the seed of either is the process's, not the model's."""
-    return config.get("EVAL_ONLY") != "True" and not config.get("EXPORT_FROM")
 
 
 # Settings added with one default and later given another. A log that records the older setting named beside it but
