@@ -322,6 +322,8 @@ class Config:
              f"XSA_LAST={self.xsa_last} acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
         need(self.model_from_file or not self.gdn_neg_eigval or "gdn" in kinds,
              f"GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G), and LAYOUT={self.layout} has none")
+        need(self.model_from_file or not self.ttt_enabled or self.ttt_params != "gdn" or "gdn" in kinds,
+             f"TTT_PARAMS=gdn adapts Gated DeltaNet layers (G), and LAYOUT={self.layout} has none")
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r} must be auto, 0 or 1")
         need(self.compile_mode in COMPILE_MODES,
              f"COMPILE_MODE={self.compile_mode!r} must be one of {', '.join(COMPILE_MODES)}")
@@ -2380,7 +2382,10 @@ def ttt_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
         "scalar": lambda i, n: PARAM_ROUTES[i][0] == "scalar",
         "gdn": lambda i, n: n.startswith("mixers.") and isinstance(model.mixers[int(n.split(".")[1])], GatedDeltaNet),
     }[which]
-    return [p for i, n, p in routed if chosen(i, n)]
+    params = [p for i, n, p in routed if chosen(i, n)]
+    if not params:  # the model is an artifact's, whose layout Config could not check (EVAL_ONLY)
+        raise ValueError(f"TTT_PARAMS={which} selects no parameters of this model (layout {model.mc.layout})")
+    return params
 
 
 def ttt_adapt(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], span: torch.Tensor,

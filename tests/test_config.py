@@ -47,6 +47,7 @@ def test_preset_sets_values_and_env_still_wins():
     ({"XSA_LAST": "-1"}, "XSA_LAST=-1 must be >= 0"),
     ({"XSA_LAST": "2", "LAYOUT": "GGGG"}, "XSA_LAST=2 acts on attention layers (A, N or S), and LAYOUT=GGGG has none"),
     ({"GDN_NEG_EIGVAL": "1", "LAYOUT": "AAS"}, "GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G), and LAYOUT=AAS"),
+    ({"TTT_PARAMS": "gdn", "LAYOUT": "AAS"}, "TTT_PARAMS=gdn adapts Gated DeltaNet layers (G), and LAYOUT=AAS has none"),
     ({"GRAD_ACCUM_STEPS": "-1"}, "GRAD_ACCUM_STEPS=-1 must be >= 0"),
     ({"TRAIN_LOG_EVERY": "0"}, "TRAIN_LOG_EVERY=0 must be positive"),  # was a ZeroDivisionError after step 1
     ({"GPTQ_BLOCK": "0"}, "GPTQ_BLOCK=0 must be positive"),  # was an error at export, after the whole training
@@ -232,3 +233,18 @@ def test_export_from_takes_the_model_from_the_checkpoint_not_the_layout():
     with pytest.raises(ValueError, match="XSA_LAST=2 acts on attention layers"):
         tg.Config.from_env({"XSA_LAST": "2", "LAYOUT": "GGGG"})
     assert tg.Config.from_env({"XSA_LAST": "2", "LAYOUT": "GGGG", "EXPORT_FROM": "c.pt"}).model_from_file
+
+
+def test_ttt_params_that_select_nothing_raise_with_the_name():
+    """TTT_PARAMS=gdn on a layout without G is refused by Config before training; an artifact's model (EVAL_ONLY),
+    whose layout Config never saw, is refused when TTT picks its parameters (torch's own error named neither)."""
+    assert not tg.Config.from_env({"TTT_PARAMS": "gdn", "LAYOUT": "AAS", "TTT_ENABLED": "0"}).ttt_enabled
+    assert tg.Config.from_env({"TTT_PARAMS": "gdn", "LAYOUT": "AAS", "EVAL_ONLY": "1", "ARTIFACT_PATH": "a.pgz"})
+    cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": "AS"})
+    model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
+    with pytest.raises(ValueError, match=r"TTT_PARAMS=gdn selects no parameters of this model \(layout AS\)"):
+        tg.ttt_parameters(model, "gdn")
+    assert tg.ttt_parameters(model, "mlp") and tg.ttt_parameters(model, "scalar")
+    gdn = tg.GPT(tg.ModelConfig.from_config(tg.Config.from_env({"PRESET": "tiny", "LAYOUT": "GA"})),
+                 tg.Backends("torch", "sdpa"))
+    assert tg.ttt_parameters(gdn, "gdn")
