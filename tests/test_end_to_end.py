@@ -392,3 +392,52 @@ def test_context_tool_splits_the_scripts_own_scores(trained, tiny_data):
     for mode, total in (("window", window), ("stream", stream)):
         nll = sum(r[f"nll_{mode}"] for r in rows)
         assert nll / (math.log(2) * window["bytes"]) == pytest.approx(total["bpb"], rel=1e-9)
+
+
+def test_compare_tool_splits_both_artifacts_own_scores(trained, tiny_data):
+    """tools/compare_artifacts.py: its two totals are the round-trip scores (default windows, no TTT) the script
+    logged for each artifact, each grouping's rows partition the targets, bytes and both losses, and an artifact
+    against itself differs by exactly nothing anywhere."""
+    cwd, out = trained
+    other = summary(run_script(cwd, {**tiny_env(tiny_data, "cmp_rtn"), "EXPORT_FROM": str(cwd / "ckpt" / "e2e.pt"),
+                                     "QUANT_METHOD": "rtn", "MATRIX_CLIP_FIT": "0", "MATRIX_CLIP_SIGMAS": "3",
+                                     "TTT_ENABLED": "0"}))
+    env = {**os.environ, **tiny_env(tiny_data, "cmp"), "OMP_NUM_THREADS": "1"}
+
+    def compare(a: str, b: str) -> dict:
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_artifacts.py"),
+                               str(cwd / "artifacts" / a), str(cwd / "artifacts" / b)],
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("compare "))[8:])
+
+    cmp = compare("e2e.pgz", "cmp_rtn.pgz")
+    assert cmp["bpb_a"] == pytest.approx(summary(out)["final_no_ttt"]["bpb"], rel=1e-9)
+    assert cmp["bpb_b"] == pytest.approx(other["final_no_ttt"]["bpb"], rel=1e-9)
+    assert cmp["bpb_a"] != cmp["bpb_b"]
+    assert len(cmp["groups"]["position in document"]) >= 2  # (the synthetic text uses 64 token ids or fewer)
+    for rows in cmp["groups"].values():
+        assert sum(r["targets"] for r in rows) == cmp["tokens"] and sum(r["bytes"] for r in rows) == cmp["bytes"]
+        for side in ("a", "b"):
+            nll = sum(r[f"nll_{side}"] for r in rows)
+            assert nll / (math.log(2) * cmp["bytes"]) == pytest.approx(cmp[f"bpb_{side}"], rel=1e-9)
+    docs = cmp["documents"]
+    assert docs["a_better"] + docs["b_better"] == docs["documents"] >= 2  # no document ties between two roundings
+    assert docs["bytes_a_better"] + docs["bytes_b_better"] == cmp["bytes"]
+    same = compare("e2e.pgz", "e2e.pgz")
+    assert all(r["nll_a"] == r["nll_b"] for rows in same["groups"].values() for r in rows)
+    assert same["documents"]["a_better"] == same["documents"]["b_better"] == 0
+
+
+def test_compare_tool_refuses_an_artifact_of_another_vocabulary(trained, tiny_data, tmp_path):
+    cwd, _ = trained
+    env = {**os.environ, **tiny_env(tiny_data, "cmp"), "VOCAB_SIZE": str(tiny_data["vocab_size"] * 2),
+           "OMP_NUM_THREADS": "1"}
+    art = str(cwd / "artifacts" / "e2e.pgz")
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_artifacts.py"), art, art], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "VOCAB_SIZE" in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_artifacts.py"), art, str(tmp_path / "none")],
+                          cwd=cwd, env={**env, "VOCAB_SIZE": str(tiny_data["vocab_size"])}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and "none is not a file" in proc.stderr

@@ -347,3 +347,51 @@ def test_loss_diff_reads_the_last_run_of_a_log_and_refuses_what_has_no_training_
     b.write_text(_train_log("b", [2.5] * 20, 4))
     with pytest.raises(ValueError, match="no window of the same steps"):
         loss_diff.compare(loss_diff.read_train_log(a), loss_diff.read_train_log(b))
+
+
+def _random_stream(seed: int, n: int, vocab: int, bos: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab, (n,), generator=g)
+    tokens[torch.rand(n, generator=g) < 0.08] = bos  # documents of about a dozen tokens, some empty
+    return tokens
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_compare_artifacts_groupings_match_loops_over_the_stream(seed):
+    """tools/compare_artifacts.py: each target's position in its document, its token's frequency rank and the
+    per-document figures, against plain loops over a random stream (BOS = 1, with runs of BOS)."""
+    import compare_artifacts as ca
+    n, vocab, bos = 400, 24, 1
+    tokens = _random_stream(seed, n, vocab, bos)
+    tokens[0] = 7 if seed == 0 else bos  # a stream that starts inside a document, or at a BOS
+    pos = ca.positions_in_document(tokens, bos)
+    for t in range(1, n):
+        first = max([i for i in range(t) if tokens[i] == bos], default=0)
+        assert pos[t] == t - first  # tokens first .. t-1 precede t in its document
+    counts = {v: sum(1 for t in range(1, n) if tokens[t] == v) for v in range(vocab)}
+    order = sorted(range(vocab), key=lambda v: (-counts[v], v))
+    ranks = ca.frequency_ranks(tokens, vocab)
+    assert all(ranks[t] == order.index(int(tokens[t])) + 1 for t in range(1, n))
+    g = torch.Generator().manual_seed(100 + seed)
+    nll_a, nll_b = torch.rand(n, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64)
+    nbytes = torch.randint(1, 5, (n,), generator=g)
+    nll_a[0] = nll_b[0] = nbytes[0] = 0
+    docs: dict[int, list[int]] = {}
+    for t in range(1, n):  # target t belongs to the document token t - 1 is in; a BOS at i opens a document
+        doc = sum(1 for i in range(t) if tokens[i] == bos)
+        docs.setdefault(doc, []).append(t)
+    nats = {d: sum(float(nll_a[t] - nll_b[t]) for t in ts) for d, ts in docs.items()}
+    doc_bytes = {d: sum(int(nbytes[t]) for t in ts) for d, ts in docs.items()}
+    per_byte = {d: (nats[d] / doc_bytes[d], nats[d]) for d in docs}
+    figures = ca.document_figures(tokens, bos, nll_a, nll_b, nbytes)
+    assert figures["documents"] == len(docs)
+    assert figures["a_better"] == sum(1 for pb, _ in per_byte.values() if pb < 0)
+    assert figures["b_better"] == sum(1 for pb, _ in per_byte.values() if pb > 0)
+    assert figures["bytes_a_better"] == sum(doc_bytes[d] for d, (pb, _) in per_byte.items() if pb < 0)
+    worst = sorted(per_byte.values(), key=lambda v: -float(v[0]))[:max(1, len(docs) // 10)]
+    total = sum(float(v[1]) for v in per_byte.values())
+    assert figures["worst_tenth_share"] == pytest.approx(sum(float(v[1]) for v in worst) / total)
+    rows = ca.split_rows(pos, ca.POSITION_EDGES, nll_a, nll_b, nbytes)
+    assert sum(r["targets"] for r in rows) == n - 1 and sum(r["bytes"] for r in rows) == int(nbytes.sum())
+    assert sum(r["nll_a"] for r in rows) == pytest.approx(float(nll_a.sum()))
+    assert rows[0]["row"] == "1" and rows[0]["targets"] == sum(1 for t in range(1, n) if pos[t] == 1)

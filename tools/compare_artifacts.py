@@ -1,0 +1,167 @@
+#!/usr/bin/env python3
+"""Where one artifact beats another: both scored on the same validation windows, target by target, and the
+difference split by where the target sits in its document, by how common its token is, and by document.
+
+    DATA_PATH=... TOKENIZER_PATH=... python3 tools/compare_artifacts.py artifacts/hyb.pgz artifacts/attn.pgz
+    VAL_MAX_TOKENS=131072 EVAL_STRIDE=0 python3 tools/compare_artifacts.py A.pgz B.pgz     # a quick look on a CPU
+
+Every train_gpt.py setting applies (DATA_PATH, TOKENIZER_PATH, VOCAB_SIZE, EVAL_SEQ_LEN, EVAL_STRIDE,
+VAL_MAX_TOKENS); the evaluation is the window mode without TTT (sliding windows of stride 512 by default), the
+score the script logs before TTT. Both artifacts must have the tokenizer's vocabulary. Rows, each with its targets,
+bytes, each artifact's bpb over those bytes and A - B:
+- position in the document: how many tokens of the target's document come before it, its BOS included (1 = the
+  first token after the BOS; before the stream's first BOS, the stream's first token stands for one);
+- token frequency: the target token's rank by how often it occurs among the validation targets (ranks 1-64 are the
+  commonest tokens);
+- documents: how many documents (and what share of their bytes) each artifact scores better, and how much of the
+  whole difference the 10% of documents where A is worst relative to B account for.
+The rows of a grouping partition the targets, so the bytes-weighted mean of their differences is the total's.
+Figures also print as one `compare {json}` line. One process (python3, not torchrun).
+"""
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+POSITION_EDGES = (1, 2, 17, 129, 513, 2049)  # rows 1, 2-16, 17-128, 129-512, 513-2048, 2049+
+RANK_EDGES = (1, 65, 257, 1025)  # rows 1-64, 65-256, 257-1024, 1025+
+
+
+def positions_in_document(tokens: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """For every target index t >= 1: how many tokens of its document precede it, its BOS included (so 1 for the
+    first token after a BOS); before the stream's first BOS the stream's first token stands for it. Index 0 unused."""
+    n = len(tokens)
+    idx = torch.arange(n)
+    first = torch.cummax(torch.where(tokens == bos_id, idx, torch.zeros_like(idx)), 0).values  # latest BOS at or before
+    pos = torch.zeros(n, dtype=torch.long)
+    pos[1:] = idx[1:] - first[:-1]  # tokens first[t - 1] .. t - 1
+    return pos
+
+
+def frequency_ranks(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """For every target index t >= 1: the rank (1 = commonest) of tokens[t] by its count among targets 1..n-1;
+    ties broken by token id. Index 0 unused."""
+    counts = torch.bincount(tokens[1:], minlength=vocab_size)
+    order = sorted(range(vocab_size), key=lambda i: (-int(counts[i]), i))
+    rank_of = torch.empty(vocab_size, dtype=torch.long)
+    rank_of[torch.tensor(order)] = torch.arange(1, vocab_size + 1)
+    ranks = torch.zeros(len(tokens), dtype=torch.long)
+    ranks[1:] = rank_of[tokens[1:]]
+    return ranks
+
+
+def split_rows(key: torch.Tensor, edges: tuple, nll_a: torch.Tensor, nll_b: torch.Tensor,
+               nbytes: torch.Tensor) -> list[dict]:
+    """One row per bucket [edges[i], edges[i+1]) of `key` (the last open-ended) over targets 1..n-1."""
+    rows = []
+    for lo, hi in zip(edges, edges[1:] + (None,)):
+        sel = key >= lo if hi is None else (key >= lo) & (key < hi)
+        sel[0] = False
+        if not sel.any():
+            continue
+        rows.append(summed(f"{lo}+" if hi is None else (f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}"),
+                           sel, nll_a, nll_b, nbytes))
+    return rows
+
+
+def summed(name: str, sel: torch.Tensor, nll_a: torch.Tensor, nll_b: torch.Tensor, nbytes: torch.Tensor) -> dict:
+    b = int(nbytes[sel].sum())
+    a_sum, b_sum = float(nll_a[sel].sum()), float(nll_b[sel].sum())
+    per_byte = (lambda nll: nll / (math.log(2) * b)) if b else (lambda nll: None)  # e.g. targets that are all BOS
+    return dict(row=name, targets=int(sel.sum()), bytes=b, nll_a=a_sum, nll_b=b_sum, bpb_a=per_byte(a_sum),
+                bpb_b=per_byte(b_sum))
+
+
+def document_figures(tokens: torch.Tensor, bos_id: int, nll_a: torch.Tensor, nll_b: torch.Tensor,
+                     nbytes: torch.Tensor) -> dict:
+    """Per document (targets grouped by the latest BOS before them; a BOS target belongs to the document it ends):
+    how many each artifact scores better (in nats per byte), their bytes, and the share of the whole difference
+    A - B (in nats) that the tenth of documents with the largest per-byte difference hold. Documents without bytes
+    (a BOS right after a BOS) are left out."""
+    n = len(tokens)
+    doc = torch.cumsum((tokens == bos_id).long(), 0)  # a BOS at i starts document doc[i]
+    of_target = doc[:-1]  # target t belongs to the document of token t - 1
+    diff = (nll_a - nll_b)[1:]
+    count = int(of_target.max()) + 1
+    d_nats = torch.zeros(count, dtype=torch.float64).index_add_(0, of_target, diff)
+    d_bytes = torch.zeros(count, dtype=torch.long).index_add_(0, of_target, nbytes[1:])
+    present = d_bytes > 0
+    d_nats, d_bytes = d_nats[present], d_bytes[present]
+    per_byte = d_nats / d_bytes
+    worst = torch.argsort(per_byte, descending=True)[:max(1, len(per_byte) // 10)]
+    total = float(d_nats.sum())
+    return dict(documents=len(per_byte), a_better=int((per_byte < 0).sum()), b_better=int((per_byte > 0).sum()),
+                bytes_a_better=int(d_bytes[per_byte < 0].sum()), bytes_b_better=int(d_bytes[per_byte > 0].sum()),
+                worst_tenth_documents=len(worst),
+                worst_tenth_share=float(d_nats[worst].sum()) / total if total else 0.0,
+                median_bpb_difference=float(per_byte.median()) / math.log(2), targets=n - 1)
+
+
+def score(path: Path, cfg: tg.Config, rt: tg.Runtime, log: tg.Logger, tokens: torch.Tensor,
+          tables: tg.ByteTables) -> tuple[tg.EvalResult, torch.Tensor, str]:
+    """One artifact's window score and its per-target losses (every target scored exactly once, checked)."""
+    if not path.is_file():
+        raise SystemExit(f"{path} is not a file")
+    mc, state = tg.read_artifact(path)
+    tg.require_model_matches(cfg, mc, "compare_artifacts", "artifact", path)
+    model = tg.build_model(mc, tg.resolve_backends(cfg, rt, mc, log, check=rt.cuda), rt)
+    tg.load_exported_state(model, state, str(path))
+    tally = tg.Tally(rt.device, track=len(tokens))
+    result = tg.evaluate(model, tokens, tables, cfg, rt, tally)
+    if not bool((tally.hits[1:] == 1).all()) or int(tally.hits[0]) != 0:
+        raise RuntimeError(f"{path}: the evaluation did not score every target exactly once")
+    return result, tally.nll_at, mc.layout
+
+
+def main() -> None:
+    if len(sys.argv) != 3 or sys.argv[1].startswith("-"):
+        raise SystemExit(__doc__)
+    cfg = tg.Config.from_env({**os.environ, "EVAL_MODE": "window", "TTT_ENABLED": "0"})
+    rt = tg.init_runtime(cfg)
+    if rt.world_size != 1:
+        raise SystemExit("compare_artifacts.py runs as one process (python3, not torchrun)")
+    log = tg.Logger(None)
+    tables = tg.build_byte_tables(tg.load_tokenizer(cfg)).to(rt.device)
+    tokens = tg.load_val_tokens(cfg)
+    (res_a, nll_a, layout_a), (res_b, nll_b, layout_b) = (score(Path(p), cfg, rt, log, tokens, tables)
+                                                          for p in sys.argv[1:])
+    n = len(tokens)
+    nbytes = torch.zeros(n, dtype=torch.long)
+    nbytes[1:] = tables.count(tokens[:-1].to(rt.device), tokens[1:].to(rt.device)).cpu()
+    groups = {"position in document": split_rows(positions_in_document(tokens, tables.bos_id), POSITION_EDGES,
+                                                  nll_a, nll_b, nbytes),
+              "token frequency rank": split_rows(frequency_ranks(tokens, cfg.vocab_size), RANK_EDGES,
+                                                 nll_a, nll_b, nbytes)}
+    docs = document_figures(tokens, tables.bos_id, nll_a, nll_b, nbytes)
+    sliding = cfg.stride < cfg.eval_len
+    windows = f"windows of {cfg.eval_len}" + (f", stride {cfg.stride}" if sliding else "")
+    print(f"A {sys.argv[1]} ({layout_a}), B {sys.argv[2]} ({layout_b}); {n} validation tokens; {windows}; no TTT")
+    for name, rows in groups.items():
+        print(f"{name:>22} {'targets':>9} {'bytes':>9} {'bpb A':>8} {'bpb B':>8} {'A-B':>8} {'share of A-B':>13}")
+        total = res_a.bpb - res_b.bpb
+        for r in rows:
+            if not r["bytes"]:  # no bytes, so no bpb; its losses still count in the total
+                print(f"{r['row']:>22} {r['targets']:>9} {0:>9} {'—':>8} {'—':>8} {'—':>8} {'—':>13}")
+                continue
+            d = r["bpb_a"] - r["bpb_b"]
+            share = d * r["bytes"] / (total * res_a.bytes) if total else 0.0
+            print(f"{r['row']:>22} {r['targets']:>9} {r['bytes']:>9} {r['bpb_a']:>8.4f} {r['bpb_b']:>8.4f} {d:>+8.4f} "
+                  f"{share:>13.0%}")
+        print(f"{'all':>22} {res_a.tokens:>9} {res_a.bytes:>9} {res_a.bpb:>8.4f} {res_b.bpb:>8.4f} {total:>+8.4f}")
+    print(f"documents: {docs['documents']}; A better on {docs['a_better']} ({docs['bytes_a_better']:,} bytes), "
+          f"B better on {docs['b_better']} ({docs['bytes_b_better']:,} bytes); median per-document A-B "
+          f"{docs['median_bpb_difference']:+.4f} bpb; the {docs['worst_tenth_documents']} documents where A is worst "
+          f"relative to B hold {docs['worst_tenth_share']:.0%} of the whole difference")
+    print("compare " + json.dumps(dict(a=sys.argv[1], b=sys.argv[2], windows=windows, bpb_a=res_a.bpb, bpb_b=res_b.bpb,
+                                       tokens=res_a.tokens, bytes=res_a.bytes, groups=groups, documents=docs)))
+
+
+if __name__ == "__main__":
+    main()
