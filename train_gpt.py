@@ -2891,8 +2891,8 @@ class TrainStats:
 def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], cfg: Config, rt: Runtime,
           log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> TrainStats:
     """The timed loop; every average in `emas` is updated after each step. The timer excludes validation; the budget
-    (MAX_WALLCLOCK_SECONDS less the GPTQ reserve) is agreed across ranks and checked before each step, so training
-    stops before the next step would cross it. With QAT_FRAC, the fake quantization `enable_qat` gave `base` is
+    (MAX_WALLCLOCK_SECONDS less the GPTQ reserve) is checked before each step against the slowest rank's clock, so
+    training stops before the next step would cross it, and the schedule reads the same clock on every rank. With QAT_FRAC, the fake quantization `enable_qat` gave `base` is
     switched on at the first step in the run's last QAT_FRAC, off for validation, and off again when training ends."""
     stats, loader = TrainStats(), TrainLoader(cfg, rt)
     cap_ms = 1000 * cfg.train_budget_seconds
@@ -2916,18 +2916,16 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
             with qat_paused(base):
                 log(evaluate(base, val_tokens, tables, cfg, rt).line(f"step:{stats.steps}/{cfg.iterations}"))
             paused_ms += 1000 * (time.perf_counter() - p0)
-        step_avg = elapsed_ms() / stats.steps if stats.steps else 0.0
-        elapsed_s = elapsed_ms() / 1000
-        qat_pending = cfg.qat_frac > 0 and stats.qat_from_step is None
-        stop = qat_now = False
-        if cap_ms or qat_pending:  # one collective for both, so every rank stops, or switches QAT on, at one step
-            stop, qat_now = _any_ranks(
-                (bool(cap_ms) and 1000 * elapsed_s + step_avg > cap_ms,
-                 qat_pending and run_progress(stats.steps, elapsed_s, cfg) >= 1 - cfg.qat_frac), rt)
-        if stop:
+        # Under a cap the schedule reads the clock: every rank reads the slowest rank's, so all take the same learning
+        # rate, switch QAT on and stop at the same step (each rank's clock started at its own moment). Without a cap
+        # the schedule counts steps only.
+        elapsed_s = (_slowest_clock(elapsed_ms(), rt) if cap_ms else elapsed_ms()) / 1000
+        step_avg = 1000 * elapsed_s / stats.steps if stats.steps else 0.0
+        if cap_ms and 1000 * elapsed_s + step_avg > cap_ms:
             stats.stopped_by_cap = True
             break
-        if qat_now:
+        if (cfg.qat_frac > 0 and stats.qat_from_step is None
+                and run_progress(stats.steps, elapsed_s, cfg) >= 1 - cfg.qat_frac):
             set_qat(base, True)
             stats.qat_from_step = stats.steps
             log(f"qat: fake quantization on from step {stats.steps} (train_time {1000 * elapsed_s:.0f}ms, the last "
@@ -2973,18 +2971,22 @@ def score_ema_compare(base: nn.Module, fwd: nn.Module, others: dict[float, EMA |
     return scores
 
 
-def _any_ranks(flags: tuple[bool, ...], rt: Runtime) -> tuple[bool, ...]:
-    """Each flag true on every rank if it is true on any (each rank reads its own clock); one collective for all."""
+def _slowest_clock(elapsed_ms: float, rt: Runtime) -> float:
+    """The largest of the ranks' elapsed times, on every rank (one collective)."""
     if not rt.distributed:
-        return tuple(flags)
-    t = torch.tensor([int(f) for f in flags], device=rt.device)
+        return elapsed_ms
+    t = torch.tensor([elapsed_ms], dtype=torch.float64, device=rt.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return tuple(bool(v) for v in t.tolist())
+    return float(t.item())
 
 
 def _any_rank(flag: bool, rt: Runtime) -> bool:
-    """True on every rank if `flag` is true on any."""
-    return _any_ranks((flag,), rt)[0]
+    """True on every rank if `flag` is true on any (each rank reads its own clock)."""
+    if not rt.distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=rt.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 # ------------------------------------------------------------------------------------------------------------------

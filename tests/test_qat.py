@@ -152,38 +152,43 @@ def test_train_switches_qat_on_for_the_last_fraction_and_off_for_validation_and_
     assert f"qat: fake quantization on from step {expected.index(True)}" in "\n".join(lines)
 
 
-def _qat_switch_worker(rank, world, out_dir):
-    """train() on each rank with rank 1's clock a quarter of the run ahead; saves the switch as each step saw it."""
-    model, cfg = qat_model(QAT_FRAC="0.5")
+def _skewed_clock_worker(rank, world, out_dir):
+    """train() under a wallclock cap on each rank, with a fake clock that every reading moves on by 1 ms on rank 0
+    and 2 ms on rank 1 (rank 1's runs twice as fast); saves the learning-rate multiplier and the QAT switch each
+    step trained with, and the step training stopped at."""
+    model, cfg = qat_model(QAT_FRAC="0.3", MAX_WALLCLOCK_SECONDS="1", GPTQ_RESERVE_SECONDS="0.5",
+                           ITERATIONS="100000", WARMDOWN_FRAC="0.5", LR_WARMUP_STEPS="0")
     tg.enable_qat(model, cfg)
+    readings = iter(range(10 ** 9))
+    tg.time = types.SimpleNamespace(perf_counter=lambda: next(readings) * 0.001 * (1 + rank))
     seen = []
-    tg.run_progress = lambda step, elapsed_s, cfg: step / cfg.iterations + (0.25 if rank == 1 else 0.0)
-    tg.train_step = lambda *args: seen.append(tg.qat_is_on(model)) or torch.tensor(1.0)
+    tg.train_step = lambda *args: seen.append((args[-1], tg.qat_is_on(model))) or torch.tensor(1.0)
     tg.TrainLoader = lambda cfg, rt: types.SimpleNamespace(close=lambda: None)
-    tg.train(model, None, None, [], cfg, tg.Runtime(rank, world, rank, torch.device("cpu"), 1), lambda msg: None,
-             None, None)
-    torch.save(seen, f"{out_dir}/rank{rank}.pt")
+    stats = tg.train(model, None, None, [], cfg, tg.Runtime(rank, world, rank, torch.device("cpu"), 1),
+                     lambda msg: None, None, None)
+    torch.save((seen, stats.steps, stats.stopped_by_cap), f"{out_dir}/rank{rank}.pt")
 
 
-def test_every_rank_switches_qat_on_at_the_step_the_first_one_reaches_it(tmp_path):
-    spawn_ranks(_qat_switch_worker, 2, str(tmp_path))
-    seen = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    iterations = tg.PRESETS["tiny"]["iterations"]
-    ahead = [step / iterations + 0.25 >= 0.5 for step in range(iterations)]  # rank 1's progress crosses first
-    assert seen[0] == seen[1] == ahead
-    assert ahead != [step / iterations >= 0.5 for step in range(iterations)]  # rank 0 alone would start later
+def test_every_rank_reads_the_slowest_clock_for_its_learning_rate_qat_and_stop(tmp_path):
+    """Under a cap the schedule reads the clock; ranks whose clocks disagree (each starts its own) must still take
+    the same learning rate at every step, switch QAT on at the same step and stop at the same step, or their weights
+    drift apart: before the fix each rank's learning rate followed its own clock."""
+    spawn_ranks(_skewed_clock_worker, 2, str(tmp_path))
+    (seen0, steps0, capped0), (seen1, steps1, capped1) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert seen0 == seen1 and steps0 == steps1 == len(seen0) and capped0 and capped1
+    lrs, qat = [lr for lr, _ in seen0], [on for _, on in seen0]
+    assert lrs[0] == 1.0 and 0 < lrs[-1] < 0.2 and lrs == sorted(lrs, reverse=True)  # flat, then the warmdown
+    assert any(qat) and not all(qat) and qat == sorted(qat)  # switched on once, late, and kept on
 
 
-def _any_ranks_worker(rank, world, out_dir):
-    flags = [(True, False, False), (False, True, False)][rank]
-    torch.save(tg._any_ranks(flags, tg.Runtime(rank, world, rank, torch.device("cpu"), 1)), f"{out_dir}/rank{rank}.pt")
+def _slowest_clock_worker(rank, world, out_dir):
+    torch.save(tg._slowest_clock([1234.5, 987.25][rank], tg.Runtime(rank, world, rank, torch.device("cpu"), 1)),
+               f"{out_dir}/rank{rank}.pt")
 
 
-def test_the_cap_and_qat_decisions_share_one_collective_and_each_is_any_ranks(tmp_path):
-    """train() asks for the cap's stop and QAT's switch together: each flag is true on every rank when one rank's
-    is, independently of the other flag."""
-    spawn_ranks(_any_ranks_worker, 2, str(tmp_path))
-    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [(True, True, False)] * 2
+def test_the_slowest_clock_is_the_largest_elapsed_time_on_every_rank(tmp_path):
+    spawn_ranks(_slowest_clock_worker, 2, str(tmp_path))
+    assert [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)] == [1234.5, 1234.5]
 
 
 def test_qat_with_a_wallclock_cap_starts_by_time():

@@ -144,8 +144,8 @@ def main() -> int:
             if ema is not None:
                 ema.update()
 
-        def loop_step():  # as train_gpt.train runs a step: the agreed cap check first, a sync after
-            tg._any_rank(False, rt)
+        def loop_step():  # as train_gpt.train runs a step under a cap: the ranks' clocks agreed first, a sync after
+            tg._slowest_clock(0.0, rt)
             step()
             tg.sync(rt)
 
