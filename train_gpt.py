@@ -2020,12 +2020,23 @@ def read_artifact(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     rest = data[ARTIFACT_HEADER.size:]
     if zlib.crc32(rest) != crc:
         raise ValueError(f"artifact {path} fails its checksum: truncated or corrupted")
+    # The checksum covers what follows the header; the header's frame count and compressor are checked by use.
+    if not 1 <= n_frames <= len(rest) // 8:
+        raise ValueError(f"artifact {path}: its header's frame count {n_frames} does not fit the file: corrupted")
     lengths = struct.unpack_from(f"<{n_frames}Q", rest)
     offsets = np.cumsum([8 * n_frames, *lengths]).tolist()
-    if offsets[-1] != len(rest) or n_frames < 1:
+    if offsets[-1] != len(rest):
         raise ValueError(f"artifact {path}: frame table does not match the file size")
     frames = [rest[offsets[i]: offsets[i + 1]] for i in range(n_frames)]
-    return deserialize_state(_parallel(lambda f: decompress(f, names[comp_id]), frames), str(path))
+
+    def unpack(frame: bytes) -> bytes:
+        try:
+            return decompress(frame, names[comp_id])
+        except Exception as err:  # brotli.error, zstandard.ZstdError: the header names the wrong compressor
+            raise ValueError(f"artifact {path}: a frame does not decompress with {names[comp_id]}, the compressor "
+                             f"its header names ({type(err).__name__}: {err}): corrupted header") from err
+
+    return deserialize_state(_parallel(unpack, frames), str(path))
 
 
 def load_exported_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, kind: str = "artifact") -> None:

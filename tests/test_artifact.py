@@ -139,6 +139,9 @@ def test_the_int_routing_follows_the_optimizer_table():
 @pytest.mark.parametrize("damage,needle", [
     ("truncate", "checksum"), ("flip", "checksum"), ("magic", "expected b'PGOLFGDN'"), ("version", "format version 9"),
     ("tiny", "shorter than its header"), ("missing", "does not exist"),
+    # the header's own fields, outside the checksum: the frame count and the compressor
+    ("frame count", "header's frame count 1677721"), ("one frame more", "frame table does not match"),
+    ("compressor", "does not decompress with zstd, the compressor its header names"),
 ])
 def test_damaged_artifacts_raise_clear_errors(tmp_path, damage, needle):
     path, _ = export(tiny_model(), tmp_path)
@@ -153,6 +156,12 @@ def test_damaged_artifacts_raise_clear_errors(tmp_path, damage, needle):
         data[8:10] = (9).to_bytes(2, "little")
     elif damage == "tiny":
         data = data[:10]
+    elif damage in ("frame count", "one frame more"):  # bytes 15-18, little-endian
+        n_frames = int.from_bytes(data[15:19], "little")
+        assert 1 < n_frames < 10 and data[10] == tg.COMPRESSOR_IDS["brotli"]  # what the cases' messages expect
+        data[15:19] = (n_frames + (1 << 24 if damage == "frame count" else 1)).to_bytes(4, "little")
+    elif damage == "compressor":  # byte 10
+        data[10] = tg.COMPRESSOR_IDS["zstd"]
     if damage == "missing":
         path.unlink()
     else:
