@@ -2003,7 +2003,8 @@ def write_atomically(path: Path, write: Callable) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_artifact(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _artifact_frames(path: Path) -> tuple[str, list[bytes]]:
+    """(the compressor its header names, its frames still compressed), every check of the file's layout passed."""
     if not path.is_file():
         raise FileNotFoundError(f"artifact {path} does not exist")
     data = path.read_bytes()
@@ -2027,16 +2028,30 @@ def read_artifact(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     offsets = np.cumsum([8 * n_frames, *lengths]).tolist()
     if offsets[-1] != len(rest):
         raise ValueError(f"artifact {path}: frame table does not match the file size")
-    frames = [rest[offsets[i]: offsets[i + 1]] for i in range(n_frames)]
+    return names[comp_id], [rest[offsets[i]: offsets[i + 1]] for i in range(n_frames)]
 
-    def unpack(frame: bytes) -> bytes:
-        try:
-            return decompress(frame, names[comp_id])
-        except Exception as err:  # brotli.error, zstandard.ZstdError: the header names the wrong compressor
-            raise ValueError(f"artifact {path}: a frame does not decompress with {names[comp_id]}, the compressor "
-                             f"its header names ({type(err).__name__}: {err}): corrupted header") from err
 
-    return deserialize_state(_parallel(unpack, frames), str(path))
+def _decompress_frame(path: Path, frame: bytes, compressor: str) -> bytes:
+    try:
+        return decompress(frame, compressor)
+    except Exception as err:  # brotli.error, zstandard.ZstdError: the header names the wrong compressor
+        raise ValueError(f"artifact {path}: a frame does not decompress with {compressor}, the compressor its header "
+                         f"names ({type(err).__name__}: {err}): corrupted header") from err
+
+
+def read_artifact(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    compressor, frames = _artifact_frames(path)
+    return deserialize_state(_parallel(lambda f: _decompress_frame(path, f, compressor), frames), str(path))
+
+
+def artifact_label(path: Path) -> str:
+    """`int{bits}_{compressor}` of the file itself (its matrices' bits, from its metadata), as the training run's
+    score tags name them; a rescoring's settings do not change what is in the file."""
+    compressor, frames = _artifact_frames(path)
+    meta = json.loads(_decompress_frame(path, frames[0], compressor))
+    bits = sorted({r["bits"] for r in meta["tensors"] if r["kind"] == "int"
+                   and PARAM_ROUTES[route_index(r["name"], torch.empty(r["shape"], device="meta"))][0] == "muon"})
+    return f"int{'/'.join(map(str, bits))}_{compressor}"
 
 
 def load_exported_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, kind: str = "artifact") -> None:
@@ -3221,9 +3236,14 @@ def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, t
         resolve_backends(cfg, rt, mc, log, check=True)
     size = path.stat().st_size
     code = code_bytes()
-    log(f"eval_only: artifact {path} {size} bytes + code {code} bytes = {size + code} bytes")
-    final, base = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg))
-    return dict(final=dataclasses.asdict(final), final_no_ttt=dataclasses.asdict(base), artifact_bytes=size)
+    log(f"eval_only: artifact {path} {size} bytes + code {code} bytes = {size + code} bytes (limit "
+        f"{ARTIFACT_LIMIT_BYTES}; the code counted is this script, which scores it)")
+    if size + code > ARTIFACT_LIMIT_BYTES:
+        log(f"WARNING: ARTIFACT OVER THE LIMIT by {size + code - ARTIFACT_LIMIT_BYTES} bytes: a submission of it with "
+            "this script is NOT COMPLIANT")
+    final, base = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg, artifact_label(path)))
+    return dict(final=dataclasses.asdict(final), final_no_ttt=dataclasses.asdict(base), artifact_bytes=size,
+                code_bytes=code, total_bytes=size + code)
 
 
 def export_from(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_tokens: torch.Tensor,
@@ -3249,8 +3269,10 @@ def export_from(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_tokens: 
     return summary | export_and_score(base, fwd, cfg, rt, log, path, val_tokens, tables, info["train_ms"], info["ema"])
 
 
-def _final_tag(cfg: Config) -> str:
-    return f"final_int{cfg.matrix_bits}_{cfg.compressor}_roundtrip{eval_tag(cfg)}"
+def _final_tag(cfg: Config, label: str = "") -> str:
+    """The final score's tag; `label` (EVAL_ONLY: the artifact's `artifact_label`) instead of this run's export
+    settings."""
+    return f"final_{label or f'int{cfg.matrix_bits}_{cfg.compressor}'}_roundtrip{eval_tag(cfg)}"
 
 
 def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_tokens: torch.Tensor,
@@ -3397,11 +3419,11 @@ def run_job(cfg: Config, rt: Runtime, log: Logger, run_id: str) -> None:
         summary = export_from(cfg, rt, log, run_id, val_tokens, tables)
     else:
         summary = train_and_eval(cfg, rt, log, run_id, val_tokens, tables)
-    total = summary.get("total_bytes")  # none for EVAL_ONLY
+    total = summary["total_bytes"]
     summary.update(run_id=run_id, seed=cfg.seed, world_size=rt.world_size, eval_only=cfg.eval_only,
                    device=torch.cuda.get_device_name(rt.device) if rt.cuda else "cpu", torch=torch.__version__,
                    partial_validation=bool(cfg.val_max_tokens), wall_seconds=round(time.perf_counter() - t0, 1),
-                   artifact_under_limit=None if total is None else total <= ARTIFACT_LIMIT_BYTES)
+                   artifact_under_limit=total <= ARTIFACT_LIMIT_BYTES)
     log("summary " + json.dumps(summary, sort_keys=True))
 
 

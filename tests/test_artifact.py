@@ -358,3 +358,13 @@ def test_a_clip_set_alone_is_refused_while_the_fit_is_on_by_default():
     assert not tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "10", "MATRIX_CLIP_FIT": "0"}).matrix_clip_fit
     assert tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "10", "MATRIX_CLIP_FIT": "1"}).matrix_clip_sigmas == 10.0
     assert tg.Config.from_env({"MATRIX_CLIP_SIGMAS": "10", "EVAL_ONLY": "1", "ARTIFACT_PATH": "a.pgz"}).eval_only
+
+
+@pytest.mark.parametrize("settings,label", [
+    ({}, "int6_brotli"), ({"matrix_bits": 5, "compressor": "zstd"}, "int5_zstd"), ({"embed_bits": 6}, "int6_brotli"),
+])
+def test_an_artifacts_label_is_its_matrices_bits_and_its_compressor(tmp_path, settings, label):
+    """What an EVAL_ONLY rescoring names its score by: read from the file (the embedding's bits are not the
+    matrices')."""
+    path, _ = export(tiny_model(), tmp_path, **settings)
+    assert tg.artifact_label(path) == label

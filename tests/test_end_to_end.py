@@ -115,11 +115,30 @@ def test_a_run_says_at_the_start_that_it_will_replace_an_artifact_and_append_to_
 
 
 def test_eval_only_reproduces_the_score(trained, tiny_data):
+    """The same line to the last digit, under the same tag: the tag names the file's bits and compressor, which
+    export settings given to the rescoring do not change; and the artifact + this script's bytes, against the
+    limit."""
     cwd, out = trained
-    env = {**tiny_env(tiny_data, "rescore"), "EVAL_ONLY": "1", "ARTIFACT_PATH": str(cwd / "artifacts" / "e2e.pgz")}
+    env = {**tiny_env(tiny_data, "rescore"), "EVAL_ONLY": "1", "ARTIFACT_PATH": str(cwd / "artifacts" / "e2e.pgz"),
+           "MATRIX_BITS": "5", "COMPRESSOR": "zstd"}
     again = run_script(cwd, env)
     assert exact_line(again) == exact_line(out)
     assert "train_done" not in again
+    s = summary(again)
+    assert s["total_bytes"] == summary(out)["total_bytes"] == s["artifact_bytes"] + SCRIPT.stat().st_size
+    assert s["artifact_under_limit"] and "OVER THE LIMIT" not in again
+
+
+def test_eval_only_warns_when_the_artifact_and_the_script_are_over_the_limit(trained, tiny_data, monkeypatch):
+    cwd, _ = trained
+    cfg = tg.Config.from_env({**tiny_env(tiny_data, "over"), "EVAL_ONLY": "1", "TTT_ENABLED": "0",
+                              "ARTIFACT_PATH": str(cwd / "artifacts" / "e2e.pgz"), "VAL_MAX_TOKENS": "512"})
+    rt = tg.Runtime(0, 1, 0, tg.torch.device("cpu"), 1)
+    lines = []
+    monkeypatch.setattr(tg, "ARTIFACT_LIMIT_BYTES", 1000)
+    s = tg.eval_only(cfg, rt, lines.append, tg.load_val_tokens(cfg), tg.build_byte_tables(tg.load_tokenizer(cfg)))
+    over = s["total_bytes"] - 1000
+    assert over > 0 and f"WARNING: ARTIFACT OVER THE LIMIT by {over} bytes" in "\n".join(lines)
 
 
 @pytest.mark.parametrize("mode,env,tag", [
