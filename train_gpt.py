@@ -2772,11 +2772,8 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
             require_close(log, f"gdn_stream({gdn}, state + restarts) vs float64 reference",
                           gdn_stream_kernel_errors(mc, cfg.stream_segment, rt.device, impl=gdn), cfg.kernel_check_tol,
                           f"the streaming path of GDN_BACKEND={gdn}")
-        if attn != "sdpa" and has_swa and mc.swa_window < cfg.train_seq_len:
-            cases = [("", cfg.train_seq_len, 0)]
-            if cfg.eval_mode == "stream" and not cfg.stream_reset:  # keys carried from the previous segment
-                cases.append((" streaming", min(cfg.stream_segment, 4096), mc.swa_window - 1))
-            for label, T, cached in cases:
+        if attn != "sdpa" and has_swa:
+            for label, T, cached in attention_check_cases(cfg, mc.swa_window):
                 require_close(log, f"swa({attn}){label} vs fp32 masked SDPA",
                               attention_kernel_errors(mc, attn, T, rt.device, cached=cached), cfg.kernel_check_tol,
                               f"attention backend {attn}{label}", "set ATTN_BACKEND=sdpa")
@@ -2784,6 +2781,18 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
     backends = Backends(gdn, attn, conv)
     log(f"backends: {describe_backends(mc.layout, backends, mc.swa_window)}{took}")
     return backends
+
+
+def attention_check_cases(cfg: Config, window: int) -> list[tuple[str, int, int]]:
+    """(label, sequence length, cached keys) of every shape in which this run sends sliding-window attention to
+    ATTN_BACKEND's windowed kernel: a forward over T tokens uses it when T > SWA_WINDOW (shorter ones are plain
+    causal attention), at the training length, the evaluation windows' and TTT's; streaming always does, its
+    segments attending to SWA_WINDOW - 1 keys carried from the one before."""
+    lengths = sorted({cfg.train_seq_len, cfg.eval_len, cfg.ttt_seq_len or cfg.eval_len})
+    cases = [("" if T == cfg.train_seq_len else f" at {T}", T, 0) for T in lengths if T > window]
+    if cfg.eval_mode == "stream" and not cfg.stream_reset:  # (STREAM_RESET runs a dense mask through SDPA)
+        cases.append((" streaming", min(cfg.stream_segment, 4096), window - 1))
+    return cases
 
 
 def layer_kinds(layout: str) -> set[str]:

@@ -248,3 +248,23 @@ def test_ttt_params_that_select_nothing_raise_with_the_name():
     gdn = tg.GPT(tg.ModelConfig.from_config(tg.Config.from_env({"PRESET": "tiny", "LAYOUT": "GA"})),
                  tg.Backends("torch", "sdpa"))
     assert tg.ttt_parameters(gdn, "gdn")
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, [("", 2048, 0)]),  # the default window 512 at the training length
+    ({"SWA_WINDOW": "2048"}, []),  # every forward is shorter than the window: plain causal attention only
+    ({"SWA_WINDOW": "2048", "EVAL_SEQ_LEN": "4096"}, [(" at 4096", 4096, 0)]),  # longer evaluation windows
+    ({"SWA_WINDOW": "2048", "TTT_SEQ_LEN": "3072"}, [(" at 3072", 3072, 0)]),
+    ({"SWA_WINDOW": "2048", "EVAL_MODE": "stream", "STREAM_SEGMENT": "1024"}, [(" streaming", 1024, 2047)]),
+    ({"EVAL_MODE": "stream"}, [("", 2048, 0), (" streaming", 4096, 511)]),
+    ({"EVAL_MODE": "stream", "STREAM_RESET": "1"}, [("", 2048, 0)]),
+])
+def test_the_attention_kernel_is_checked_in_every_shape_it_runs_windowed(env, expected):
+    """The windowed kernel runs wherever keys outnumber the window: a check only at the training length missed
+    SWA_WINDOW >= TRAIN_SEQ_LEN with longer evaluation windows or streaming, whose cached keys make every segment
+    longer than the window."""
+    cfg = tg.Config.from_env({"LAYOUT": "GSGs", **env})
+    cases = tg.attention_check_cases(cfg, cfg.swa_window)
+    assert cases == expected
+    for T in {cfg.train_seq_len, cfg.eval_len, cfg.ttt_seq_len or cfg.eval_len}:
+        assert (T > cfg.swa_window) == any(c[1] == T and c[2] == 0 for c in cases)
