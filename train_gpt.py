@@ -342,8 +342,12 @@ class Config:
              "EMA_COMPARE averages weights while training; EVAL_ONLY and EXPORT_FROM do not train")
         need(self.eval_len > 0 and self.eval_stride >= 0,
              f"EVAL_SEQ_LEN={self.eval_len} must be positive and EVAL_STRIDE={self.eval_stride} not negative")
+        need(self.eval_mode in ("window", "stream"), f"EVAL_MODE={self.eval_mode!r} must be window or stream")
+        need("eval_stride" not in explicit or self.eval_stride == 0 or self.eval_mode == "window",
+             f"EVAL_STRIDE={self.eval_stride} applies to sliding windows; add EVAL_MODE=window (the mode is {self.eval_mode})")
         need("eval_stride" not in explicit or self.eval_stride <= self.eval_len,
-             f"EVAL_STRIDE={self.eval_stride} must be in 1..EVAL_SEQ_LEN={self.eval_len}")
+             f"EVAL_STRIDE={self.eval_stride} must be in 0..EVAL_SEQ_LEN={self.eval_len} (0: plain windows)")
+        need(self.eval_max_seconds >= 0, f"EVAL_MAX_SECONDS={self.eval_max_seconds} must be >= 0 (0: no limit)")
         need(self.eval_batch_tokens >= self.eval_len,
              f"EVAL_BATCH_TOKENS={self.eval_batch_tokens} must hold at least one window of {self.eval_len}")
         need(2 <= self.matrix_bits <= 8 and 2 <= self.embed_bits <= 8, "MATRIX_BITS and EMBED_BITS must be in 2..8")
@@ -367,9 +371,6 @@ class Config:
         need(self.gptq_calib_tokens >= self.train_seq_len, f"GPTQ_CALIB_TOKENS={self.gptq_calib_tokens} is below one sequence")
         need(self.max_wallclock_seconds == 0 or self.train_budget_seconds > 0,
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time in {self.max_wallclock_seconds}s")
-        need(self.eval_mode in ("window", "stream"), f"EVAL_MODE={self.eval_mode!r} must be window or stream")
-        need("eval_stride" not in explicit or self.eval_stride == 0 or self.eval_mode == "window",
-             f"EVAL_STRIDE={self.eval_stride} applies to sliding windows; add EVAL_MODE=window (the mode is {self.eval_mode})")
         need(self.stream_segment > 0 and self.stream_lanes > 0, "STREAM_SEGMENT and STREAM_LANES must be positive")
         need(self.stream_warmup >= 0, "STREAM_WARMUP must be >= 0")
         need(not self.stream_reset or self.stream_segment <= STREAM_RESET_MAX_SEGMENT,

@@ -52,6 +52,10 @@ def test_preset_sets_values_and_env_still_wins():
     ({"TRAIN_LOG_EVERY": "0"}, "TRAIN_LOG_EVERY=0 must be positive"),  # was a ZeroDivisionError after step 1
     ({"GPTQ_BLOCK": "0"}, "GPTQ_BLOCK=0 must be positive"),  # was an error at export, after the whole training
     ({"TTT_SEQ_LEN": "-8"}, "TTT_SEQ_LEN=-8 must be >= 0"),  # TTT took no steps, silently
+    ({"EVAL_MAX_SECONDS": "-1"}, "EVAL_MAX_SECONDS=-1.0 must be >= 0"),  # TTT adapted on no chunk, silently
+    ({"EVAL_STRIDE": "5000"}, "EVAL_STRIDE=5000 must be in 0..EVAL_SEQ_LEN=2048"),
+    # in stream mode a stride means nothing, whatever its value: that is the problem to name
+    ({"EVAL_MODE": "stream", "LAYOUT": "GSGs", "EVAL_STRIDE": "5000"}, "EVAL_STRIDE=5000 applies to sliding windows"),
 ])
 def test_bad_settings_raise_with_the_name(env, needle):
     with pytest.raises(ValueError, match=None) as err:
