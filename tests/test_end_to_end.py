@@ -448,15 +448,38 @@ def test_compare_tool_splits_both_artifacts_own_scores(trained, tiny_data):
     assert same["documents"]["a_better"] == same["documents"]["b_better"] == 0
 
 
-def test_compare_tool_refuses_an_artifact_of_another_vocabulary(trained, tiny_data, tmp_path):
+VOCAB_REFUSAL = "{{'vocab_size': ({v}, {n})}} (environment, artifact) contradict the artifact"  # VOCAB_SIZE is set
+
+
+def other_vocabulary_artifact(tmp_path: Path, vocab_size: int) -> Path:
+    """An artifact of an untrained tiny model of another vocabulary than the tokenizer's."""
+    cfg = tg.Config.from_env({"PRESET": "tiny", "VOCAB_SIZE": str(vocab_size)})
+    model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
+    frames, _ = tg.serialize_state(model.state_dict(), model.mc, cfg)
+    path = tmp_path / "other_vocab.pgz"
+    path.write_bytes(tg.pack_artifact(frames, cfg.compressor))
+    return path
+
+
+def test_compare_tool_refuses_an_artifact_of_another_vocabulary_or_none(trained, tiny_data, tmp_path):
     cwd, _ = trained
-    env = {**os.environ, **tiny_env(tiny_data, "cmp"), "VOCAB_SIZE": str(tiny_data["vocab_size"] * 2),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, **tiny_env(tiny_data, "cmp"), "OMP_NUM_THREADS": "1"}
     art = str(cwd / "artifacts" / "e2e.pgz")
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_artifacts.py"), art, art], cwd=cwd, env=env,
+    other = str(other_vocabulary_artifact(tmp_path, 2 * tiny_data["vocab_size"]))
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_artifacts.py"), art, other], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode != 0 and "VOCAB_SIZE" in proc.stderr
+    v = tiny_data["vocab_size"]
+    assert proc.returncode != 0 and VOCAB_REFUSAL.format(v=v, n=2 * v) in proc.stderr
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_artifacts.py"), art, str(tmp_path / "none")],
-                          cwd=cwd, env={**env, "VOCAB_SIZE": str(tiny_data["vocab_size"])}, capture_output=True,
-                          text=True, timeout=600)
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "none is not a file" in proc.stderr
+
+
+def test_context_tool_refuses_an_artifact_of_another_vocabulary(trained, tiny_data, tmp_path):
+    cwd, _ = trained
+    other = other_vocabulary_artifact(tmp_path, 2 * tiny_data["vocab_size"])
+    env = {**os.environ, **tiny_env(tiny_data, "ctx"), "ARTIFACT_PATH": str(other), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_by_context.py")], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    v = tiny_data["vocab_size"]
+    assert proc.returncode != 0 and VOCAB_REFUSAL.format(v=v, n=2 * v) in proc.stderr

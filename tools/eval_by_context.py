@@ -69,6 +69,7 @@ def main() -> None:
     tokens = tg.load_val_tokens(window_cfg)
     n = len(tokens)
     mc, state = tg.read_artifact(path)
+    tg.require_model_matches(window_cfg, mc, "eval_by_context", "artifact", path)  # its vocabulary is the tokenizer's
     model = tg.build_model(mc, tg.resolve_backends(window_cfg, rt, mc, log, check=rt.cuda), rt)
     tg.load_exported_state(model, state, str(path))
     tally_w, tally_s = tg.Tally(rt.device, track=n), tg.Tally(rt.device, track=n)
