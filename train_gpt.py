@@ -302,8 +302,9 @@ class Config:
         need((head_dim % 2 == 0), f"attention head dim {head_dim} must be even for rotary embeddings")
         need(self.swa_window >= 1, f"SWA_WINDOW={self.swa_window} must be >= 1")
         need(self.gdn_heads > 0 and self.gdn_head_dim > 0, "GDN_HEADS and GDN_HEAD_DIM must be positive")
-        need(float(self.gdn_head_dim * self.gdn_expand_v).is_integer(),
-             f"GDN_HEAD_DIM*GDN_EXPAND_V={self.gdn_head_dim * self.gdn_expand_v} must be an integer")
+        need(float(self.gdn_head_dim * self.gdn_expand_v).is_integer() and self.gdn_head_dim * self.gdn_expand_v >= 1,
+             f"GDN_HEAD_DIM*GDN_EXPAND_V={self.gdn_head_dim * self.gdn_expand_v} must be a positive integer")
+        need(self.logit_softcap > 0, f"LOGIT_SOFTCAP={self.logit_softcap} must be positive (logits are capped at ±it)")
         need(self.gdn_conv_size >= 1, f"GDN_CONV_SIZE={self.gdn_conv_size} must be >= 1")
         need(self.bigram_buckets == 0 or self.bigram_buckets >= 2, f"BIGRAM_BUCKETS={self.bigram_buckets} must be 0 or >= 2")
         need(self.bigram_dim > 0, f"BIGRAM_DIM={self.bigram_dim} must be positive")

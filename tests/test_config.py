@@ -53,6 +53,8 @@ def test_preset_sets_values_and_env_still_wins():
     ({"GPTQ_BLOCK": "0"}, "GPTQ_BLOCK=0 must be positive"),  # was an error at export, after the whole training
     ({"TTT_SEQ_LEN": "-8"}, "TTT_SEQ_LEN=-8 must be >= 0"),  # TTT took no steps, silently
     ({"EVAL_MAX_SECONDS": "-1"}, "EVAL_MAX_SECONDS=-1.0 must be >= 0"),  # TTT adapted on no chunk, silently
+    ({"GDN_EXPAND_V": "0"}, "GDN_HEAD_DIM*GDN_EXPAND_V=0.0 must be a positive integer"),  # GDN layers output zeros
+    ({"LOGIT_SOFTCAP": "0"}, "LOGIT_SOFTCAP=0.0 must be positive"),  # every logit 0, every gradient NaN
     ({"EVAL_STRIDE": "5000"}, "EVAL_STRIDE=5000 must be in 0..EVAL_SEQ_LEN=2048"),
     # in stream mode a stride means nothing, whatever its value: that is the problem to name
     ({"EVAL_MODE": "stream", "LAYOUT": "GSGs", "EVAL_STRIDE": "5000"}, "EVAL_STRIDE=5000 applies to sliding windows"),
