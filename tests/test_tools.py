@@ -1,6 +1,7 @@
 """The benchmark tool runs end to end (tiny configuration on the CPU) and reports both stacks and the breakdown."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -388,9 +389,15 @@ def test_compare_artifacts_groupings_match_loops_over_the_stream(seed):
     assert figures["a_better"] == sum(1 for pb, _ in per_byte.values() if pb < 0)
     assert figures["b_better"] == sum(1 for pb, _ in per_byte.values() if pb > 0)
     assert figures["bytes_a_better"] == sum(doc_bytes[d] for d, (pb, _) in per_byte.items() if pb < 0)
-    worst = sorted(per_byte.values(), key=lambda v: -float(v[0]))[:max(1, len(docs) // 10)]
-    total = sum(float(v[1]) for v in per_byte.values())
-    assert figures["worst_tenth_share"] == pytest.approx(sum(float(v[1]) for v in worst) / total)
+    ranked = sorted(docs, key=lambda d: -per_byte[d][0])
+    tenth = max(1, len(docs) // 10)
+    for key, part in (("worst_tenth", ranked[:tenth]), ("best_tenth", ranked[-tenth:])):
+        b = sum(doc_bytes[d] for d in part)
+        assert figures[key]["documents"] == tenth and figures[key]["bytes"] == b
+        assert figures[key]["bpb_difference"] == pytest.approx(sum(nats[d] for d in part) / (math.log(2) * b))
+    assert figures["worst_tenth"]["bpb_difference"] > figures["best_tenth"]["bpb_difference"]
+    assert figures["median_bpb_difference"] == pytest.approx(
+        sorted(per_byte[d][0] for d in docs)[(len(docs) - 1) // 2] / math.log(2))  # torch's median: the lower one
     rows = ca.split_rows(pos, ca.POSITION_EDGES, nll_a, nll_b, nbytes)
     assert sum(r["targets"] for r in rows) == n - 1 and sum(r["bytes"] for r in rows) == int(nbytes.sum())
     assert sum(r["nll_a"] for r in rows) == pytest.approx(float(nll_a.sum()))

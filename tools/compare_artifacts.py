@@ -13,8 +13,8 @@ bytes, each artifact's bpb over those bytes and A - B:
   first token after the BOS; before the stream's first BOS, the stream's first token stands for one);
 - token frequency: the target token's rank by how often it occurs among the validation targets (ranks 1-64 are the
   commonest tokens);
-- documents: how many documents (and what share of their bytes) each artifact scores better, and how much of the
-  whole difference the 10% of documents where A is worst relative to B account for.
+- documents: how many documents (and how many of their bytes) each artifact scores better, the median
+  per-document difference, and A - B over the tenth of documents where A does worst against B, and best.
 The rows of a grouping partition the targets, so the bytes-weighted mean of their differences is the total's.
 Figures also print as one `compare {json}` line. One process (python3, not torchrun).
 """
@@ -82,26 +82,28 @@ def summed(name: str, sel: torch.Tensor, nll_a: torch.Tensor, nll_b: torch.Tenso
 def document_figures(tokens: torch.Tensor, bos_id: int, nll_a: torch.Tensor, nll_b: torch.Tensor,
                      nbytes: torch.Tensor) -> dict:
     """Per document (targets grouped by the latest BOS before them; a BOS target belongs to the document it ends):
-    how many each artifact scores better (in nats per byte), their bytes, and the share of the whole difference
-    A - B (in nats) that the tenth of documents with the largest per-byte difference hold. Documents without bytes
-    (a BOS right after a BOS) are left out."""
-    n = len(tokens)
+    how many each artifact scores better (in nats per byte) and their bytes, the median per-document A - B, and the
+    tenth of documents where A - B per byte is largest (`worst_tenth`) and smallest (`best_tenth`): their count,
+    bytes and A - B in bpb over those bytes. Documents without bytes (a BOS right after a BOS) are left out."""
     doc = torch.cumsum((tokens == bos_id).long(), 0)  # a BOS at i starts document doc[i]
     of_target = doc[:-1]  # target t belongs to the document of token t - 1
-    diff = (nll_a - nll_b)[1:]
     count = int(of_target.max()) + 1
-    d_nats = torch.zeros(count, dtype=torch.float64).index_add_(0, of_target, diff)
+    d_nats = torch.zeros(count, dtype=torch.float64).index_add_(0, of_target, (nll_a - nll_b)[1:])
     d_bytes = torch.zeros(count, dtype=torch.long).index_add_(0, of_target, nbytes[1:])
     present = d_bytes > 0
     d_nats, d_bytes = d_nats[present], d_bytes[present]
     per_byte = d_nats / d_bytes
-    worst = torch.argsort(per_byte, descending=True)[:max(1, len(per_byte) // 10)]
-    total = float(d_nats.sum())
+    order = torch.argsort(per_byte, descending=True)
+    tenth = max(1, len(order) // 10)
+
+    def part(sel: torch.Tensor) -> dict:
+        b = int(d_bytes[sel].sum())
+        return dict(documents=len(sel), bytes=b, bpb_difference=float(d_nats[sel].sum()) / (math.log(2) * b))
+
     return dict(documents=len(per_byte), a_better=int((per_byte < 0).sum()), b_better=int((per_byte > 0).sum()),
                 bytes_a_better=int(d_bytes[per_byte < 0].sum()), bytes_b_better=int(d_bytes[per_byte > 0].sum()),
-                worst_tenth_documents=len(worst),
-                worst_tenth_share=float(d_nats[worst].sum()) / total if total else 0.0,
-                median_bpb_difference=float(per_byte.median()) / math.log(2), targets=n - 1)
+                median_bpb_difference=float(per_byte.median()) / math.log(2),
+                worst_tenth=part(order[:tenth]), best_tenth=part(order[-tenth:]))
 
 
 def score(path: Path, cfg: tg.Config, rt: tg.Runtime, log: tg.Logger, tokens: torch.Tensor,
@@ -157,8 +159,11 @@ def main() -> None:
         print(f"{'all':>22} {res_a.tokens:>9} {res_a.bytes:>9} {res_a.bpb:>8.4f} {res_b.bpb:>8.4f} {total:>+8.4f}")
     print(f"documents: {docs['documents']}; A better on {docs['a_better']} ({docs['bytes_a_better']:,} bytes), "
           f"B better on {docs['b_better']} ({docs['bytes_b_better']:,} bytes); median per-document A-B "
-          f"{docs['median_bpb_difference']:+.4f} bpb; the {docs['worst_tenth_documents']} documents where A is worst "
-          f"relative to B hold {docs['worst_tenth_share']:.0%} of the whole difference")
+          f"{docs['median_bpb_difference']:+.4f} bpb")
+    for name, key in (("worst", "worst_tenth"), ("best", "best_tenth")):
+        part = docs[key]
+        print(f"  the tenth of documents where A does {name} against B: {part['documents']} documents, "
+              f"{part['bytes']:,} bytes, A-B {part['bpb_difference']:+.4f} bpb over them")
     print("compare " + json.dumps(dict(a=sys.argv[1], b=sys.argv[2], windows=windows, bpb_a=res_a.bpb, bpb_b=res_b.bpb,
                                        tokens=res_a.tokens, bytes=res_a.bytes, groups=groups, documents=docs)))
 
