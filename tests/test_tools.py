@@ -185,6 +185,8 @@ def _summary_run(seed, **over):
 @pytest.mark.parametrize("over,record", [
     ({}, True),
     ({"world_size": 1}, False),
+    ({"device": "NVIDIA H200"}, False),  # 8 GPUs, but the record track is 8xH100 SXM
+    ({"device": "NVIDIA H100 PCIe"}, False),
     ({"budget_used_ms": 600_001}, False),
     ({"total_bytes": 16_000_001}, False),  # over the limit: never labelled a record, whatever the GPUs
     ({"final": dict(bpb=1.1, loss=1.9, seconds=601.0)}, False),  # evaluation over 600 s
@@ -195,9 +197,31 @@ def test_submission_is_a_record_only_when_every_check_holds(over, record):
     import make_submission as ms
 
     args = argparse.Namespace(author="a", github_id="g", name="n", blurb="b", date="2026-11-30", technique="t")
-    sub = ms.build([_summary_run(1), _summary_run(2, **over)], args)
+    hardware = set(over) <= {"world_size", "device"}
+    sub = ms.build([_summary_run(1, **(over if hardware else {})), _summary_run(2, **over)], args)
     assert (sub["track"] == "10min_16mb") == record
-    assert all(sub["compliance"].values()) == (record or over == {"world_size": 1})
+    assert all(sub["compliance"].values()) == (record or hardware)
+
+
+@pytest.mark.parametrize("over,differs", [
+    ({"config": {"LAYOUT": "AAAA"}}, "LAYOUT AAGA vs AAAA"),
+    ({"config": {"LAYOUT": "AAGA", "MLP_MULT": "3.0"}}, "MLP_MULT None vs 3.0"),
+    ({"code_bytes": 150_001}, "code_bytes 150000 vs 150001"),
+    ({"device": "NVIDIA H200"}, "device NVIDIA H100 80GB HBM3 vs NVIDIA H200"),
+    ({"world_size": 4}, "world_size 8 vs 4"),
+])
+def test_a_submission_is_seeds_of_one_configuration(over, differs):
+    """Logs of different models, code or machines are not seeds of one submission: refused, naming what differs;
+    the seed, run id and paths may differ."""
+    import argparse
+
+    import make_submission as ms
+
+    args = argparse.Namespace(author="a", github_id="g", name="n", blurb="b", date="2026-11-30", technique="t")
+    with pytest.raises(ValueError, match=re.escape(f"s1.txt and s2.txt are not seeds of one configuration: {differs}")):
+        ms.build([_summary_run(1), _summary_run(2, **over)], args)
+    per_seed = {"LAYOUT": "AAGA", "SEED": "2", "RUN_ID": "b", "ARTIFACT_PATH": "x.pgz", "DATA_PATH": "/d"}
+    assert ms.build([_summary_run(1), _summary_run(2, config=per_seed)], args)["seeds"] == [1, 2]
 
 
 def test_an_artifact_over_the_limit_is_no_submission_and_an_earlier_file_is_kept(tmp_path):

@@ -5,8 +5,10 @@
         --author "Name" --github-id handle --name "GDN hybrid" --blurb "..." --out submission.json
 
 Each log must end with train_gpt.py's `summary {...}` line (a finished training run on the full validation split).
-The track is 10min_16mb only if every run used 8 GPUs and every compliance check holds (training within 600 s,
-artifact + code within 16,000,000 bytes, evaluation within 600 s); otherwise non_record_16mb.
+The logs must be seeds of one configuration: the same settings but for SEED, RUN_ID and paths, the same code
+(bytes of train_gpt.py), the same GPUs. The track is 10min_16mb only if every run used 8 H100s (SXM, as the record
+track requires) and every compliance check holds (training within 600 s, artifact + code within 16,000,000 bytes,
+evaluation within 600 s); otherwise non_record_16mb.
 """
 
 import argparse
@@ -24,6 +26,29 @@ LIMIT_BYTES = 16_000_000
 TRAIN_LIMIT_MS = 600_000
 EVAL_LIMIT_S = 600.0
 RECORD_GPUS = 8
+PER_SEED_SETTINGS = {"SEED", "RUN_ID", "ARTIFACT_PATH", "CHECKPOINT_PATH", "DATA_PATH", "TOKENIZER_PATH"}
+
+
+def record_hardware(run: dict) -> bool:
+    """8 H100s of the SXM form (torch names it 'NVIDIA H100 80GB HBM3'; the PCIe and NVL parts say so)."""
+    device = run["device"]
+    return run["world_size"] == RECORD_GPUS and "H100" in device and not any(s in device for s in ("PCIe", "NVL"))
+
+
+def require_one_configuration(runs: list[dict]) -> None:
+    """The runs are seeds of one submission: refuses, naming the logs and what differs, runs whose settings (but for
+    PER_SEED_SETTINGS), code bytes, GPU or number of GPUs differ."""
+    first = runs[0]
+    for run in runs[1:]:
+        keys = (set(first["config"]) | set(run["config"])) - PER_SEED_SETTINGS
+        differ = {k: (first["config"].get(k), run["config"].get(k)) for k in sorted(keys)
+                  if first["config"].get(k) != run["config"].get(k)}
+        for key in ("code_bytes", "device", "world_size"):
+            if first[key] != run[key]:
+                differ[key] = (first[key], run[key])
+        if differ:
+            raise ValueError(f"{first['log']} and {run['log']} are not seeds of one configuration: "
+                             + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items()))
 
 
 class NoSummaryError(ValueError):
@@ -92,6 +117,7 @@ def build(runs: list[dict], args: argparse.Namespace) -> dict:
     seeds = [r["seed"] for r in runs]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"two logs share a seed: {seeds}")
+    require_one_configuration(runs)
     bpbs = [r["final"]["bpb"] for r in runs]
     compliance = dict(
         train_under_600s=all(r.get("budget_used_ms", r["train_time_ms"]) <= TRAIN_LIMIT_MS for r in runs),
@@ -101,7 +127,7 @@ def build(runs: list[dict], args: argparse.Namespace) -> dict:
         full_validation_split=True,
         scored_from_artifact_on_disk=True,
     )
-    record = all(r["world_size"] == RECORD_GPUS for r in runs) and all(compliance.values())
+    record = all(record_hardware(r) for r in runs) and all(compliance.values())
     return dict(
         author=args.author, github_id=args.github_id, name=args.name, blurb=args.blurb,
         date=args.date or dt.date.today().isoformat(),
