@@ -475,6 +475,19 @@ def test_compare_tool_refuses_an_artifact_of_another_vocabulary_or_none(trained,
     assert proc.returncode != 0 and "none is not a file" in proc.stderr
 
 
+def test_context_tool_refuses_an_artifact_it_cannot_stream_before_scoring_it(trained, tiny_data, tmp_path):
+    cwd, _ = trained
+    cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": "GA", "VOCAB_SIZE": str(tiny_data["vocab_size"])})
+    model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
+    path = tmp_path / "full_attention.pgz"
+    path.write_bytes(tg.pack_artifact(tg.serialize_state(model.state_dict(), model.mc, cfg)[0], cfg.compressor))
+    env = {**os.environ, **tiny_env(tiny_data, "ctx"), "ARTIFACT_PATH": str(path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_by_context.py")], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "has layout GA, with full attention (A or N)" in proc.stderr
+    assert "Traceback" not in proc.stderr  # refused up front, not by the streaming scorer after the window pass
+
+
 def test_context_tool_refuses_an_artifact_of_another_vocabulary(trained, tiny_data, tmp_path):
     cwd, _ = trained
     other = other_vocabulary_artifact(tmp_path, 2 * tiny_data["vocab_size"])

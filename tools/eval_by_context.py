@@ -70,6 +70,9 @@ def main() -> None:
     n = len(tokens)
     mc, state = tg.read_artifact(path)
     tg.require_model_matches(window_cfg, mc, "eval_by_context", "artifact", path)  # its vocabulary is the tokenizer's
+    if tg.layer_kinds(mc.layout) & set(tg.UNBOUNDED_KINDS):  # refused before the window pass, not after it
+        raise SystemExit(f"artifact {path} has layout {mc.layout}, with full attention (A or N): streaming, which this "
+                         "tool compares with windows, needs layers with bounded state (G, S)")
     model = tg.build_model(mc, tg.resolve_backends(window_cfg, rt, mc, log, check=rt.cuda), rt)
     tg.load_exported_state(model, state, str(path))
     tally_w, tally_s = tg.Tally(rt.device, track=n), tg.Tally(rt.device, track=n)
