@@ -2929,8 +2929,9 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
           log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> TrainStats:
     """The timed loop; every average in `emas` is updated after each step. The timer excludes validation; the budget
     (MAX_WALLCLOCK_SECONDS less the GPTQ reserve) is checked before each step against the slowest rank's clock, so
-    training stops before the next step would cross it, and the schedule reads the same clock on every rank. With QAT_FRAC, the fake quantization `enable_qat` gave `base` is
-    switched on at the first step in the run's last QAT_FRAC, off for validation, and off again when training ends."""
+    training stops before the next step would cross it, and the schedule reads the same clock on every rank. With
+    QAT_FRAC, the fake quantization `enable_qat` gave `base` is switched on at the first step in the run's last
+    QAT_FRAC, off for validation, and off again when training ends."""
     stats, loader = TrainStats(), TrainLoader(cfg, rt)
     cap_ms = 1000 * cfg.train_budget_seconds
     loss_sum = torch.zeros((), device=rt.device)
