@@ -206,6 +206,32 @@ def test_a_log_from_before_the_clip_fit_counts_as_exported_without_it(tmp_path):
     assert settings == {"old": "MATRIX_CLIP_FIT=False", "off": "MATRIX_CLIP_FIT=False", "on": "none"}
 
 
+def test_a_log_from_before_a_setting_lists_what_ran_then(tmp_path):
+    """A setting that came in with one behaviour and now defaults to another: a log from before it (it records the
+    older setting named beside it, not this one) lists the value that ran then, spelled as train_gpt.py logs it, so
+    it groups with later runs that set that value and not with runs of today's default."""
+    defaults = sweep.tg.Config()
+    for key, (older, value) in sweep.BEFORE_THE_SETTING.items():
+        assert str(getattr(sweep.tg.Config.from_env({key: value}), key.lower())) == value, key  # a value it logs
+        assert value != str(getattr(defaults, key.lower())), key  # else a log without it ran at the default
+        old = {older: str(getattr(defaults, older.lower()))}
+        assert f"{key}={value}" in sweep.changed_settings(old).split(), key
+        assert key not in sweep.changed_settings({**old, key: str(getattr(defaults, key.lower()))}), key
+    assert sweep.changed_settings({"SEED": "1"}) == "none"  # a log that records no older setting: nothing assumed
+
+    # a plain-Muon pair, one from before MUON_VARIANT and one that set it, and a NorMuon run at the default
+    momentum = f"MUON_MOMENTUM={defaults.muon_momentum}"
+    logs = {"old": [momentum], "muon": [momentum, "MUON_VARIANT=muon"], "nor": [momentum, "MUON_VARIANT=normuon"]}
+    summaries = []
+    for seed, (name, config) in enumerate(logs.items(), start=1337):
+        summary = dict(run_id=name, seed=seed, device="fake", wall_seconds=1.0, steps=10, final=dict(bpb=1.0))
+        (tmp_path / f"{name}.txt").write_text("".join(f"config {c}\n" for c in [*config, f"SEED={seed}"])
+                                              + f"summary {json.dumps(summary)}\n")
+        summaries.append(read_log(tmp_path / f"{name}.txt"))
+    groups = [(row[0], row[3]) for row in sweep.mean_rows(summaries)]
+    assert groups == [("MUON_VARIANT=muon", "1337, 1338"), ("none", "1339")]
+
+
 def test_the_table_of_logs_shows_an_unfinished_run_and_fails(tmp_path):
     """A log without a summary (a run stopped during TTT) keeps its row, with the last score it logged; the finished
     logs' rows are printed all the same, and the exit status says that one was unfinished."""

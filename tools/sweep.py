@@ -231,18 +231,39 @@ def run_all(runs: list[Run], slots: list[str], script: Path, workdir: Path, poll
         stop_all(running)
 
 
-# Settings added with one default and later given another. A log that records the older setting named beside it but
-# not this one is from before this one existed, and ran as the value given (a setting whose default never changed
-# needs no entry: a log without it ran at the current default).
-BEFORE_THE_SETTING = {"MATRIX_CLIP_FIT": ("MATRIX_CLIP_SIGMAS", "False")}  # on by default since lease 12
+# Settings whose current default is not what ran before they existed (most came in off and were made the default
+# later). train_gpt.py logs every setting, so a log that records the older setting named beside it (logged since the
+# first code, or since the feature this one belongs to) but not this one is from before this one existed, and ran as
+# the value given. A setting whose default is what ran before it needs no entry, nor one that only acts through a
+# feature that did not exist yet (TTT_LR, STREAM_SEGMENT, EVAL_MAX_SECONDS came in with TTT and streaming:
+# TTT_ENABLED=False says it); nor DDP_OVERLAP, though runs on several ranks split the graph (=1) before it, since one
+# rank does neither. The commits are train_gpt.py's (git log -S<name> -- train_gpt.py).
+BEFORE_THE_SETTING = {
+    "UNET_SKIPS": ("MODEL_DIM", "False"),  # 0f57646, off; on by default since 5ed56b8
+    "RESIDUAL_BF16": ("MODEL_DIM", "False"),  # 9a6dfed, off; on by default since d557d74
+    "GDN_CONV": ("GDN_CONV_SIZE", "torch"),  # e4bcee2: the convolution's reference before it
+    "MUON_VARIANT": ("MUON_MOMENTUM", "muon"),  # db68719, muon; normuon by default since feba901
+    "STREAM_WARMUP": ("STREAM_LANES", "0"),  # 00f2fac: each lane started from an empty state before it
+    "TTT_ENABLED": ("EVAL_STRIDE", "False"),  # 45f2d50, off; on by default since e9be1c6
+    "TTT_STATE": ("TTT_CHUNK_TOKENS", "carry"),  # 00f2fac, carry; rebuild by default since a7637e0
+    "TTT_COMPILE": ("TTT_CHUNK_TOKENS", "0"),  # 10a927a: eager before it; graphs by default since 1d890ab
+    "QUANT_METHOD": ("MATRIX_BITS", "rtn"),  # 45f2d50: round to nearest before GPTQ
+    "PACKING": ("MATRIX_BITS", "dense"),  # the code before the first commit (logs/h100_smoke_40s_firstcode.txt)
+    "MATRIX_CLIP_FIT": ("MATRIX_CLIP_SIGMAS", "False"),  # 2897673, off; on by default since 6f7f65f (lease 12)
+}
+
+
+def as_run(config: dict[str, str]) -> dict[str, str]:
+    """A log's settings with those it predates filled in as they ran (BEFORE_THE_SETTING)."""
+    return {**{key: value for key, (older, value) in BEFORE_THE_SETTING.items() if older in config}, **config}
 
 
 def changed_settings(config: dict[str, str]) -> str:
-    """The logged settings that differ from the current Config defaults, as KEY=VALUE words: for a run that did not
-    train, only those that act on what it did (evaluation; for EXPORT_FROM, export too)."""
+    """The settings a log's run ran with (as_run) that differ from the current Config defaults, as KEY=VALUE words:
+    for a run that did not train, only those that act on what it did (evaluation; for EXPORT_FROM, export too)."""
     defaults = tg.Config()
     listed = None if trained(config) else EVAL_SETTINGS if config.get("EVAL_ONLY") == "True" else EXPORT_SETTINGS
-    config = {**{key: value for key, (older, value) in BEFORE_THE_SETTING.items() if older in config}, **config}
+    config = as_run(config)
     words = [f"{key}={config[key]}" for key in (f.name.upper() for f in fields(tg.Config))
              if key in config and key not in NOT_SETTINGS and config[key] != str(getattr(defaults, key.lower()))
              and (listed is None or key.startswith(listed))]
