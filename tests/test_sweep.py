@@ -232,6 +232,29 @@ def test_a_log_from_before_a_setting_lists_what_ran_then(tmp_path):
     assert groups == [("MUON_VARIANT=muon", "1337, 1338"), ("none", "1339")]
 
 
+def test_a_log_from_before_final_no_ttt_has_its_round_trip_in_final_when_ttt_was_off(tmp_path):
+    """Logs from before the summary's `final_no_ttt` keep the round trip in `final` when TTT was off (a log from
+    before TTT existed ran without it); with TTT on, `final` is the TTT score and the round trip is unknown. The
+    table and the means both read it so."""
+    stride = f"EVAL_STRIDE={sweep.tg.Config().eval_stride}"  # logged since the first code, at today's default
+    logs = {"off": (["TTT_ENABLED=False", stride], 1.25), "pre_ttt": ([stride], 1.5),
+            "on": (["TTT_ENABLED=True", stride], 1.125)}
+    summaries = {}
+    for seed, (name, (config, final)) in enumerate(logs.items(), start=1337):
+        summary = dict(run_id=name, seed=seed, device="fake", wall_seconds=1.0, steps=10, pre_quant=dict(bpb=1.0),
+                       final=dict(bpb=final))
+        (tmp_path / f"{name}.txt").write_text("".join(f"config {c}\n" for c in config)
+                                              + f"summary {json.dumps(summary)}\n")
+        summaries[name] = read_log(tmp_path / f"{name}.txt")
+    rows = {name: dict(zip(sweep.COLUMNS, sweep.table_row(s))) for name, s in summaries.items()}
+    assert [(rows[n]["round trip"], rows[n]["+ TTT"]) for n in logs] == [
+        (f"{logs['off'][1]:.4f}", "—"), (f"{logs['pre_ttt'][1]:.4f}", "—"), ("—", f"{logs['on'][1]:.4f}")]
+    means = {row[0]: dict(zip(sweep.MEAN_COLUMNS, row)) for row in sweep.mean_rows(list(summaries.values()))}
+    assert means["TTT_ENABLED=False"]["runs"] == "2"  # off and pre_ttt: the same setting
+    assert means["TTT_ENABLED=False"]["round trip"] == f"{(logs['off'][1] + logs['pre_ttt'][1]) / 2:.4f}"
+    assert (means["none"]["round trip"], means["none"]["+ TTT"]) == ("—", f"{logs['on'][1]:.4f}")
+
+
 def test_the_table_of_logs_shows_an_unfinished_run_and_fails(tmp_path):
     """A log without a summary (a run stopped during TTT) keeps its row, with the last score it logged; the finished
     logs' rows are printed all the same, and the exit status says that one was unfinished."""

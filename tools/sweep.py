@@ -43,6 +43,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -270,8 +271,16 @@ def changed_settings(config: dict[str, str]) -> str:
     return " ".join(words) or "none"
 
 
-def bpb(summary: dict, key: str) -> str:
-    return f"{summary[key]['bpb']:.4f}" if key in summary else "—"
+def bpb(score: dict | None) -> str:
+    return f"{score['bpb']:.4f}" if score else "—"
+
+
+def round_trip(summary: dict) -> dict | None:
+    """The score after the artifact's round trip without TTT: `final_no_ttt`, or in a log from before that was
+    written, `final` when the run's TTT was off (as_run: a log from before TTT existed ran without it)."""
+    if "final_no_ttt" in summary:
+        return summary["final_no_ttt"]
+    return summary.get("final") if as_run(summary["config"]).get("TTT_ENABLED") == "False" else None
 
 
 def count(summary: dict, key: str) -> str:
@@ -290,7 +299,7 @@ def table_row(summary: dict) -> list[str]:
     seed = str(summary["seed"]) if trained(summary["config"]) else "—"
     return [summary["run_id"], changed_settings(summary["config"]), seed, summary["device"],
             count(summary, "params"), count(summary, "steps"), count(summary, "tokens_per_s"), passes(summary),
-            bpb(summary, "pre_quant"), bpb(summary, "final_no_ttt"), bpb(summary, "final") if ttt else "—",
+            bpb(summary.get("pre_quant")), bpb(round_trip(summary)), bpb(summary.get("final")) if ttt else "—",
             count(summary, "total_bytes"), f"{summary['wall_seconds']:.0f}"]
 
 
@@ -334,17 +343,17 @@ def mean_rows(summaries: list[dict]) -> list[list[str]]:
 
     rows = []
     for (settings, device), runs in groups.items():
-        def scores(key: str) -> list[float]:  # one per run, or none when a run lacks it
-            got = [r[key]["bpb"] for r in runs if key in r]
+        def scores(score: Callable[[dict], dict | None]) -> list[float]:  # one per run, or none when a run lacks it
+            got = [s["bpb"] for s in map(score, runs) if s]
             return got if len(got) == len(runs) else []
 
-        round_trip = scores("final_no_ttt")
-        ttt = scores("final") if all(r["config"].get("TTT_ENABLED") == "True" for r in runs) else []
-        last = ttt or round_trip
+        trip = scores(round_trip)
+        ttt = scores(lambda r: r.get("final")) if all(r["config"].get("TTT_ENABLED") == "True" for r in runs) else []
+        last = ttt or trip
         steps = [r["steps"] for r in runs if "steps" in r]
         rows.append([settings, device, str(len(runs)), ", ".join(str(r["seed"]) for r in runs),
-                     mean(steps if len(steps) == len(runs) else [], ",.0f"), mean(scores("pre_quant")),
-                     mean(round_trip), mean(ttt), f"{max(last) - min(last):.4f}" if len(last) > 1 else "—"])
+                     mean(steps if len(steps) == len(runs) else [], ",.0f"), mean(scores(lambda r: r.get("pre_quant"))),
+                     mean(trip), mean(ttt), f"{max(last) - min(last):.4f}" if len(last) > 1 else "—"])
     return rows
 
 
