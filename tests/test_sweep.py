@@ -3,6 +3,7 @@ interrupted run is reported or stopped, and the table comes from the runs' own l
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -253,6 +254,21 @@ def test_a_log_from_before_final_no_ttt_has_its_round_trip_in_final_when_ttt_was
     assert means["TTT_ENABLED=False"]["runs"] == "2"  # off and pre_ttt: the same setting
     assert means["TTT_ENABLED=False"]["round trip"] == f"{(logs['off'][1] + logs['pre_ttt'][1]) / 2:.4f}"
     assert (means["none"]["round trip"], means["none"]["+ TTT"]) == ("—", f"{logs['on'][1]:.4f}")
+
+
+def test_a_bar_in_a_setting_stays_in_its_cell(tmp_path):
+    """LAYOUT may hold '|' (a separator train_gpt.py ignores): every cell escapes it, so no row of either table has
+    more columns than its header, and the cell reads back as the setting."""
+    layout = "AAAG|AAAAAA|GAAA"
+    summary = dict(run_id="bar", seed=1337, device="fake", wall_seconds=1.0, steps=10, final_no_ttt=dict(bpb=1.5))
+    (tmp_path / "bar.txt").write_text(f"config LAYOUT={layout}\nsummary {json.dumps(summary)}\n")
+    proc = run_sweep(tmp_path, "--table", "--means", "bar.txt", fake=False)
+    assert proc.returncode == 0, proc.stderr
+    table, means = (part.splitlines() for part in proc.stdout.strip().split("\n\n"))
+    for lines, columns in ((table, sweep.COLUMNS), (means, sweep.MEAN_COLUMNS)):
+        cells = [[c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines]
+        assert [len(row) for row in cells] == [len(columns)] * 3, lines
+        assert f"LAYOUT={layout}" in cells[2][columns.index("settings beyond the defaults")].split()
 
 
 def test_the_table_of_logs_shows_an_unfinished_run_and_fails(tmp_path):
