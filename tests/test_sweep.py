@@ -104,6 +104,12 @@ def test_runs_wait_for_a_free_slot_and_never_share_one(tmp_path):
     (["RUN_ID=a MATRIX_LR=fast"], "MATRIX_LR"),
     (["RUN_ID=old"], "logs/old.txt exists"),
     (["--cpu", "-1"], "--cpu -1"),
+    (["RUN_ID=b ARTIFACT_PATH=artifacts/fine.pgz"],  # the first run's artifact, by default
+     "artifacts/fine.pgz would be written by RUN_ID=fine (ARTIFACT_PATH) and by RUN_ID=b (ARTIFACT_PATH)"),
+    (["RUN_ID=a CHECKPOINT_PATH=ck/a.pt", "RUN_ID=b CHECKPOINT_PATH=ck/../ck/a.pt"],
+     "ck/a.pt would be written by RUN_ID=a (CHECKPOINT_PATH) and by RUN_ID=b (CHECKPOINT_PATH)"),
+    (["RUN_ID=a QUANT_COMPARE=1", "RUN_ID=b ARTIFACT_PATH=artifacts/a_rtn.pgz"],
+     "artifacts/a_rtn.pgz would be written by RUN_ID=a (QUANT_COMPARE's rtn artifact) and by RUN_ID=b"),
 ])
 def test_bad_configurations_are_refused_before_anything_starts(tmp_path, configs, message):
     (tmp_path / "logs").mkdir()
@@ -114,6 +120,24 @@ def test_bad_configurations_are_refused_before_anything_starts(tmp_path, configs
     assert message in proc.stderr
     assert not (tmp_path / "pids").exists()  # not even the valid configuration started
     assert old.read_text() == "an earlier run's log\n"
+
+
+def test_eval_only_runs_may_share_the_artifact_they_read_and_more_lines_may_not_write_a_sweeps_file(tmp_path):
+    """EVAL_ONLY runs read ARTIFACT_PATH and write no artifact: several rescorings of one artifact run side by side.
+    A --more line that would write a file a run already in the sweep writes is refused like a reused RUN_ID."""
+    same = "EVAL_ONLY=1 ARTIFACT_PATH=artifacts/x.pgz"
+    proc = run_sweep(tmp_path, "--cpu", "2", f"RUN_ID=e1 {same}", f"RUN_ID=e2 {same}", "RUN_ID=t")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "pids").iterdir()) == ["e1", "e2", "t"]
+
+    more = tmp_path / "more.txt"
+    more.write_text(f"RUN_ID=n1 CHECKPOINT_PATH=ck/t.pt\nRUN_ID=n2 ARTIFACT_PATH=artifacts/s.pgz\nRUN_ID=e3 {same}\n"
+                    "RUN_ID=n3 ARTIFACT_PATH=artifacts/n1.pgz\n")
+    taker = sweep.MoreConfigs(more, tmp_path, ["s"], sweep.check_configs([{"RUN_ID": "s"}], tmp_path))
+    assert [run.run_id for run in taker.take()] == ["n1", "e3"]
+    assert [name for name, _ in taker.refused] == ["n2", "n3"]
+    assert "would be written by RUN_ID=s (ARTIFACT_PATH) and by RUN_ID=n2 (ARTIFACT_PATH)" in taker.refused[0][1]
+    assert "would be written by RUN_ID=n1 (ARTIFACT_PATH) and by RUN_ID=n3 (ARTIFACT_PATH)" in taker.refused[1][1]
 
 
 def test_a_failed_run_is_a_row_that_says_why_and_fails_the_sweep(tmp_path):

@@ -10,7 +10,9 @@
 Each configuration is one argument of KEY=VALUE words: train_gpt.py's settings, on top of this environment (so a
 setting in front of the command applies to every run). RUN_ID is required and must be new: a run's log
 (logs/{RUN_ID}.txt, written by train_gpt.py in the current directory) is where its results are read back from, and
-train_gpt.py appends to an existing one. Every configuration is checked (train_gpt.Config) before any run starts.
+train_gpt.py appends to an existing one. Every configuration is checked (train_gpt.Config) before any run starts,
+and no two runs may write the same file: artifact (ARTIFACT_PATH, by default artifacts/{RUN_ID}.pgz; EVAL_ONLY
+runs read it and may share one) or checkpoint (CHECKPOINT_PATH).
 
 Each run is `python3 train_gpt.py` alone on one GPU (CUDA_VISIBLE_DEVICES), its console in logs/{RUN_ID}.console;
 with more configurations than GPUs the rest wait for a free one. `--cpu N` runs N at a time on the CPU instead
@@ -22,8 +24,8 @@ must be new or empty when the sweep starts. Each complete line appended to it is
 lines and # comments skipped), checked like the others and queued behind them; a line END stops the reading (a line
 after it is reported, not run). The sweep still ends when its last run has ended and FILE has nothing new, so a line
 written after that is not run. A line that is refused (not UTF-8, a setting train_gpt.py rejects, a RUN_ID already
-in the sweep or logged) is reported at once and in the table, and the runs go on; so do they when FILE cannot be
-read or shrinks (only append to it).
+in the sweep or logged, a file that a run in the sweep writes) is reported at once and in the table, and the runs
+go on; so do they when FILE cannot be read or shrinks (only append to it).
 Adding runs by starting processes beside a sweep is what this replaces: a GPU with little memory in use is not
 free when the sweep has just started a run on it.
 
@@ -87,20 +89,47 @@ def parse_config(text: str) -> dict[str, str]:
     return settings
 
 
-def check_configs(configs: list[dict[str, str]], workdir: Path) -> None:
-    """Refuses, before anything starts, a RUN_ID used twice or already logged, or a setting train_gpt.py rejects."""
+def written_files(cfg: tg.Config, workdir: Path) -> dict[Path, str]:
+    """The files a run writes besides its log and console, each with the setting that names it: its artifact (and
+    with QUANT_COMPARE the round-to-nearest one beside it) unless it is EVAL_ONLY, which reads ARTIFACT_PATH; a
+    training run's CHECKPOINT_PATH."""
+    files = {}
+    if not cfg.eval_only:
+        artifact = Path(cfg.artifact_path or f"artifacts/{cfg.run_id}.pgz")
+        files[artifact] = "ARTIFACT_PATH"
+        if cfg.quant_compare and cfg.quant_method == "gptq":  # train_gpt.export_and_score's name for it
+            files[artifact.with_name(artifact.stem + "_rtn" + artifact.suffix)] = "QUANT_COMPARE's rtn artifact"
+    if cfg.checkpoint_path and not cfg.model_from_file:
+        files[Path(cfg.checkpoint_path)] = "CHECKPOINT_PATH"
+    return {(workdir / path).resolve(): what for path, what in files.items()}
+
+
+def check_configs(configs: list[dict[str, str]], workdir: Path,
+                  writers: dict[Path, str] | None = None) -> dict[Path, str]:
+    """Refuses, before anything starts, a RUN_ID used twice or already logged, a setting train_gpt.py rejects, or a
+    file that two runs would write (one would replace the other's; at once, one could score the other's artifact).
+    `writers` holds the files of the runs already in the sweep (--more), each with the run and setting that write
+    it; returned with these configurations' files added."""
     ids = [c["RUN_ID"] for c in configs]
     twice = sorted({i for i in ids if ids.count(i) > 1})
     if twice:
         raise ValueError(f"RUN_ID used by more than one configuration: {', '.join(twice)}")
+    writers = dict(writers or {})
     for settings in configs:
         log = workdir / "logs" / f"{settings['RUN_ID']}.txt"
         if log.exists():
             raise ValueError(f"{log} exists (train_gpt.py would append to it): choose another RUN_ID or move it")
         try:
-            tg.Config.from_env({**os.environ, **settings})
+            cfg = tg.Config.from_env({**os.environ, **settings})
         except ValueError as e:
             raise ValueError(f"RUN_ID={settings['RUN_ID']}: {e}") from None
+        for path, what in written_files(cfg, workdir).items():
+            writer = f"RUN_ID={settings['RUN_ID']} ({what})"
+            if path in writers:
+                raise ValueError(f"{path} would be written by {writers[path]} and by {writer}: one would replace "
+                                 "the other's; give one of them another path")
+            writers[path] = writer
+    return writers
 
 
 def start(run: Run, slot: str, script: Path, workdir: Path) -> subprocess.Popen:
@@ -131,9 +160,10 @@ class MoreConfigs:
     lines (ending in a newline) not read before, so a line being written is taken once it is whole. Nothing about
     the file stops the sweep: a line that cannot be used is refused, a file that cannot be read is reported."""
 
-    def __init__(self, path: Path, workdir: Path, run_ids: list[str]):
+    def __init__(self, path: Path, workdir: Path, run_ids: list[str], writers: dict[Path, str]):
         self.path, self.workdir = path, workdir
         self.run_ids = set(run_ids)  # in the sweep so far: a later line may not reuse one
+        self.writers = writers  # the files they write (check_configs): nor one of those
         self.lines_read = 0
         self.ended = False  # a line END was read
         self.refused: list[tuple[str, str]] = []  # (RUN_ID or the line, why)
@@ -175,7 +205,7 @@ class MoreConfigs:
                 settings = parse_config(text)
                 if settings["RUN_ID"] in self.run_ids:
                     raise ValueError(f"RUN_ID={settings['RUN_ID']} is already in this sweep")
-                check_configs([settings], self.workdir)
+                self.writers = check_configs([settings], self.workdir, self.writers)
             except ValueError as e:
                 name = settings["RUN_ID"] if settings else raw.decode("utf-8", "replace").strip()[:60]
                 self.refused.append((name, f"refused ({self.path.name} line {number}): {e}"))
@@ -412,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cpu < 0:
             raise ValueError(f"--cpu {args.cpu}: the number of runs at a time must be positive")
         runs = [Run(parse_config(text)) for text in args.configs]
-        check_configs([run.settings for run in runs], workdir)
+        writers = check_configs([run.settings for run in runs], workdir)
         if args.more is not None:
             MoreConfigs.check_path(args.more)
         slots = [""] * args.cpu if args.cpu else [s.strip() for s in args.gpus.split(",") if s.strip()]
@@ -424,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
-    more = MoreConfigs(args.more, workdir, [run.run_id for run in runs]) if args.more else None
+    more = MoreConfigs(args.more, workdir, [run.run_id for run in runs], writers) if args.more else None
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     run_all(runs, slots, args.script, workdir, more=more)
     rows, ok = zip(*(row_for(run, workdir) for run in runs))
