@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import random
+import signal
 import statistics
 import struct
 import sys
@@ -527,10 +528,15 @@ class Runtime:
 
 def default_accum(cfg: Config, world_size: int) -> int:
     """Accumulation steps for GRAD_ACCUM_STEPS=0: each rank's share of TRAIN_BATCH_TOKENS split into micro-batches of
-    MICRO_BATCH_TOKENS (64 sequences of 2048; a share that is not a multiple gets the floor, and at least one).
-    Measured on an H100 for the default: 32 sequences 257.4 ms/step, 64 sequences 248.3 at 29 GiB peak, 128
-    sequences 243.4 at 56 GiB (README, Throughput). The step's gradient is the batch mean however it is split."""
-    return max(1, cfg.train_batch_tokens // (world_size * MICRO_BATCH_TOKENS))
+    MICRO_BATCH_TOKENS (64 sequences of 2048; a share that is not a multiple gets the floor, and at least one), or
+    the next count up that splits the rank's sequences evenly. Measured on an H100 for the default: 32 sequences
+    257.4 ms/step, 64 sequences 248.3 at 29 GiB peak, 128 sequences 243.4 at 56 GiB (README, Throughput). The
+    step's gradient is the batch mean however it is split."""
+    accum = max(1, cfg.train_batch_tokens // (world_size * MICRO_BATCH_TOKENS))
+    per_rank, rest = divmod(cfg.train_batch_tokens, world_size * cfg.train_seq_len)
+    if rest or per_rank == 0:
+        return accum  # no count splits it: init_runtime says why
+    return next(a for a in range(accum, per_rank + 1) if per_rank % a == 0)
 
 
 def init_runtime(cfg: Config) -> Runtime:
@@ -538,10 +544,14 @@ def init_runtime(cfg: Config) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    accum = cfg.grad_accum_steps or default_accum(cfg, world_size)
-    if cfg.train_batch_tokens % (world_size * accum * cfg.train_seq_len) != 0:
-        raise ValueError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must split into whole sequences of "
-                         f"TRAIN_SEQ_LEN={cfg.train_seq_len} over {world_size} ranks x {accum} accumulation steps")
+    if cfg.eval_only:  # rescoring reads no training batch (EXPORT_FROM does: its calibration batches)
+        accum = 1
+    else:
+        accum = cfg.grad_accum_steps or default_accum(cfg, world_size)
+        if cfg.train_batch_tokens % (world_size * accum * cfg.train_seq_len) != 0:
+            raise ValueError(f"TRAIN_BATCH_TOKENS={cfg.train_batch_tokens} must split into whole sequences of "
+                             f"TRAIN_SEQ_LEN={cfg.train_seq_len} over {world_size} ranks x {accum} accumulation steps"
+                             + (" (GRAD_ACCUM_STEPS)" if cfg.grad_accum_steps else ""))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -3396,11 +3406,19 @@ def main() -> None:
     cfg = Config.from_env()
     rt = init_runtime(cfg)
     run_id = resolve_run_id(cfg, rt)
-    log = Logger(Path("logs") / f"{run_id}.txt" if rt.is_main else None)
+    log_path = Path("logs") / f"{run_id}.txt"
+    log = Logger(log_path if rt.is_main else None)
+    if rt.distributed and rt.is_main:  # torchrun stops the other ranks with SIGTERM when one fails: say so
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         run_job(cfg, rt, log, run_id)
     except BaseException as err:  # the run's log says why it ended (the traceback still reaches stderr)
-        log(f"run failed: {type(err).__name__}: {err}\n{traceback.format_exc().rstrip()}", console=False)
+        why = f"{type(err).__name__}: {err}\n{traceback.format_exc().rstrip()}"
+        if rt.is_main:
+            log(f"run failed: {why}", console=False)
+        else:  # only rank 0 logs; a failure of another rank (its GPU's kernel check, its shard) is its own to tell
+            with contextlib.suppress(OSError), open(log_path, "a", encoding="utf-8") as f:
+                f.write(f"run failed: rank {rt.rank}: {why}\n")
         raise
     if rt.distributed:
         dist.barrier()
@@ -3412,6 +3430,11 @@ def main() -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(f"stopped by signal {signum} (torchrun stops every rank when one fails: see that rank's "
+                     "'run failed: rank N' line, if there is none the job was stopped from outside)")
 
 
 def run_job(cfg: Config, rt: Runtime, log: Logger, run_id: str) -> None:

@@ -109,8 +109,20 @@ def test_a_world_size_that_cannot_split_the_batch_is_refused(monkeypatch):
 
 def test_default_accumulation_keeps_micro_batches_of_64_sequences():
     for batch, world, accum in ((262_144, 1, 2), (262_144, 2, 1), (262_144, 8, 1), (524_288, 1, 4), (524_288, 2, 2),
-                                (524_288, 8, 1), (393_216, 1, 3), (1024, 1, 1)):
+                                (524_288, 8, 1), (393_216, 1, 3), (1024, 1, 1),
+                                (409_600, 1, 4)):  # 200 sequences: 3 micro-batches would not split them, 4 do
         assert tg.default_accum(tg.Config(train_batch_tokens=batch), world) == accum
+
+
+def test_a_rescoring_needs_no_training_batch_split(monkeypatch):
+    """EVAL_ONLY reads no training batch: 3 ranks, which cannot split the default batch, may rescore an artifact;
+    training on them is refused, naming GRAD_ACCUM_STEPS when it was set."""
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setattr(tg.dist, "init_process_group", lambda *args, **kwargs: None)
+    rt = tg.init_runtime(tg.Config.from_env({"EVAL_ONLY": "1", "ARTIFACT_PATH": "a.pgz"}))
+    assert rt.world_size == 3 and rt.grad_accum_steps == 1
+    with pytest.raises(ValueError, match=r"over 3 ranks x 2 accumulation steps \(GRAD_ACCUM_STEPS\)"):
+        tg.init_runtime(tg.Config.from_env({"GRAD_ACCUM_STEPS": "2"}))
 
 
 def test_batch_must_split_into_whole_sequences(monkeypatch):

@@ -292,6 +292,29 @@ def test_eval_only_rejects_settings_that_contradict_the_artifact(trained, tiny_d
     assert reason.startswith("ValueError: EVAL_ONLY: settings") and "contradict the artifact" in reason
 
 
+def test_a_failure_on_another_rank_than_0_is_in_the_runs_log(tmp_path, tiny_data):
+    """Only rank 0 writes the log; when rank 1 fails (its GPU's kernel check, a bad token in its shard span), the
+    log says so, with rank 1's error, instead of stopping mid-run without a reason."""
+    wrapper = tmp_path / "fail_on_rank1.py"
+    wrapper.write_text(f"""import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import train_gpt as tg
+load = tg.load_val_tokens
+def failing(cfg):
+    if os.environ["RANK"] == "1":
+        raise ValueError("injected failure on rank 1")
+    return load(cfg)
+tg.load_val_tokens = failing
+tg.main()
+""")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **tiny_env(tiny_data, "rank1_fails")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(wrapper)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    log = (tmp_path / "logs" / "rank1_fails.txt").read_text()
+    assert "\nrun failed: rank 1: ValueError: injected failure on rank 1\n" in log
+
+
 def test_torchrun_two_ranks_trains_and_writes_one_artifact(tmp_path, tiny_data, trained):
     out = run_script(tmp_path, {**tiny_env(tiny_data, "ddp"), "CHECKPOINT_PATH": "ckpt/ddp.pt"}, torchrun=2)
     s = summary(out)
