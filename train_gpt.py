@@ -2622,12 +2622,17 @@ def gdn_stream_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed
     return {"o": rel_err(o, o_ref), "state": rel_err(s1, s_ref)}
 
 
-def conv_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed: int = 0, impl: str = "fla"
-                       ) -> dict[str, float]:
-    """The training path's short conv + SiLU (conv_silu) against the float64 reference at a GDN branch's shape:
-    relative errors of y, dx and the conv-weight gradient dw."""
+def gdn_conv_channels(mc: ModelConfig) -> list[int]:
+    """The channel counts of a GDN layer's short convolutions: q and k, and v (different with GDN_EXPAND_V)."""
+    return sorted({mc.gdn_heads * mc.gdn_head_dim, mc.gdn_heads * int(mc.gdn_head_dim * mc.gdn_expand_v)})
+
+
+def conv_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed: int = 0, impl: str = "fla",
+                       channels: int = 0) -> dict[str, float]:
+    """The training path's short conv + SiLU (conv_silu) against the float64 reference at a GDN branch's shape
+    (`channels`, default q's and k's): relative errors of y, dx and the conv-weight gradient dw."""
     gen = torch.Generator().manual_seed(seed)
-    C = mc.gdn_heads * mc.gdn_head_dim
+    C = channels or mc.gdn_heads * mc.gdn_head_dim
     x = torch.randn(2, T, C, generator=gen).to(device, torch.bfloat16)
     w = (torch.rand(C, mc.gdn_conv_size, generator=gen) * 2 - 1).mul(mc.gdn_conv_size ** -0.5).to(device)
     fast_in = [x.clone().requires_grad_(True), w.clone().requires_grad_(True)]
@@ -2776,10 +2781,11 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
         if gdn in FAST_GDN_BACKENDS and has_gdn:
             check_gdn_kernel(mc, cfg, log, gdn)
         if conv == "fla" and has_gdn:
-            require_close(log, "conv_silu(fla) vs float64 reference",
-                          conv_kernel_errors(mc, cfg.train_seq_len, rt.device), cfg.kernel_check_tol,
-                          f"fla's short-convolution kernel on {torch.cuda.get_device_name()}",
-                          "refusing to train (GDN_CONV=torch runs the reference, fused by torch.compile)")
+            for C in gdn_conv_channels(mc):  # q and k's, and v's when GDN_EXPAND_V makes it another count
+                require_close(log, f"conv_silu(fla) vs float64 reference, {C} channels",
+                              conv_kernel_errors(mc, cfg.train_seq_len, rt.device, channels=C), cfg.kernel_check_tol,
+                              f"fla's short-convolution kernel on {torch.cuda.get_device_name()}",
+                              "refusing to train (GDN_CONV=torch runs the reference, fused by torch.compile)")
         if gdn in FAST_GDN_BACKENDS and has_gdn and cfg.eval_mode == "stream":
             require_close(log, f"gdn_stream({gdn}, state + restarts) vs float64 reference",
                           gdn_stream_kernel_errors(mc, cfg.stream_segment, rt.device, impl=gdn), cfg.kernel_check_tol,

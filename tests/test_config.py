@@ -286,3 +286,18 @@ def test_the_attention_kernel_is_checked_in_every_shape_it_runs_windowed(env, ex
     assert cases == expected
     for T in {cfg.train_seq_len, cfg.eval_len, cfg.ttt_seq_len or cfg.eval_len}:
         assert (T > cfg.swa_window) == any(c[1] == T and c[2] == 0 for c in cases)
+
+
+def test_the_conv_check_covers_every_channel_count_a_gdn_layer_convolves():
+    """q and k are convolved at heads x head dim channels, v at heads x head dim x GDN_EXPAND_V: with expand_v the
+    kernel check runs at both counts (it ran at q's only)."""
+    for expand_v, counts in (("1", [32]), ("2", [32, 64]), ("0.5", [16, 32])):
+        cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": "GA", "GDN_HEADS": "2", "GDN_HEAD_DIM": "16",
+                                  "GDN_EXPAND_V": expand_v})
+        mc = tg.ModelConfig.from_config(cfg)
+        gdn = tg.GPT(mc, tg.Backends("torch", "sdpa")).mixers[0]
+        convolved = {c.weight.shape[0] for c in (gdn.q_conv, gdn.k_conv, gdn.v_conv)}  # what the model convolves
+        assert tg.gdn_conv_channels(mc) == sorted(convolved) == counts
+    two = tg.ModelConfig.from_config(tg.Config.from_env({"GDN_HEADS": "2", "GDN_HEAD_DIM": "16", "GDN_EXPAND_V": "2"}))
+    errs = tg.conv_kernel_errors(two, 24, tg.torch.device("cpu"), impl="torch", channels=64)
+    assert set(errs) == {"y", "dx", "dw"} and all(v < 2e-2 for v in errs.values())  # bf16 inputs against float64
