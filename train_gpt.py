@@ -2756,6 +2756,10 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
         raise ValueError(f"GDN_BACKEND={gdn} needs a CUDA GPU")
     if gdn == "qla" and no_qla:
         raise ValueError(f"GDN_BACKEND=qla cannot be used: {no_qla}")
+    if gdn == "fla" and "gdn" in layer_kinds(mc.layout) and importlib.util.find_spec("fla") is None:
+        raise ValueError(f"GDN_BACKEND={cfg.gdn_backend} chose fla's kernels, and fla is not installed: pip install "
+                         "flash-linear-attention (README, Quick start), or GDN_BACKEND=torch for the PyTorch reference "
+                         "(much slower)")
     attn = cfg.attn_backend
     if attn == "auto":
         attn = "sdpa"

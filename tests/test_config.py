@@ -301,3 +301,19 @@ def test_the_conv_check_covers_every_channel_count_a_gdn_layer_convolves():
     two = tg.ModelConfig.from_config(tg.Config.from_env({"GDN_HEADS": "2", "GDN_HEAD_DIM": "16", "GDN_EXPAND_V": "2"}))
     errs = tg.conv_kernel_errors(two, 24, tg.torch.device("cpu"), impl="torch", channels=64)
     assert set(errs) == {"y", "dx", "dw"} and all(v < 2e-2 for v in errs.values())  # bf16 inputs against float64
+
+
+@pytest.mark.parametrize("backend", ["auto", "fla"])
+def test_a_gpu_without_fla_is_told_to_install_it_or_choose_the_reference(backend, monkeypatch):
+    """On a CUDA device (faked: nothing runs on it here) fla's kernels are what auto chooses without FlashQLA; with
+    fla missing that is a clear error naming both ways out, not a ModuleNotFoundError from inside the first forward.
+    A layout without GDN layers needs no fla."""
+    real_find_spec = tg.importlib.util.find_spec
+    monkeypatch.setattr(tg.importlib.util, "find_spec", lambda name: None if name == "fla" else real_find_spec(name))
+    monkeypatch.setattr(tg, "qla_unavailable", lambda mc: "flash_qla is not installed")
+    rt = tg.Runtime(0, 1, 0, tg.torch.device("cuda", 0), 1)
+    cfg = tg.Config.from_env({"GDN_BACKEND": backend})
+    with pytest.raises(ValueError, match=f"GDN_BACKEND={backend} chose fla's kernels, and fla is not installed"):
+        tg.resolve_backends(cfg, rt, tg.ModelConfig.from_config(cfg), tg.Logger(None), check=False)
+    cfg = tg.Config.from_env({"GDN_BACKEND": backend, "LAYOUT": "AAAA"})
+    assert tg.resolve_backends(cfg, rt, tg.ModelConfig.from_config(cfg), tg.Logger(None), check=False).gdn == "fla"
