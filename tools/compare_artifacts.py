@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eval_by_context as ebc  # noqa: E402 (this directory: its bucketing and artifact loading)
 import train_gpt as tg  # noqa: E402
 
 POSITION_EDGES = (1, 2, 17, 129, 513, 2049)  # rows 1, 2-16, 17-128, 129-512, 513-2048, 2049+
@@ -60,15 +61,7 @@ def frequency_ranks(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def split_rows(key: torch.Tensor, edges: tuple, nll_a: torch.Tensor, nll_b: torch.Tensor,
                nbytes: torch.Tensor) -> list[dict]:
     """One row per bucket [edges[i], edges[i+1]) of `key` (the last open-ended) over targets 1..n-1."""
-    rows = []
-    for lo, hi in zip(edges, edges[1:] + (None,)):
-        sel = key >= lo if hi is None else (key >= lo) & (key < hi)
-        sel[0] = False
-        if not sel.any():
-            continue
-        rows.append(summed(f"{lo}+" if hi is None else (f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}"),
-                           sel, nll_a, nll_b, nbytes))
-    return rows
+    return [summed(label, sel, nll_a, nll_b, nbytes) for label, sel in ebc.buckets(key, edges)]
 
 
 def summed(name: str, sel: torch.Tensor, nll_a: torch.Tensor, nll_b: torch.Tensor, nbytes: torch.Tensor) -> dict:
@@ -109,16 +102,10 @@ def document_figures(tokens: torch.Tensor, bos_id: int, nll_a: torch.Tensor, nll
 def score(path: Path, cfg: tg.Config, rt: tg.Runtime, log: tg.Logger, tokens: torch.Tensor,
           tables: tg.ByteTables) -> tuple[tg.EvalResult, torch.Tensor, str]:
     """One artifact's window score and its per-target losses (every target scored exactly once, checked)."""
-    if not path.is_file():
-        raise SystemExit(f"{path} is not a file")
-    mc, state = tg.read_artifact(path)
-    tg.require_model_matches(cfg, mc, "compare_artifacts", "artifact", path)
-    model = tg.build_model(mc, tg.resolve_backends(cfg, rt, mc, log, check=rt.cuda), rt)
-    tg.load_exported_state(model, state, str(path))
+    mc, model = ebc.load_artifact_model(path, cfg, rt, log, "compare_artifacts")
     tally = tg.Tally(rt.device, track=len(tokens))
     result = tg.evaluate(model, tokens, tables, cfg, rt, tally)
-    if not bool((tally.hits[1:] == 1).all()) or int(tally.hits[0]) != 0:
-        raise RuntimeError(f"{path}: the evaluation did not score every target exactly once")
+    ebc.require_scored_once(tally, f"{path}: the evaluation")
     return result, tally.nll_at, mc.layout
 
 
@@ -135,8 +122,7 @@ def main() -> None:
     (res_a, nll_a, layout_a), (res_b, nll_b, layout_b) = (score(Path(p), cfg, rt, log, tokens, tables)
                                                           for p in sys.argv[1:])
     n = len(tokens)
-    nbytes = torch.zeros(n, dtype=torch.long)
-    nbytes[1:] = tables.count(tokens[:-1].to(rt.device), tokens[1:].to(rt.device)).cpu()
+    nbytes = ebc.target_bytes(tokens, tables, rt)
     groups = {"position in document": split_rows(positions_in_document(tokens, tables.bos_id), POSITION_EDGES,
                                                   nll_a, nll_b, nbytes),
               "token frequency rank": split_rows(frequency_ranks(tokens, cfg.vocab_size), RANK_EDGES,

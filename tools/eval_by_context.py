@@ -39,20 +39,51 @@ def lane_context(n_tokens: int, cfg: tg.Config) -> torch.Tensor:
     return ctx
 
 
+def buckets(key: torch.Tensor, edges: tuple) -> list[tuple[str, torch.Tensor]]:
+    """(label, mask over the target indices) of each non-empty bucket [edges[i], edges[i+1]) of `key`, the last
+    open-ended, over targets 1..n-1 (index 0 is no target)."""
+    out = []
+    for lo, hi in zip(edges, edges[1:] + (None,)):
+        sel = key >= lo if hi is None else (key >= lo) & (key < hi)
+        sel[0] = False
+        if sel.any():
+            out.append((f"{lo}+" if hi is None else f"{lo}" if hi == lo + 1 else f"{lo}-{hi - 1}", sel))
+    return out
+
+
 def bucket_rows(ctx: torch.Tensor, nll_w: torch.Tensor, nll_s: torch.Tensor, nbytes: torch.Tensor) -> list[dict]:
     """Sums per context bucket over targets 1..n-1; bpb of each mode within the bucket."""
     rows = []
-    for lo, hi in zip(EDGES, EDGES[1:] + (None,)):
-        sel = ctx >= lo if hi is None else (ctx >= lo) & (ctx < hi)
-        sel[0] = False
-        if not sel.any():
-            continue
+    for label, sel in buckets(ctx, EDGES):
         b = int(nbytes[sel].sum())
         w, s = float(nll_w[sel].sum()), float(nll_s[sel].sum())
-        rows.append(dict(context=f"{lo}+" if hi is None else f"{lo}-{hi - 1}", targets=int(sel.sum()), bytes=b,
-                         nll_window=w, nll_stream=s, bpb_window=w / (math.log(2) * b),
-                         bpb_stream=s / (math.log(2) * b)))
+        rows.append(dict(context=label, targets=int(sel.sum()), bytes=b, nll_window=w, nll_stream=s,
+                         bpb_window=w / (math.log(2) * b), bpb_stream=s / (math.log(2) * b)))
     return rows
+
+
+def load_artifact_model(path: Path, cfg: tg.Config, rt: tg.Runtime, log: tg.Logger,
+                        tool: str) -> tuple[tg.ModelConfig, torch.nn.Module]:
+    """The artifact's model on this device, its vocabulary checked against this run's tokenizer (as EVAL_ONLY)."""
+    if not path.is_file():
+        raise SystemExit(f"artifact {path} is not a file")
+    mc, state = tg.read_artifact(path)
+    tg.require_model_matches(cfg, mc, tool, "artifact", path)
+    model = tg.build_model(mc, tg.resolve_backends(cfg, rt, mc, log, check=rt.cuda), rt)
+    tg.load_exported_state(model, state, str(path))
+    return mc, model
+
+
+def require_scored_once(tally: tg.Tally, what: str) -> None:
+    if not bool((tally.hits[1:] == 1).all()) or int(tally.hits[0]) != 0:
+        raise RuntimeError(f"{what} did not score every target exactly once")
+
+
+def target_bytes(tokens: torch.Tensor, tables: tg.ByteTables, rt: tg.Runtime) -> torch.Tensor:
+    """Each target's canonical byte count (index 0, no target: 0)."""
+    nbytes = torch.zeros(len(tokens), dtype=torch.long)
+    nbytes[1:] = tables.count(tokens[:-1].to(rt.device), tokens[1:].to(rt.device)).cpu()
+    return nbytes
 
 
 def main() -> None:
@@ -62,28 +93,22 @@ def main() -> None:
     if rt.world_size != 1:
         raise SystemExit("eval_by_context.py runs as one process (python3, not torchrun)")
     log = tg.Logger(None)
-    path = Path(window_cfg.artifact_path or "")
-    if not path.is_file():
-        raise SystemExit(f"ARTIFACT_PATH={window_cfg.artifact_path!r} is not a file")
+    if not window_cfg.artifact_path:
+        raise SystemExit("set ARTIFACT_PATH to the artifact to score")
+    path = Path(window_cfg.artifact_path)
     tables = tg.build_byte_tables(tg.load_tokenizer(window_cfg)).to(rt.device)
     tokens = tg.load_val_tokens(window_cfg)
     n = len(tokens)
-    mc, state = tg.read_artifact(path)
-    tg.require_model_matches(window_cfg, mc, "eval_by_context", "artifact", path)  # its vocabulary is the tokenizer's
+    mc, model = load_artifact_model(path, window_cfg, rt, log, "eval_by_context")
     if tg.layer_kinds(mc.layout) & set(tg.UNBOUNDED_KINDS):  # refused before the window pass, not after it
         raise SystemExit(f"artifact {path} has layout {mc.layout}, with full attention (A or N): streaming, which this "
                          "tool compares with windows, needs layers with bounded state (G, S)")
-    model = tg.build_model(mc, tg.resolve_backends(window_cfg, rt, mc, log, check=rt.cuda), rt)
-    tg.load_exported_state(model, state, str(path))
     tally_w, tally_s = tg.Tally(rt.device, track=n), tg.Tally(rt.device, track=n)
     res_w = tg.evaluate(model, tokens, tables, window_cfg, rt, tally_w)
     res_s = tg.evaluate_stream(model, tokens, tables, stream_cfg, rt, tally_s)
-    for name, tally in (("window", tally_w), ("stream", tally_s)):
-        if not bool((tally.hits[1:] == 1).all()) or int(tally.hits[0]) != 0:
-            raise RuntimeError(f"{name} mode did not score every target exactly once")
-    nbytes = torch.zeros(n, dtype=torch.long)
-    nbytes[1:] = tables.count(tokens[:-1].to(rt.device), tokens[1:].to(rt.device)).cpu()
-    rows = bucket_rows(lane_context(n, stream_cfg), tally_w.nll_at, tally_s.nll_at, nbytes)
+    require_scored_once(tally_w, "window mode")
+    require_scored_once(tally_s, "stream mode")
+    rows = bucket_rows(lane_context(n, stream_cfg), tally_w.nll_at, tally_s.nll_at, target_bytes(tokens, tables, rt))
     sliding = window_cfg.stride < window_cfg.eval_len
     window_name = f"window {window_cfg.eval_len}" + (f" stride {window_cfg.stride}" if sliding else "")
     print(f"artifact {path} ({mc.layout}); {n} validation tokens; {window_name}; stream: {stream_cfg.stream_lanes} lanes "
