@@ -2977,7 +2977,7 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
         # Under a cap the schedule reads the clock: every rank reads the slowest rank's, so all take the same learning
         # rate, switch QAT on and stop at the same step (each rank's clock started at its own moment). Without a cap
         # the schedule counts steps only.
-        elapsed_s = (_slowest_clock(elapsed_ms(), rt) if cap_ms else elapsed_ms()) / 1000
+        elapsed_s = (_rank_max(elapsed_ms(), rt) if cap_ms else elapsed_ms()) / 1000
         step_avg = 1000 * elapsed_s / stats.steps if stats.steps else 0.0
         if cap_ms and 1000 * elapsed_s + step_avg > cap_ms:
             stats.stopped_by_cap = True
@@ -3029,22 +3029,18 @@ def score_ema_compare(base: nn.Module, fwd: nn.Module, others: dict[float, EMA |
     return scores
 
 
-def _slowest_clock(elapsed_ms: float, rt: Runtime) -> float:
-    """The largest of the ranks' elapsed times, on every rank (one collective)."""
+def _rank_max(value: float, rt: Runtime) -> float:
+    """The largest of the ranks' values, on every rank (one collective): the slowest rank's clock, or any flag."""
     if not rt.distributed:
-        return elapsed_ms
-    t = torch.tensor([elapsed_ms], dtype=torch.float64, device=rt.device)
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=rt.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
 
 
 def _any_rank(flag: bool, rt: Runtime) -> bool:
     """True on every rank if `flag` is true on any (each rank reads its own clock)."""
-    if not rt.distributed:
-        return flag
-    t = torch.tensor([int(flag)], device=rt.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return _rank_max(float(flag), rt) > 0
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -3361,8 +3357,18 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
                                       ema is not None)
 
 
+def artifact_path(cfg: Config, run_id: str) -> Path:
+    """Where a run writes its artifact: ARTIFACT_PATH, or artifacts/{RUN_ID}.pgz."""
+    return Path(cfg.artifact_path or f"artifacts/{run_id}.pgz")
+
+
+def rtn_artifact_path(path: Path) -> Path:
+    """QUANT_COMPARE's round-to-nearest export, beside the artifact at `path`."""
+    return path.with_name(path.stem + "_rtn" + path.suffix)
+
+
 def artifact_destination(cfg: Config, run_id: str, log: Logger) -> Path:
-    path = Path(cfg.artifact_path or f"artifacts/{run_id}.pgz")
+    path = artifact_path(cfg, run_id)
     if path.exists():  # said at the start, not found out afterwards
         log(f"WARNING: {path} exists and this run replaces it at export (choose another RUN_ID to keep it)")
     return path
@@ -3401,7 +3407,7 @@ def export_and_score(base: nn.Module, fwd: nn.Module, cfg: Config, rt: Runtime, 
                    final=dataclasses.asdict(final), final_no_ttt=dataclasses.asdict(final_base),
                    artifact_path=str(path), **sizes)
     if cfg.quant_compare and hessians is not None:
-        rtn_path = path.with_name(path.stem + "_rtn" + path.suffix)
+        rtn_path = rtn_artifact_path(path)
         same_clip = dataclasses.replace(cfg, matrix_clip_fit=False, matrix_clip_sigmas=sizes["matrix_clip_sigmas"])
         export_artifact(base, same_clip, rt, log, rtn_path, None)  # the methods compared at one clip
         if rt.distributed:

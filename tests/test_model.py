@@ -484,7 +484,7 @@ def test_a_run_stopped_by_the_cap_logs_its_last_partial_window(monkeypatch):
     monkeypatch.setattr(tg, "TrainLoader", lambda cfg, rt: types.SimpleNamespace(close=lambda: None))
     asked = []
     # the clock every rank reads: 0 ms until the cap is hit before step 7
-    monkeypatch.setattr(tg, "_slowest_clock", lambda ms, rt: asked.append(ms) or (1e12 if len(asked) > 7 else 0.0))
+    monkeypatch.setattr(tg, "_rank_max", lambda ms, rt: asked.append(ms) or (1e12 if len(asked) > 7 else 0.0))
     lines = []
     stats = tg.train(None, None, None, [], cfg, CPU, lines.append, None, None)
     assert stats.steps == 7 and stats.stopped_by_cap
@@ -492,7 +492,7 @@ def test_a_run_stopped_by_the_cap_logs_its_last_partial_window(monkeypatch):
     assert logged == [["step:5/100", "train_loss:3.0000"], ["step:7/100", "train_loss:6.5000"]]  # 1..5, then 6, 7
     asked.clear(), lines.clear()
     losses = iter(range(1, 100))
-    monkeypatch.setattr(tg, "_slowest_clock", lambda ms, rt: asked.append(ms) or (1e12 if len(asked) > 10 else 0.0))
+    monkeypatch.setattr(tg, "_rank_max", lambda ms, rt: asked.append(ms) or (1e12 if len(asked) > 10 else 0.0))
     tg.train(None, None, None, [], cfg, CPU, lines.append, None, None)
     assert [line.split()[0] for line in lines if line.startswith("step:")] == ["step:5/100", "step:10/100"]  # no repeat
 

@@ -182,7 +182,7 @@ def test_every_rank_reads_the_slowest_clock_for_its_learning_rate_qat_and_stop(t
 
 
 def _slowest_clock_worker(rank, world, out_dir):
-    torch.save(tg._slowest_clock([1234.5, 987.25][rank], tg.Runtime(rank, world, rank, torch.device("cpu"), 1)),
+    torch.save(tg._rank_max([1234.5, 987.25][rank], tg.Runtime(rank, world, rank, torch.device("cpu"), 1)),
                f"{out_dir}/rank{rank}.pt")
 
 

@@ -145,7 +145,7 @@ def main() -> int:
                 ema.update()
 
         def loop_step():  # as train_gpt.train runs a step under a cap: the ranks' clocks agreed first, a sync after
-            tg._slowest_clock(0.0, rt)
+            tg._rank_max(0.0, rt)
             step()
             tg.sync(rt)
 

@@ -95,10 +95,10 @@ def written_files(cfg: tg.Config, workdir: Path) -> dict[Path, str]:
     training run's CHECKPOINT_PATH."""
     files = {}
     if not cfg.eval_only:
-        artifact = Path(cfg.artifact_path or f"artifacts/{cfg.run_id}.pgz")
+        artifact = tg.artifact_path(cfg, cfg.run_id)
         files[artifact] = "ARTIFACT_PATH"
-        if cfg.quant_compare and cfg.quant_method == "gptq":  # train_gpt.export_and_score's name for it
-            files[artifact.with_name(artifact.stem + "_rtn" + artifact.suffix)] = "QUANT_COMPARE's rtn artifact"
+        if cfg.quant_compare and cfg.quant_method == "gptq":  # as train_gpt.export_and_score writes it
+            files[tg.rtn_artifact_path(artifact)] = "QUANT_COMPARE's rtn artifact"
     if cfg.checkpoint_path and not cfg.model_from_file:
         files[Path(cfg.checkpoint_path)] = "CHECKPOINT_PATH"
     return {(workdir / path).resolve(): what for path, what in files.items()}
