@@ -2421,9 +2421,17 @@ def ttt_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
         "gdn": lambda i, n: n.startswith("mixers.") and isinstance(model.mixers[int(n.split(".")[1])], GatedDeltaNet),
     }[which]
     params = [p for i, n, p in routed if chosen(i, n)]
-    if not params:  # the model is an artifact's, whose layout Config could not check (EVAL_ONLY)
+    if not params:  # which parameters a model has is known only once it is built (an artifact's: EVAL_ONLY)
         raise ValueError(f"TTT_PARAMS={which} selects no parameters of this model (layout {model.mc.layout})")
     return params
+
+
+def require_ttt_selection(model: nn.Module, cfg: Config) -> None:
+    """Refuses, as soon as the model is built and before anything is trained or scored, a TTT_PARAMS that selects
+    none of its parameters (e.g. `scalar` on all-attention without U-Net skips, which has none), rather than when TTT
+    starts, after the training and the scoring without TTT."""
+    if cfg.ttt_enabled:
+        ttt_parameters(model, cfg.ttt_params)
 
 
 def ttt_adapt(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Parameter], span: torch.Tensor,
@@ -3208,6 +3216,8 @@ def score_artifact(path: Path, cfg: Config, rt: Runtime, log: Logger, val_tokens
     backends = resolve_backends(cfg, rt, mc, log, check=False)
     model = build_model(mc, backends, rt)
     load_exported_state(model, state, str(path))
+    if with_ttt:
+        require_ttt_selection(model, cfg)
     compiled = maybe_compile(model, cfg, rt)
     # the score without TTT, before TTT changes the weights
     base = evaluate_base(compiled if cfg.eval_mode == "window" else model, val_tokens, tables, cfg, rt)
@@ -3289,6 +3299,7 @@ def export_from(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_tokens: 
     cfg = dataclasses.replace(cfg, max_wallclock_seconds=info["max_wallclock_seconds"])
     backends = resolve_backends(cfg, rt, mc, log, check=True)
     base = build_model(mc, backends, rt)
+    require_ttt_selection(base, cfg)
     load_exported_state(base, state, str(src), kind="checkpoint")
     path = artifact_destination(cfg, run_id, log)
     fwd = maybe_compile(base, cfg, rt) if cfg.eval_mode == "window" else base
@@ -3308,6 +3319,7 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
     mc = ModelConfig.from_config(cfg)
     backends = resolve_backends(cfg, rt, mc, log, check=True)
     base = build_model(mc, backends, rt)
+    require_ttt_selection(base, cfg)
     opts = build_optimizers(base, cfg, rt)
     log(f"model: {count_parameters(base):,} parameters, layout {mc.layout} ({len(base.layer_mixer)} layers, "
         f"{len(base.mixers)} distinct mixers, {len(base.mlps)} distinct MLPs); optimizer routing:")

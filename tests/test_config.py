@@ -255,7 +255,8 @@ def test_export_from_takes_the_model_from_the_checkpoint_not_the_layout():
 
 def test_ttt_params_that_select_nothing_raise_with_the_name():
     """TTT_PARAMS=gdn on a layout without G is refused by Config before training; an artifact's model (EVAL_ONLY),
-    whose layout Config never saw, is refused when TTT picks its parameters (torch's own error named neither)."""
+    whose layout Config never saw, by `ttt_parameters` (torch's own error named neither), which
+    `require_ttt_selection` runs as soon as a model is built (test_end_to_end)."""
     assert not tg.Config.from_env({"TTT_PARAMS": "gdn", "LAYOUT": "AAS", "TTT_ENABLED": "0"}).ttt_enabled
     assert tg.Config.from_env({"TTT_PARAMS": "gdn", "LAYOUT": "AAS", "EVAL_ONLY": "1", "ARTIFACT_PATH": "a.pgz"})
     cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": "AS"})

@@ -1,6 +1,7 @@
 """The whole script on synthetic shards: train (one process and torchrun with two), export, read back, score;
 then EVAL_ONLY on the artifact reproduces the score to the last printed digit."""
 
+import dataclasses
 import json
 import math
 import os
@@ -139,6 +140,40 @@ def test_eval_only_warns_when_the_artifact_and_the_script_are_over_the_limit(tra
     s = tg.eval_only(cfg, rt, lines.append, tg.load_val_tokens(cfg), tg.build_byte_tables(tg.load_tokenizer(cfg)))
     over = s["total_bytes"] - 1000
     assert over > 0 and f"WARNING: ARTIFACT OVER THE LIMIT by {over} bytes" in "\n".join(lines)
+
+
+NO_SCALARS = {"LAYOUT": "AA", "MUON_VARIANT": "muon", "UNET_SKIPS": "0"}  # all-attention without skips: no scalar
+
+
+def test_a_ttt_selection_of_nothing_is_refused_before_training_or_scoring(tmp_path, tiny_data, monkeypatch):
+    """TTT_PARAMS=scalar on a model that has no scalar parameters: the training run stops before its first step
+    and the rescoring of such a model's artifact before its first score, not after them when TTT starts."""
+    monkeypatch.chdir(tmp_path)
+    env = {**tiny_env(tiny_data, "noscalar"), **NO_SCALARS, "TTT_PARAMS": "scalar"}
+    cfg = tg.Config.from_env(env)
+    rt = tg.Runtime(0, 1, 0, tg.torch.device("cpu"), 1)
+    val, tables = tg.load_val_tokens(cfg), tg.build_byte_tables(tg.load_tokenizer(cfg))
+    refusal = r"TTT_PARAMS=scalar selects no parameters of this model \(layout AA\)"
+    lines = []
+
+    def log(msg, **_):  # the Logger's interface (console=...)
+        lines.append(msg)
+    with pytest.raises(ValueError, match=refusal):
+        tg.train_and_eval(cfg, rt, log, "noscalar", val, tables)
+    assert not any(line.startswith(("step:", "warmup")) for line in lines) and not (tmp_path / "artifacts").exists()
+    # an artifact of such a model (written directly; training it would be the run refused above)
+    model = tg.build_model(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"), rt)
+    frames, _ = tg.serialize_state(model.state_dict(), model.mc, cfg)
+    data = tg.pack_artifact(frames, cfg.compressor)
+    tg.write_atomically(tmp_path / "noscalar.pgz", lambda f: f.write(data))
+    rescore = tg.Config.from_env({**tiny_env(tiny_data, "rescore_noscalar"), "EVAL_ONLY": "1",
+                                  "ARTIFACT_PATH": str(tmp_path / "noscalar.pgz"), "TTT_PARAMS": "scalar"})
+    lines.clear()
+    with pytest.raises(ValueError, match=refusal):
+        tg.eval_only(rescore, rt, log, val, tables)
+    assert lines and not any("val_bpb" in line for line in lines)  # it read the artifact; it scored nothing
+    without = tg.eval_only(dataclasses.replace(rescore, ttt_enabled=False), rt, log, val, tables)
+    assert without["final"]["tokens"] > 0  # the same artifact scores without TTT: only the selection was refused
 
 
 @pytest.mark.parametrize("mode,env,tag", [
