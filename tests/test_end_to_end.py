@@ -481,8 +481,8 @@ def test_compare_tool_splits_both_artifacts_own_scores(trained, tiny_data):
                                      "TTT_ENABLED": "0"}))
     env = {**os.environ, **tiny_env(tiny_data, "cmp"), "OMP_NUM_THREADS": "1"}
 
-    def compare(a: str, b: str) -> dict:
-        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_artifacts.py"),
+    def compare(a: str, b: str, *flags: str) -> dict:
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_artifacts.py"), *flags,
                                str(cwd / "artifacts" / a), str(cwd / "artifacts" / b)],
                               cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -504,6 +504,17 @@ def test_compare_tool_splits_both_artifacts_own_scores(trained, tiny_data):
     same = compare("e2e.pgz", "e2e.pgz")
     assert all(r["nll_a"] == r["nll_b"] for rows in same["groups"].values() for r in rows)
     assert same["documents"]["a_better"] == same["documents"]["b_better"] == 0
+    # one side with score-first TTT (`--b`): the training run's own TTT score, split target by target
+    ttt = compare("e2e.pgz", "e2e.pgz", "--b", "TTT_ENABLED=1")
+    assert ttt["bpb_a"] == pytest.approx(summary(out)["final_no_ttt"]["bpb"], rel=1e-9)
+    assert ttt["bpb_b"] == pytest.approx(summary(out)["final"]["bpb"], rel=1e-9) != ttt["bpb_a"]
+    assert ttt["eval_a"].endswith("no TTT") and ", TTT sgd lr " in ttt["eval_b"]
+    for rows in ttt["groups"].values():
+        nll = sum(r["nll_b"] for r in rows)
+        assert nll / (math.log(2) * ttt["bytes"]) == pytest.approx(ttt["bpb_b"], rel=1e-9)
+    # and each side its own TTT setting (a larger learning rate on A: another score than the default's)
+    both = compare("e2e.pgz", "e2e.pgz", "--a", "TTT_ENABLED=1 TTT_LR=0.05", "--b", "TTT_ENABLED=1")
+    assert both["bpb_b"] == ttt["bpb_b"] and both["bpb_a"] != both["bpb_b"] and "lr 0.05," in both["eval_a"]
 
 
 VOCAB_REFUSAL = "{{'vocab_size': ({v}, {n})}} (environment, artifact) contradict the artifact"  # VOCAB_SIZE is set

@@ -426,3 +426,25 @@ def test_compare_artifacts_groupings_match_loops_over_the_stream(seed):
     assert sum(r["targets"] for r in rows) == n - 1 and sum(r["bytes"] for r in rows) == int(nbytes.sum())
     assert sum(r["nll_a"] for r in rows) == pytest.approx(float(nll_a.sum()))
     assert rows[0]["row"] == "1" and rows[0]["targets"] == sum(1 for t in range(1, n) if pos[t] == 1)
+
+
+def test_compare_artifacts_side_settings_are_evaluation_settings_only():
+    """`--a`/`--b` change how one side is scored (EVAL_*, TTT_*, STREAM_*), never what is scored: the data, the
+    tokenizer, the number of validation tokens, or a model setting, which would make the targets differ."""
+    import compare_artifacts as ca
+    assert ca.side_settings("TTT_ENABLED=1 TTT_LR=0.003 EVAL_STRIDE=256", "--a") == {
+        "TTT_ENABLED": "1", "TTT_LR": "0.003", "EVAL_STRIDE": "256"}
+    assert ca.side_settings("", "--b") == {}
+    for text, needle in (("VAL_MAX_TOKENS=4096", "--a: VAL_MAX_TOKENS is not an evaluation setting"),
+                         ("DATA_PATH=/x", "--a: DATA_PATH is not an evaluation setting"),
+                         ("LAYOUT=AA", "--a: LAYOUT is not an evaluation setting"),
+                         ("EVAL_ONLY=1", "--a: EVAL_ONLY is not an evaluation setting"),
+                         ("TTT_LR", "--a: 'TTT_LR' is not KEY=VALUE")):
+        with pytest.raises(SystemExit, match=needle):
+            ca.side_settings(text, "--a")
+    with pytest.raises(SystemExit, match="--b: .*TTT_PARAMS"):  # Config's own refusal, named by its side
+        ca.side_config({"TTT_PARAMS": "attention"}, "--b")
+    cfg = ca.side_config({"TTT_ENABLED": "1", "TTT_LR": "0.003"}, "--a")
+    assert cfg.ttt_enabled and cfg.ttt_lr == 0.003 and cfg.eval_mode == "window"
+    assert ca.describe(cfg).endswith(", TTT sgd lr 0.003, 3 epochs, chunks of 32768, all parameters")
+    assert ca.describe(ca.side_config({}, "--b")) == "windows of 2048, stride 512, no TTT"

@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""Where one artifact beats another: both scored on the same validation windows, target by target, and the
+"""Where one artifact beats another: both scored on the same validation tokens, target by target, and the
 difference split by where the target sits in its document, by how common its token is, and by document.
 
     DATA_PATH=... TOKENIZER_PATH=... python3 tools/compare_artifacts.py artifacts/hyb.pgz artifacts/attn.pgz
     VAL_MAX_TOKENS=131072 EVAL_STRIDE=0 python3 tools/compare_artifacts.py A.pgz B.pgz     # a quick look on a CPU
+    python3 tools/compare_artifacts.py --a "TTT_ENABLED=1 TTT_LR=0.003" --b "TTT_ENABLED=1 TTT_LR=0.001" A.pgz B.pgz
+    python3 tools/compare_artifacts.py --b "TTT_ENABLED=1" A.pgz A.pgz          # where TTT gains, on one artifact
 
 Every train_gpt.py setting applies (DATA_PATH, TOKENIZER_PATH, VOCAB_SIZE, EVAL_SEQ_LEN, EVAL_STRIDE,
-VAL_MAX_TOKENS); the evaluation is the window mode without TTT (sliding windows of stride 512 by default), the
-score the script logs before TTT. Both artifacts must have the tokenizer's vocabulary. Rows, each with its targets,
-bytes, each artifact's bpb over those bytes and A - B:
+VAL_MAX_TOKENS, TTT_*); the evaluation is by default the window mode without TTT (sliding windows of stride 512),
+the score the script logs before TTT. `--a` and `--b` add evaluation settings (EVAL_*, TTT_*, STREAM_*) for one side
+only: with TTT_ENABLED=1 that side is scored with score-first TTT as EVAL_ONLY scores it (eagerly, as with
+TTT_COMPILE=0), each target's loss the one it had when its chunk was scored. Both artifacts must have the
+tokenizer's vocabulary. Rows, each with its targets, bytes, each side's bpb over those bytes and A - B:
 - position in the document: how many tokens of the target's document come before it, its BOS included (1 = the
   first token after the BOS; before the stream's first BOS, the stream's first token stands for one);
 - token frequency: the target token's rank by how often it occurs among the validation targets (ranks 1-64 are the
@@ -19,9 +23,11 @@ The rows of a grouping partition the targets, so the bytes-weighted mean of thei
 Figures also print as one `compare {json}` line. One process (python3, not torchrun).
 """
 
+import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -99,38 +105,83 @@ def document_figures(tokens: torch.Tensor, bos_id: int, nll_a: torch.Tensor, nll
                 worst_tenth=part(order[:tenth]), best_tenth=part(order[-tenth:]))
 
 
+SIDE_PREFIXES = ("EVAL_", "TTT_", "STREAM_")  # what --a and --b may set: how a side is scored, not on what
+
+
+def side_settings(text: str, flag: str) -> dict[str, str]:
+    """`--a`/`--b`'s 'KEY=VALUE ...': evaluation settings only, since both sides must score the same tokens."""
+    settings = {}
+    for item in shlex.split(text):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SystemExit(f"{flag}: {item!r} is not KEY=VALUE")
+        if not key.startswith(SIDE_PREFIXES) or key == "EVAL_ONLY":
+            raise SystemExit(f"{flag}: {key} is not an evaluation setting ({', '.join(p + '*' for p in SIDE_PREFIXES)}"
+                             "); the data, the tokenizer and VAL_MAX_TOKENS are the same for both sides")
+        settings[key] = value
+    return settings
+
+
+def side_config(settings: dict[str, str], flag: str) -> tg.Config:
+    try:
+        return tg.Config.from_env({**os.environ, "EVAL_MODE": "window", "TTT_ENABLED": "0", **settings})
+    except ValueError as e:
+        raise SystemExit(f"{flag}: {e}") from None
+
+
+def describe(cfg: tg.Config) -> str:
+    if cfg.eval_mode == "stream":
+        how = f"streaming{' with resets at BOS' if cfg.stream_reset else ''}"
+    else:
+        how = f"windows of {cfg.eval_len}" + (f", stride {cfg.stride}" if cfg.stride < cfg.eval_len else "")
+    if not cfg.ttt_enabled:
+        return how + ", no TTT"
+    return (how + f", TTT {cfg.ttt_optimizer} lr {cfg.ttt_lr:g}, {cfg.ttt_epochs} epochs, chunks of "
+            f"{cfg.ttt_chunk_tokens}, {cfg.ttt_params} parameters")
+
+
 def score(path: Path, cfg: tg.Config, rt: tg.Runtime, log: tg.Logger, tokens: torch.Tensor,
           tables: tg.ByteTables) -> tuple[tg.EvalResult, torch.Tensor, str]:
-    """One artifact's window score and its per-target losses (every target scored exactly once, checked)."""
+    """One artifact's score under `cfg` and its per-target losses (every target scored exactly once, checked)."""
     mc, model = ebc.load_artifact_model(path, cfg, rt, log, "compare_artifacts")
     tally = tg.Tally(rt.device, track=len(tokens))
-    result = tg.evaluate(model, tokens, tables, cfg, rt, tally)
+    if cfg.ttt_enabled:
+        tg.require_ttt_selection(model, cfg)
+        result = tg.evaluate_ttt(model, tokens, tables, cfg, rt, log, tally=tally)
+    else:
+        result = tg.evaluate_base(model, tokens, tables, cfg, rt, tally)
     ebc.require_scored_once(tally, f"{path}: the evaluation")
     return result, tally.nll_at, mc.layout
 
 
-def main() -> None:
-    if len(sys.argv) != 3 or sys.argv[1].startswith("-"):
-        raise SystemExit(__doc__)
-    cfg = tg.Config.from_env({**os.environ, "EVAL_MODE": "window", "TTT_ENABLED": "0"})
-    rt = tg.init_runtime(cfg)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("a", type=Path, help="artifact A")
+    p.add_argument("b", type=Path, help="artifact B (may be A again, under other settings)")
+    p.add_argument("--a", dest="a_settings", default="", metavar="'KEY=VALUE ...'", help="settings for A only")
+    p.add_argument("--b", dest="b_settings", default="", metavar="'KEY=VALUE ...'", help="settings for B only")
+    args = p.parse_args(argv)
+    cfg_a, cfg_b = (side_config(side_settings(text, flag), flag)
+                    for text, flag in ((args.a_settings, "--a"), (args.b_settings, "--b")))
+    rt = tg.init_runtime(cfg_a)
     if rt.world_size != 1:
         raise SystemExit("compare_artifacts.py runs as one process (python3, not torchrun)")
     log = tg.Logger(None)
-    tables = tg.build_byte_tables(tg.load_tokenizer(cfg)).to(rt.device)
-    tokens = tg.load_val_tokens(cfg)
-    (res_a, nll_a, layout_a), (res_b, nll_b, layout_b) = (score(Path(p), cfg, rt, log, tokens, tables)
-                                                          for p in sys.argv[1:])
+    tables = tg.build_byte_tables(tg.load_tokenizer(cfg_a)).to(rt.device)
+    tokens = tg.load_val_tokens(cfg_a)
+    (res_a, nll_a, layout_a), (res_b, nll_b, layout_b) = (score(path, cfg, rt, log, tokens, tables)
+                                                          for path, cfg in ((args.a, cfg_a), (args.b, cfg_b)))
     n = len(tokens)
     nbytes = ebc.target_bytes(tokens, tables, rt)
     groups = {"position in document": split_rows(positions_in_document(tokens, tables.bos_id), POSITION_EDGES,
                                                   nll_a, nll_b, nbytes),
-              "token frequency rank": split_rows(frequency_ranks(tokens, cfg.vocab_size), RANK_EDGES,
+              "token frequency rank": split_rows(frequency_ranks(tokens, cfg_a.vocab_size), RANK_EDGES,
                                                  nll_a, nll_b, nbytes)}
     docs = document_figures(tokens, tables.bos_id, nll_a, nll_b, nbytes)
-    sliding = cfg.stride < cfg.eval_len
-    windows = f"windows of {cfg.eval_len}" + (f", stride {cfg.stride}" if sliding else "")
-    print(f"A {sys.argv[1]} ({layout_a}), B {sys.argv[2]} ({layout_b}); {n} validation tokens; {windows}; no TTT")
+    eval_a, eval_b = describe(cfg_a), describe(cfg_b)
+    print(f"A {args.a} ({layout_a}): {eval_a}")
+    print(f"B {args.b} ({layout_b}): {eval_b}")
+    print(f"{n} validation tokens")
     for name, rows in groups.items():
         print(f"{name:>22} {'targets':>9} {'bytes':>9} {'bpb A':>8} {'bpb B':>8} {'A-B':>8} {'share of A-B':>13}")
         total = res_a.bpb - res_b.bpb
@@ -150,8 +201,9 @@ def main() -> None:
         part = docs[key]
         print(f"  the tenth of documents where A does {name} against B: {part['documents']} documents, "
               f"{part['bytes']:,} bytes, A-B {part['bpb_difference']:+.4f} bpb over them")
-    print("compare " + json.dumps(dict(a=sys.argv[1], b=sys.argv[2], windows=windows, bpb_a=res_a.bpb, bpb_b=res_b.bpb,
-                                       tokens=res_a.tokens, bytes=res_a.bytes, groups=groups, documents=docs)))
+    print("compare " + json.dumps(dict(a=str(args.a), b=str(args.b), eval_a=eval_a, eval_b=eval_b, bpb_a=res_a.bpb,
+                                       bpb_b=res_b.bpb, tokens=res_a.tokens, bytes=res_a.bytes, groups=groups,
+                                       documents=docs)))
 
 
 if __name__ == "__main__":
