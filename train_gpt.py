@@ -2470,8 +2470,9 @@ def ttt_adapt(model: nn.Module, opt: torch.optim.Optimizer, params: list[nn.Para
     model.eval()
 
 
-def _median_ms(seconds: list[float]) -> float:
-    return 1000 * statistics.median(seconds) if seconds else 0.0
+def _median_ms(seconds: list[float]) -> str:
+    """'12.3ms', or 'none' for no times (e.g. TTT adapted on one chunk only: no adaptation after the first)."""
+    return f"{1000 * statistics.median(seconds):.1f}ms" if seconds else "none"
 
 
 def all_reduce_grads(params: list[nn.Parameter]) -> None:
@@ -2540,7 +2541,7 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
     log(f"ttt: {cfg.eval_mode} mode, {len(chunks)} chunks of {cfg.ttt_chunk_tokens} tokens, adapted on "
         f"{len(adapt_times)} ({sum(p.numel() for p in params):,} parameters, {cfg.ttt_params}); scoring "
         f"{sum(score_times):.1f}s, adaptation {sum(adapt_times):.1f}s; per chunk after the first (which compiles): "
-        f"scoring {_median_ms(score_times[1:]):.1f}ms, adaptation {_median_ms(adapt_times[1:]):.1f}ms (medians)")
+        f"scoring {_median_ms(score_times[1:])}, adaptation {_median_ms(adapt_times[1:])} (medians)")
     return tally.result(rt, len(tokens) - 1, time.perf_counter() - t0)
 
 

@@ -260,6 +260,8 @@ def test_ttt_changes_the_score_and_eval_budget_stops_only_adaptation():
     stopped = tg.evaluate_ttt(model, tokens, tables(), cfg, CPU, log)
     assert stopped.loss == pytest.approx(base.loss, rel=1e-9)  # no adaptation happened, every token still scored
     assert any("adaptation stops after 0/" in m for m in lines)
+    summary = next(m for m in lines if m.startswith("ttt: window mode"))  # no adaptation time to take a median of
+    assert "adapted on 0 " in summary and summary.endswith("adaptation none (medians)")
 
 
 def test_eval_budget_is_not_fooled_by_the_first_chunks_compilation(monkeypatch):
