@@ -30,6 +30,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -140,7 +141,7 @@ def describe(cfg: tg.Config) -> str:
             f"{cfg.ttt_chunk_tokens}, {cfg.ttt_params} parameters")
 
 
-def score(path: Path, cfg: tg.Config, rt: tg.Runtime, log: tg.Logger, tokens: torch.Tensor,
+def score(path: Path, cfg: tg.Config, rt: tg.Runtime, log: Callable[..., None], tokens: torch.Tensor,
           tables: tg.ByteTables) -> tuple[tg.EvalResult, torch.Tensor, str]:
     """One artifact's score under `cfg` and its per-target losses (every target scored exactly once, checked)."""
     mc, model = ebc.load_artifact_model(path, cfg, rt, log, "compare_artifacts")
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
     rt = tg.init_runtime(cfg_a)
     if rt.world_size != 1:
         raise SystemExit("compare_artifacts.py runs as one process (python3, not torchrun)")
-    log = tg.Logger(None)
+    def log(msg: str, console: bool = True) -> None:  # train_gpt's lines: kernel checks, TTT's summary and any stop
+        print(msg, flush=True)
     tables = tg.build_byte_tables(tg.load_tokenizer(cfg_a)).to(rt.device)
     tokens = tg.load_val_tokens(cfg_a)
     (res_a, nll_a, layout_a), (res_b, nll_b, layout_b) = (score(path, cfg, rt, log, tokens, tables)
