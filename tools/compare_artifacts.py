@@ -141,6 +141,11 @@ def describe(cfg: tg.Config) -> str:
             f"{cfg.ttt_chunk_tokens}, {cfg.ttt_params} parameters")
 
 
+def console_log(msg: str, console: bool = True) -> None:
+    """train_gpt's log lines on the console: backends and kernel checks, TTT's summary, an EVAL_MAX_SECONDS stop."""
+    print(msg, flush=True)
+
+
 def score(path: Path, cfg: tg.Config, rt: tg.Runtime, log: Callable[..., None], tokens: torch.Tensor,
           tables: tg.ByteTables) -> tuple[tg.EvalResult, torch.Tensor, str]:
     """One artifact's score under `cfg` and its per-target losses (every target scored exactly once, checked)."""
@@ -167,11 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     rt = tg.init_runtime(cfg_a)
     if rt.world_size != 1:
         raise SystemExit("compare_artifacts.py runs as one process (python3, not torchrun)")
-    def log(msg: str, console: bool = True) -> None:  # train_gpt's lines: kernel checks, TTT's summary and any stop
-        print(msg, flush=True)
     tables = tg.build_byte_tables(tg.load_tokenizer(cfg_a)).to(rt.device)
     tokens = tg.load_val_tokens(cfg_a)
-    (res_a, nll_a, layout_a), (res_b, nll_b, layout_b) = (score(path, cfg, rt, log, tokens, tables)
+    (res_a, nll_a, layout_a), (res_b, nll_b, layout_b) = (score(path, cfg, rt, console_log, tokens, tables)
                                                           for path, cfg in ((args.a, cfg_a), (args.b, cfg_b)))
     n = len(tokens)
     nbytes = ebc.target_bytes(tokens, tables, rt)
