@@ -515,6 +515,9 @@ def test_compare_tool_splits_both_artifacts_own_scores(trained, tiny_data):
     # and each side its own TTT setting (a larger learning rate on A: another score than the default's)
     both = compare("e2e.pgz", "e2e.pgz", "--a", "TTT_ENABLED=1 TTT_LR=0.05", "--b", "TTT_ENABLED=1")
     assert both["bpb_b"] == ttt["bpb_b"] and both["bpb_a"] != both["bpb_b"] and "lr 0.05," in both["eval_a"]
+    # a side may stream, though LAYOUT's default (with full attention) could not: the model is the artifact's
+    stream = compare("e2e.pgz", "e2e.pgz", "--b", "EVAL_MODE=stream")
+    assert stream["eval_b"] == "streaming, no TTT" and stream["bpb_a"] == cmp["bpb_a"] != stream["bpb_b"]
 
 
 VOCAB_REFUSAL = "{{'vocab_size': ({v}, {n})}} (environment, artifact) contradict the artifact"  # VOCAB_SIZE is set
@@ -544,12 +547,37 @@ def test_compare_tool_refuses_an_artifact_of_another_vocabulary_or_none(trained,
     assert proc.returncode != 0 and "none is not a file" in proc.stderr
 
 
+def untrained_artifact(tmp_path: Path, tiny_data, name: str, **settings: str) -> Path:
+    cfg = tg.Config.from_env({"PRESET": "tiny", "VOCAB_SIZE": str(tiny_data["vocab_size"]), **settings})
+    model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
+    path = tmp_path / name
+    path.write_bytes(tg.pack_artifact(tg.serialize_state(model.state_dict(), model.mc, cfg)[0], cfg.compressor))
+    return path
+
+
+def test_compare_tool_checks_both_sides_settings_against_their_artifacts_before_scoring(trained, tiny_data, tmp_path):
+    """B's settings ask what B's model cannot do (streaming with full attention; TTT on scalars it lacks): refused
+    before A is scored, with the side and the artifact named."""
+    cwd, _ = trained
+    art = str(cwd / "artifacts" / "e2e.pgz")
+    env = {**os.environ, **tiny_env(tiny_data, "cmp"), "OMP_NUM_THREADS": "1"}
+    full = str(untrained_artifact(tmp_path, tiny_data, "full_attention.pgz", LAYOUT="GA"))
+    bare = str(untrained_artifact(tmp_path, tiny_data, "no_scalars.pgz", LAYOUT="AA", MUON_VARIANT="muon",
+                                  UNET_SKIPS="0"))
+    for other, flags, needle in (
+            (full, ["--b", "EVAL_MODE=stream"], f"--b: EVAL_MODE=stream needs layers with bounded state, and {full} "
+                                                "has layout GA, with full attention (A or N)"),
+            (bare, ["--b", "TTT_ENABLED=1 TTT_PARAMS=scalar"],
+             f"--b: {bare}: TTT_PARAMS=scalar selects no parameters of this model (layout AA)")):
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_artifacts.py"), *flags, art, other],
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode != 0 and needle in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "validation tokens" not in proc.stdout  # nothing was scored
+
+
 def test_context_tool_refuses_an_artifact_it_cannot_stream_before_scoring_it(trained, tiny_data, tmp_path):
     cwd, _ = trained
-    cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": "GA", "VOCAB_SIZE": str(tiny_data["vocab_size"])})
-    model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
-    path = tmp_path / "full_attention.pgz"
-    path.write_bytes(tg.pack_artifact(tg.serialize_state(model.state_dict(), model.mc, cfg)[0], cfg.compressor))
+    path = untrained_artifact(tmp_path, tiny_data, "full_attention.pgz", LAYOUT="GA")
     env = {**os.environ, **tiny_env(tiny_data, "ctx"), "ARTIFACT_PATH": str(path), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "eval_by_context.py")], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)

@@ -443,8 +443,10 @@ def test_compare_artifacts_side_settings_are_evaluation_settings_only():
         with pytest.raises(SystemExit, match=needle):
             ca.side_settings(text, "--a")
     with pytest.raises(SystemExit, match="--b: .*TTT_PARAMS"):  # Config's own refusal, named by its side
-        ca.side_config({"TTT_PARAMS": "attention"}, "--b")
-    cfg = ca.side_config({"TTT_ENABLED": "1", "TTT_LR": "0.003"}, "--a")
+        ca.side_config({"TTT_PARAMS": "attention"}, "--b", Path("b.pgz"))
+    cfg = ca.side_config({"TTT_ENABLED": "1", "TTT_LR": "0.003"}, "--a", Path("a.pgz"))
     assert cfg.ttt_enabled and cfg.ttt_lr == 0.003 and cfg.eval_mode == "window"
     assert ca.describe(cfg).endswith(", TTT sgd lr 0.003, 3 epochs, chunks of 32768, all parameters")
-    assert ca.describe(ca.side_config({}, "--b")) == "windows of 2048, stride 512, no TTT"
+    assert ca.describe(ca.side_config({}, "--b", Path("b.pgz"))) == "windows of 2048, stride 512, no TTT"
+    assert ca.describe(ca.side_config({"EVAL_MODE": "stream"}, "--b", Path("b.pgz"))) == "streaming, no TTT"
+    assert ca.describe(ca.side_config({"EVAL_STRIDE": "0"}, "--b", Path("b.pgz"))) == "windows of 2048, no TTT"

@@ -12,7 +12,8 @@ VAL_MAX_TOKENS, TTT_*); the evaluation is by default the window mode without TTT
 the score the script logs before TTT. `--a` and `--b` add evaluation settings (EVAL_*, TTT_*, STREAM_*) for one side
 only: with TTT_ENABLED=1 that side is scored with score-first TTT as EVAL_ONLY scores it (eagerly, as with
 TTT_COMPILE=0), each target's loss the one it had when its chunk was scored. Both artifacts must have the
-tokenizer's vocabulary. Rows, each with its targets, bytes, each side's bpb over those bytes and A - B:
+tokenizer's vocabulary, and each side's settings must suit its artifact's model (streaming needs layers with bounded
+state; TTT_PARAMS must select some of its parameters): both are checked before either side is scored. Rows, each with its targets, bytes, each side's bpb over those bytes and A - B:
 - position in the document: how many tokens of the target's document come before it, its BOS included (1 = the
   first token after the BOS; before the stream's first BOS, the stream's first token stands for one);
 - token frequency: the target token's rank by how often it occurs among the validation targets (ranks 1-64 are the
@@ -123,11 +124,27 @@ def side_settings(text: str, flag: str) -> dict[str, str]:
     return settings
 
 
-def side_config(settings: dict[str, str], flag: str) -> tg.Config:
+def side_config(settings: dict[str, str], flag: str, path: Path) -> tg.Config:
+    """The side's settings read as EVAL_ONLY reads them for the artifact at `path`: the model is the file's, so the
+    checks against LAYOUT (which one cannot set here) are left to the artifact's layout (`check_side`)."""
+    env = {**os.environ, "EVAL_MODE": "window", "TTT_ENABLED": "0", **settings, "EVAL_ONLY": "1",
+           "ARTIFACT_PATH": str(path)}
     try:
-        return tg.Config.from_env({**os.environ, "EVAL_MODE": "window", "TTT_ENABLED": "0", **settings})
+        return tg.Config.from_env(env)
     except ValueError as e:
         raise SystemExit(f"{flag}: {e}") from None
+
+
+def check_side(model: torch.nn.Module, cfg: tg.Config, flag: str, path: Path) -> None:
+    """What the side's settings ask of the artifact's model, checked before either side is scored."""
+    if cfg.eval_mode == "stream" and tg.layer_kinds(model.mc.layout) & set(tg.UNBOUNDED_KINDS):
+        raise SystemExit(f"{flag}: EVAL_MODE=stream needs layers with bounded state, and {path} has layout "
+                         f"{model.mc.layout}, with full attention (A or N)")
+    if cfg.ttt_enabled:
+        try:
+            tg.require_ttt_selection(model, cfg)
+        except ValueError as e:
+            raise SystemExit(f"{flag}: {path}: {e}") from None
 
 
 def describe(cfg: tg.Config) -> str:
@@ -146,18 +163,16 @@ def console_log(msg: str, console: bool = True) -> None:
     print(msg, flush=True)
 
 
-def score(path: Path, cfg: tg.Config, rt: tg.Runtime, log: Callable[..., None], tokens: torch.Tensor,
-          tables: tg.ByteTables) -> tuple[tg.EvalResult, torch.Tensor, str]:
+def score(model: torch.nn.Module, path: Path, cfg: tg.Config, rt: tg.Runtime, log: Callable[..., None],
+          tokens: torch.Tensor, tables: tg.ByteTables) -> tuple[tg.EvalResult, torch.Tensor]:
     """One artifact's score under `cfg` and its per-target losses (every target scored exactly once, checked)."""
-    mc, model = ebc.load_artifact_model(path, cfg, rt, log, "compare_artifacts")
     tally = tg.Tally(rt.device, track=len(tokens))
     if cfg.ttt_enabled:
-        tg.require_ttt_selection(model, cfg)
         result = tg.evaluate_ttt(model, tokens, tables, cfg, rt, log, tally=tally)
     else:
         result = tg.evaluate_base(model, tokens, tables, cfg, rt, tally)
     ebc.require_scored_once(tally, f"{path}: the evaluation")
-    return result, tally.nll_at, mc.layout
+    return result, tally.nll_at
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,15 +182,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--a", dest="a_settings", default="", metavar="'KEY=VALUE ...'", help="settings for A only")
     p.add_argument("--b", dest="b_settings", default="", metavar="'KEY=VALUE ...'", help="settings for B only")
     args = p.parse_args(argv)
-    cfg_a, cfg_b = (side_config(side_settings(text, flag), flag)
-                    for text, flag in ((args.a_settings, "--a"), (args.b_settings, "--b")))
+    sides = [(path, flag, side_config(side_settings(text, flag), flag, path))
+             for path, text, flag in ((args.a, args.a_settings, "--a"), (args.b, args.b_settings, "--b"))]
+    cfg_a, cfg_b = sides[0][2], sides[1][2]
     rt = tg.init_runtime(cfg_a)
     if rt.world_size != 1:
         raise SystemExit("compare_artifacts.py runs as one process (python3, not torchrun)")
     tables = tg.build_byte_tables(tg.load_tokenizer(cfg_a)).to(rt.device)
     tokens = tg.load_val_tokens(cfg_a)
-    (res_a, nll_a, layout_a), (res_b, nll_b, layout_b) = (score(path, cfg, rt, console_log, tokens, tables)
-                                                          for path, cfg in ((args.a, cfg_a), (args.b, cfg_b)))
+    models = []
+    for path, flag, cfg in sides:  # both read and checked before either is scored
+        models.append(ebc.load_artifact_model(path, cfg, rt, console_log, "compare_artifacts")[1])
+        check_side(models[-1], cfg, flag, path)
+    (res_a, nll_a), (res_b, nll_b) = (score(model, path, cfg, rt, console_log, tokens, tables)
+                                      for model, (path, _, cfg) in zip(models, sides))
+    layout_a, layout_b = (model.mc.layout for model in models)
     n = len(tokens)
     nbytes = ebc.target_bytes(tokens, tables, rt)
     groups = {"position in document": split_rows(positions_in_document(tokens, tables.bos_id), POSITION_EDGES,
