@@ -1929,12 +1929,20 @@ def serialize_state(state: dict[str, torch.Tensor], mc: ModelConfig, cfg: Config
     return frames + ([current] if current else []), records
 
 
-def deserialize_state(frames: list[bytes], source: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def _read_metadata(frame: bytes, source: str) -> tuple[dict, ModelConfig]:
+    """An artifact's first frame, decompressed: its metadata (with its packing and tensor list, checked present) and
+    the model it describes."""
     try:
-        meta = json.loads(frames[0])
-        mc, packing = ModelConfig(**meta["model"]), meta["packing"]
+        meta = json.loads(frame)
+        _ = meta["packing"], meta["tensors"]  # present, or the metadata is unreadable
+        return meta, ModelConfig(**meta["model"])
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"artifact {source}: unreadable metadata ({e})") from None
+
+
+def deserialize_state(frames: list[bytes], source: str) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    meta, mc = _read_metadata(frames[0], source)
+    packing = meta["packing"]
     body = b"".join(frames[1:])
     state, offset = {}, 0
     for rec in meta["tensors"]:
@@ -2056,14 +2064,15 @@ def read_artifact(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return deserialize_state(_parallel(lambda f: _decompress_frame(path, f, compressor), frames), str(path))
 
 
-def artifact_label(path: Path) -> str:
-    """`int{bits}_{compressor}` of the file itself (its matrices' bits, from its metadata), as the training run's
+def artifact_model_and_label(path: Path) -> tuple[ModelConfig, str]:
+    """From the header and the metadata frame alone (the checksum is still checked over the whole file): the model
+    the artifact holds, and `int{bits}_{compressor}` of the file itself (its matrices' bits), as the training run's
     score tags name them; a rescoring's settings do not change what is in the file."""
     compressor, frames = _artifact_frames(path)
-    meta = json.loads(_decompress_frame(path, frames[0], compressor))
+    meta, mc = _read_metadata(_decompress_frame(path, frames[0], compressor), str(path))
     bits = sorted({r["bits"] for r in meta["tensors"] if r["kind"] == "int"
                    and PARAM_ROUTES[route_index(r["name"], torch.empty(r["shape"], device="meta"))][0] == "muon"})
-    return f"int{'/'.join(map(str, bits))}_{compressor}"
+    return mc, f"int{'/'.join(map(str, bits))}_{compressor}"
 
 
 def load_exported_state(model: nn.Module, state: dict[str, torch.Tensor], source: str, kind: str = "artifact") -> None:
@@ -3269,7 +3278,7 @@ def require_model_matches(cfg: Config, mc: ModelConfig, mode: str, kind: str, pa
 
 def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> dict:
     path = Path(cfg.artifact_path)
-    mc, _ = read_artifact(path)
+    mc, label = artifact_model_and_label(path)  # the tensors are read once, by score_artifact
     require_model_matches(cfg, mc, "EVAL_ONLY", "artifact", path)
     if cfg.kernel_check and rt.cuda:
         resolve_backends(cfg, rt, mc, log, check=True)
@@ -3280,7 +3289,7 @@ def eval_only(cfg: Config, rt: Runtime, log: Logger, val_tokens: torch.Tensor, t
     if size + code > ARTIFACT_LIMIT_BYTES:
         log(f"WARNING: ARTIFACT OVER THE LIMIT by {size + code - ARTIFACT_LIMIT_BYTES} bytes: a submission of it with "
             "this script is NOT COMPLIANT")
-    final, base = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg, artifact_label(path)))
+    final, base = score_artifact(path, cfg, rt, log, val_tokens, tables, _final_tag(cfg, label))
     return dict(final=dataclasses.asdict(final), final_no_ttt=dataclasses.asdict(base), artifact_bytes=size,
                 code_bytes=code, total_bytes=size + code)
 
@@ -3310,8 +3319,8 @@ def export_from(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_tokens: 
 
 
 def _final_tag(cfg: Config, label: str = "") -> str:
-    """The final score's tag; `label` (EVAL_ONLY: the artifact's `artifact_label`) instead of this run's export
-    settings."""
+    """The final score's tag; `label` (EVAL_ONLY: the artifact's own, from `artifact_model_and_label`) instead of
+    this run's export settings."""
     return f"final_{label or f'int{cfg.matrix_bits}_{cfg.compressor}'}_roundtrip{eval_tag(cfg)}"
 
 

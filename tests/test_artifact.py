@@ -366,5 +366,7 @@ def test_a_clip_set_alone_is_refused_while_the_fit_is_on_by_default():
 def test_an_artifacts_label_is_its_matrices_bits_and_its_compressor(tmp_path, settings, label):
     """What an EVAL_ONLY rescoring names its score by: read from the file (the embedding's bits are not the
     matrices')."""
-    path, _ = export(tiny_model(), tmp_path, **settings)
-    assert tg.artifact_label(path) == label
+    model = tiny_model()
+    path, _ = export(model, tmp_path, **settings)
+    mc, got = tg.artifact_model_and_label(path)
+    assert got == label and mc == model.mc  # the model from the metadata alone, as read_artifact reads it
