@@ -565,8 +565,8 @@ def test_compare_tool_checks_both_sides_settings_against_their_artifacts_before_
     bare = str(untrained_artifact(tmp_path, tiny_data, "no_scalars.pgz", LAYOUT="AA", MUON_VARIANT="muon",
                                   UNET_SKIPS="0"))
     for other, flags, needle in (
-            (full, ["--b", "EVAL_MODE=stream"], f"--b: EVAL_MODE=stream needs layers with bounded state, and {full} "
-                                                "has layout GA, with full attention (A or N)"),
+            (full, ["--b", "EVAL_MODE=stream"], f"--b: EVAL_MODE=stream: artifact {full} has layout GA, with full "
+                                                "attention (A or N): streaming needs layers with bounded state (G, S)"),
             (bare, ["--b", "TTT_ENABLED=1 TTT_PARAMS=scalar"],
              f"--b: {bare}: TTT_PARAMS=scalar selects no parameters of this model (layout AA)")):
         proc = subprocess.run([sys.executable, str(ROOT / "tools" / "compare_artifacts.py"), *flags, art, other],

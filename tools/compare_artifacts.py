@@ -137,9 +137,8 @@ def side_config(settings: dict[str, str], flag: str, path: Path) -> tg.Config:
 
 def check_side(model: torch.nn.Module, cfg: tg.Config, flag: str, path: Path) -> None:
     """What the side's settings ask of the artifact's model, checked before either side is scored."""
-    if cfg.eval_mode == "stream" and tg.layer_kinds(model.mc.layout) & set(tg.UNBOUNDED_KINDS):
-        raise SystemExit(f"{flag}: EVAL_MODE=stream needs layers with bounded state, and {path} has layout "
-                         f"{model.mc.layout}, with full attention (A or N)")
+    if cfg.eval_mode == "stream":
+        ebc.require_streamable(model.mc, path, f"{flag}: EVAL_MODE=stream: ")
     if cfg.ttt_enabled:
         try:
             tg.require_ttt_selection(model, cfg)

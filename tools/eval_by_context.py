@@ -74,6 +74,14 @@ def load_artifact_model(path: Path, cfg: tg.Config, rt: tg.Runtime, log: tg.Logg
     return mc, model
 
 
+def require_streamable(mc: tg.ModelConfig, path: Path, context: str = "") -> None:
+    """Refuses, before anything is scored, to stream an artifact with full attention (its state, the keys, grows
+    with the stream); `context` says who asked."""
+    if tg.layer_kinds(mc.layout) & set(tg.UNBOUNDED_KINDS):
+        raise SystemExit(f"{context}artifact {path} has layout {mc.layout}, with full attention (A or N): streaming "
+                         "needs layers with bounded state (G, S)")
+
+
 def require_scored_once(tally: tg.Tally, what: str) -> None:
     if not bool((tally.hits[1:] == 1).all()) or int(tally.hits[0]) != 0:
         raise RuntimeError(f"{what} did not score every target exactly once")
@@ -100,9 +108,7 @@ def main() -> None:
     tokens = tg.load_val_tokens(window_cfg)
     n = len(tokens)
     mc, model = load_artifact_model(path, window_cfg, rt, log, "eval_by_context")
-    if tg.layer_kinds(mc.layout) & set(tg.UNBOUNDED_KINDS):  # refused before the window pass, not after it
-        raise SystemExit(f"artifact {path} has layout {mc.layout}, with full attention (A or N): streaming, which this "
-                         "tool compares with windows, needs layers with bounded state (G, S)")
+    require_streamable(mc, path)  # before the window pass, not after it
     tally_w, tally_s = tg.Tally(rt.device, track=n), tg.Tally(rt.device, track=n)
     res_w = tg.evaluate(model, tokens, tables, window_cfg, rt, tally_w)
     res_s = tg.evaluate_stream(model, tokens, tables, stream_cfg, rt, tally_s)
