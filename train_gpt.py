@@ -180,7 +180,7 @@ class Config:
     ttt_chunk_tokens: int = 32768
     ttt_epochs: int = 3
     ttt_optimizer: str = "sgd"  # sgd | adamw
-    ttt_lr: float = 0.01
+    ttt_lr: float = 0.005  # the hybrid's: within 0.0005 of its best at 300 s (0.01) and 600 s (0.003); README
     ttt_momentum: float = 0.9
     ttt_params: str = "all"  # all | mlp | scalar (norms, gates, decay parameters, convs) | gdn (GDN mixers)
     ttt_state: str = "rebuild"  # stream mode, after an update: rebuild the lane's state with the new weights from the
