@@ -142,6 +142,14 @@ def test_eval_only_warns_when_the_artifact_and_the_script_are_over_the_limit(tra
     assert over > 0 and f"WARNING: ARTIFACT OVER THE LIMIT by {over} bytes" in "\n".join(lines)
 
 
+def untrained_artifact(tmp_path: Path, tiny_data, name: str, **settings: str) -> Path:
+    cfg = tg.Config.from_env({"PRESET": "tiny", "VOCAB_SIZE": str(tiny_data["vocab_size"]), **settings})
+    model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
+    path = tmp_path / name
+    path.write_bytes(tg.pack_artifact(tg.serialize_state(model.state_dict(), model.mc, cfg)[0], cfg.compressor))
+    return path
+
+
 NO_SCALARS = {"LAYOUT": "AA", "MUON_VARIANT": "muon", "UNET_SKIPS": "0"}  # all-attention without skips: no scalar
 
 
@@ -161,13 +169,10 @@ def test_a_ttt_selection_of_nothing_is_refused_before_training_or_scoring(tmp_pa
     with pytest.raises(ValueError, match=refusal):
         tg.train_and_eval(cfg, rt, log, "noscalar", val, tables)
     assert not any(line.startswith(("step:", "warmup")) for line in lines) and not (tmp_path / "artifacts").exists()
-    # an artifact of such a model (written directly; training it would be the run refused above)
-    model = tg.build_model(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"), rt)
-    frames, _ = tg.serialize_state(model.state_dict(), model.mc, cfg)
-    data = tg.pack_artifact(frames, cfg.compressor)
-    tg.write_atomically(tmp_path / "noscalar.pgz", lambda f: f.write(data))
+    # an artifact of such a model (untrained; training it would be the run refused above)
+    art = untrained_artifact(tmp_path, tiny_data, "noscalar.pgz", **NO_SCALARS)
     rescore = tg.Config.from_env({**tiny_env(tiny_data, "rescore_noscalar"), "EVAL_ONLY": "1",
-                                  "ARTIFACT_PATH": str(tmp_path / "noscalar.pgz"), "TTT_PARAMS": "scalar"})
+                                  "ARTIFACT_PATH": str(art), "TTT_PARAMS": "scalar"})
     lines.clear()
     with pytest.raises(ValueError, match=refusal):
         tg.eval_only(rescore, rt, log, val, tables)
@@ -547,14 +552,6 @@ def test_compare_tool_refuses_an_artifact_of_another_vocabulary_or_none(trained,
     assert proc.returncode != 0 and "none is not a file" in proc.stderr
 
 
-def untrained_artifact(tmp_path: Path, tiny_data, name: str, **settings: str) -> Path:
-    cfg = tg.Config.from_env({"PRESET": "tiny", "VOCAB_SIZE": str(tiny_data["vocab_size"]), **settings})
-    model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
-    path = tmp_path / name
-    path.write_bytes(tg.pack_artifact(tg.serialize_state(model.state_dict(), model.mc, cfg)[0], cfg.compressor))
-    return path
-
-
 def test_compare_tool_checks_both_sides_settings_against_their_artifacts_before_scoring(trained, tiny_data, tmp_path):
     """B's settings ask what B's model cannot do (streaming with full attention; TTT on scalars it lacks): refused
     before A is scored, with the side and the artifact named."""
@@ -562,8 +559,7 @@ def test_compare_tool_checks_both_sides_settings_against_their_artifacts_before_
     art = str(cwd / "artifacts" / "e2e.pgz")
     env = {**os.environ, **tiny_env(tiny_data, "cmp"), "OMP_NUM_THREADS": "1"}
     full = str(untrained_artifact(tmp_path, tiny_data, "full_attention.pgz", LAYOUT="GA"))
-    bare = str(untrained_artifact(tmp_path, tiny_data, "no_scalars.pgz", LAYOUT="AA", MUON_VARIANT="muon",
-                                  UNET_SKIPS="0"))
+    bare = str(untrained_artifact(tmp_path, tiny_data, "no_scalars.pgz", **NO_SCALARS))
     for other, flags, needle in (
             (full, ["--b", "EVAL_MODE=stream"], f"--b: EVAL_MODE=stream: artifact {full} has layout GA, with full "
                                                 "attention (A or N): streaming needs layers with bounded state (G, S)"),
