@@ -139,11 +139,10 @@ def check_side(model: torch.nn.Module, cfg: tg.Config, flag: str, path: Path) ->
     """What the side's settings ask of the artifact's model, checked before either side is scored."""
     if cfg.eval_mode == "stream":
         ebc.require_streamable(model.mc, path, f"{flag}: EVAL_MODE=stream: ")
-    if cfg.ttt_enabled:
-        try:
-            tg.require_ttt_selection(model, cfg)
-        except ValueError as e:
-            raise SystemExit(f"{flag}: {path}: {e}") from None
+    try:
+        tg.require_ttt_selection(model, cfg)  # nothing to check with TTT off
+    except ValueError as e:
+        raise SystemExit(f"{flag}: {path}: {e}") from None
 
 
 def describe(cfg: tg.Config) -> str:
