@@ -90,9 +90,9 @@ class Config:
     #   it, e.g. GDN's recurrence and short conv; AAAGNNNNNNGNNN scored 0.0086 worse at 300 s, one seed); lower
     #   case reuses the mixer weights of the nearest earlier upper-case layer of that kind; '(...)k' runs a group
     #   of layers k times, reusing its mixers and MLPs (depth recurrence, parse_layout). The default: the best
-    #   hybrid of the 300 s comparisons, one GDN layer as the 11th of 14 (as the 7th, AAAAAAGAAAAAAA, 0.0055 worse
-    #   over two seeds; AAAGAAAAAAGAAA, two GDN layers, worse again; README, Quality); at sequence 2048 full
-    #   attention is faster than a window
+    #   hybrid of the 300 s comparisons, one GDN layer as the 11th of 14 (as the 7th, AAAAAAGAAAAAAA, 0.0046 worse
+    #   over three seeds; as the 13th 0.0035 worse, one seed; two GDN layers, AAAGAAAAAAGAAA or AAAAAAAGAAGAAA,
+    #   worse again; README, Quality); at sequence 2048 full attention is faster than a window
     model_dim: int = 512
     mlp_mult: float = 3.0625  # the width that keeps one GDN layer's stack at the two-GDN stack's ~34.6M parameters
     #                           (MLP 3.0 there); 3.25 on that stack (the ~1 MB headroom spent) was noise (README)
