@@ -18,13 +18,31 @@ import bench_train  # noqa: E402
 import train_gpt as tg  # noqa: E402
 
 
-def run_bench(tmp_path, **settings) -> dict:
-    """tools/bench_train.py on the tiny preset, in its own process; the figures of its `bench {json}` line."""
+def run_bench_process(tmp_path, **settings) -> subprocess.CompletedProcess:
+    """tools/bench_train.py on the tiny preset, in its own process."""
     env = {**os.environ, "PRESET": "tiny", "BENCH_WARMUP": "1", "OMP_NUM_THREADS": "1", **settings}
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py")], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def run_bench(tmp_path, **settings) -> dict:
+    """The figures of tools/bench_train.py's `bench {json}` line (tiny preset)."""
+    proc = run_bench_process(tmp_path, **settings)
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("bench "))[6:])
+
+
+@pytest.mark.parametrize("layout, named, not_named", [
+    ("GSGs", "gdn:torch conv:torch swa:", "full attention"),
+    ("GAGA", "gdn:torch conv:torch full attention:sdpa", "swa:"),
+])
+def test_bench_header_names_each_layer_kinds_backend(tmp_path, layout, named, not_named):
+    """The header says what each kind of layer in LAYOUT runs on: full attention always runs SDPA, and ATTN_BACKEND
+    (which may be varlen or fa3 on a GPU) only the sliding window, so a layout without S layers must not name it."""
+    proc = run_bench_process(tmp_path, LAYOUT=layout, BENCH_STEPS="1", BENCH_COMPARE="0", BENCH_BREAKDOWN="0")
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("device: "))
+    assert named in header and not_named not in header, header
 
 
 def test_bench_train_reports_both_stacks_and_a_breakdown(tmp_path):

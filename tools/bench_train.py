@@ -475,8 +475,10 @@ def main() -> int:
     backends = tg.resolve_backends(cfg, rt, mc, lambda msg, console=True: print(msg, flush=True),
                                    check=True)  # the kernel check, as before training, with its errors printed
     device_name = torch.cuda.get_device_name() if rt.cuda else "cpu"
-    print(f"device: {device_name}, torch {torch.__version__}, backends gdn:{backends.gdn} conv:{backends.conv} "
-          f"attention:{backends.attn}, batch {cfg.train_batch_tokens} tokens x seq {cfg.train_seq_len}, {steps} timed steps", flush=True)
+    # each kind of layer in LAYOUT with what it runs on (full attention is always SDPA; ATTN_BACKEND is the window's)
+    print(f"device: {device_name}, torch {torch.__version__}, backends "
+          f"{tg.describe_backends(cfg.layout, backends, cfg.swa_window)}, batch {cfg.train_batch_tokens} tokens x seq "
+          f"{cfg.train_seq_len}, {steps} timed steps", flush=True)
     kernels, ttt = [], []
     if os.environ.get("BENCH_TTT"):
         print(f"TTT adaptation step ({cfg.ttt_params} parameters, SGD):", flush=True)
