@@ -110,7 +110,8 @@ class Config:
     #                    each head's output loses its component along the token's own value vector. 0 = off
     #                    At 300 s (README, Quality): on every layer, all-attention 0.0118 better (two seeds), the
     #                    two-GDN hybrid 0.0034 worse; on the hybrid's last 4, 0.0046 worse (one seed)
-    gdn_heads: int = 8  # 8 x 64 over 4 x 128: 0.0019 better at 300 s (two seeds), 3% slower steps (README, Quality)
+    gdn_heads: int = 8  # 8 x 64 over 4 x 128: 0.0019 better at 300 s (two GDN layers, two seeds), 3% slower steps.
+    #                     One GDN layer (seed 1338): 4 x 128, 16 x 32 and 16 x 64 0.0027, 0.0028 and 0.0089 worse (README)
     gdn_head_dim: int = 64  # key dimension per head (FlashQLA needs 128, so 64 runs fla's kernels; README, throughput)
     gdn_expand_v: float = 1.0  # value dimension = gdn_head_dim * gdn_expand_v
     gdn_conv_size: int = 4
