@@ -72,7 +72,7 @@ class Config:
     preset: str = ""  # "tiny": every code path on a CPU in seconds
     # training
     iterations: int = 20000
-    train_batch_tokens: int = 262_144  # per step, all ranks; at 300 s on one H100 better than 524,288 (README, Quality)
+    train_batch_tokens: int = 262_144  # per step, all ranks; at 300 s on one GPU beats 524,288 and 131,072 (README)
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0 -> micro-batches of at most MICRO_BATCH_TOKENS per rank (default_accum)
     max_wallclock_seconds: float = 600.0  # 0 = no cap
