@@ -9,7 +9,7 @@ import torch
 
 import train_gpt as tg
 
-from test_model import tiny_model
+from test_model import FEATURES, tiny_model
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
@@ -63,9 +63,11 @@ def expected_roundtrip(model, cfg):
     return expect
 
 
+@pytest.mark.parametrize("features", [False, True])
 @pytest.mark.parametrize("compressor,packing", [("brotli", "byte"), ("zstd", "dense")])
-def test_artifact_round_trip_is_exact(tmp_path, compressor, packing):
-    model = tiny_model()
+def test_artifact_round_trip_is_exact(tmp_path, compressor, packing, features):
+    env = FEATURES if features else {}  # BigramHash's table and projection, SmearGate's gate, the skips' weights
+    model = tiny_model(**env)
     path, cfg = export(model, tmp_path, compressor=compressor, packing=packing)
     mc, state = tg.read_artifact(path)
     assert mc == model.mc
@@ -76,7 +78,7 @@ def test_artifact_round_trip_is_exact(tmp_path, compressor, packing):
     fresh = tg.GPT(mc, tg.Backends("torch", "sdpa"))
     tg.load_exported_state(fresh, state, str(path))
     x = torch.randint(0, 97, (1, 20))
-    quantized = tiny_model()
+    quantized = tiny_model(**env)
     quantized.load_state_dict(expect)
     with torch.no_grad():
         assert torch.equal(fresh(x), quantized(x))
