@@ -82,10 +82,12 @@ def test_calibration_sees_only_training_tokens(tiny_data, monkeypatch):
             assert not occurs(row, val_stream)
 
 
-def test_hessians_cover_every_quantized_matrix_including_the_gdn_input_projections():
+@pytest.mark.parametrize("bigram", [False, True])
+def test_hessians_cover_every_quantized_matrix_including_the_gdn_input_projections(bigram):
     """The GDN input projections' statistics are x x^T of the mixer's input, summed over both layers of a shared
-    mixer, and no quantized matrix is left without any."""
-    cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": "GSgs"})  # layer 2 reuses GDN mixer 0
+    mixer, and no quantized matrix is left without any (BigramHash's projection included)."""
+    extra = {"BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "8", "SMEAR_GATE": "1"} if bigram else {}
+    cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": "GSgs", **extra})  # layer 2 reuses GDN mixer 0
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
     mc = tg.ModelConfig.from_config(cfg)
     torch.manual_seed(0)
@@ -106,5 +108,7 @@ def test_hessians_cover_every_quantized_matrix_including_the_gdn_input_projectio
     assert "mixers.0.q_proj.weight" in H and "mixers.0.o_proj.weight" in H
     linears = {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, tg.Linear)}
     int_targets = {n for n, w in linears.items() if tg.quant_plan(n, w, cfg)[0] == "int"}
-    assert len(int_targets) == 5 + 4 + 8  # GDN q, k, v, g, o (a, b stay float); attention q, k, v, o; 4 MLPs x 2
+    # GDN q, k, v, g, o (a, b stay float); attention q, k, v, o; 4 MLPs x 2; BigramHash's projection
+    assert len(int_targets) == 5 + 4 + 8 + bigram
+    assert ("bigram.proj.weight" in int_targets) == bigram
     assert all(H[n].abs().sum() > 0 for n in int_targets)
