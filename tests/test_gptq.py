@@ -6,6 +6,8 @@ import torch
 
 import train_gpt as tg
 
+from test_model import FEATURES
+
 
 def correlated_inputs(n, d, seed):
     gen = torch.Generator().manual_seed(seed)
@@ -82,11 +84,11 @@ def test_calibration_sees_only_training_tokens(tiny_data, monkeypatch):
             assert not occurs(row, val_stream)
 
 
-@pytest.mark.parametrize("bigram", [False, True])
-def test_hessians_cover_every_quantized_matrix_including_the_gdn_input_projections(bigram):
+@pytest.mark.parametrize("features", [False, True])
+def test_hessians_cover_every_quantized_matrix_including_the_gdn_input_projections(features):
     """The GDN input projections' statistics are x x^T of the mixer's input, summed over both layers of a shared
     mixer, and no quantized matrix is left without any (BigramHash's projection included)."""
-    extra = {"BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "8", "SMEAR_GATE": "1"} if bigram else {}
+    extra = FEATURES if features else {}
     cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": "GSgs", **extra})  # layer 2 reuses GDN mixer 0
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
     mc = tg.ModelConfig.from_config(cfg)
@@ -109,6 +111,6 @@ def test_hessians_cover_every_quantized_matrix_including_the_gdn_input_projectio
     linears = {f"{n}.weight": m.weight for n, m in model.named_modules() if isinstance(m, tg.Linear)}
     int_targets = {n for n, w in linears.items() if tg.quant_plan(n, w, cfg)[0] == "int"}
     # GDN q, k, v, g, o (a, b stay float); attention q, k, v, o; 4 MLPs x 2; BigramHash's projection
-    assert len(int_targets) == 5 + 4 + 8 + bigram
-    assert ("bigram.proj.weight" in int_targets) == bigram
+    assert len(int_targets) == 5 + 4 + 8 + features
+    assert ("bigram.proj.weight" in int_targets) == features
     assert all(H[n].abs().sum() > 0 for n in int_targets)
