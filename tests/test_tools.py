@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -468,3 +469,50 @@ def test_compare_artifacts_side_settings_are_evaluation_settings_only():
     assert ca.describe(ca.side_config({}, "--b", Path("b.pgz"))) == "windows of 2048, stride 512, no TTT"
     assert ca.describe(ca.side_config({"EVAL_MODE": "stream"}, "--b", Path("b.pgz"))) == "streaming, no TTT"
     assert ca.describe(ca.side_config({"EVAL_STRIDE": "0"}, "--b", Path("b.pgz"))) == "windows of 2048, no TTT"
+
+
+def _bucket_share_by_loops(tokens: list[int], buckets: int, bos: int) -> float:
+    """The mean over occurrences of a pair's share of its bucket, counted pair by pair with the model's hash."""
+    hasher = tg.BigramHash(buckets, 1, 1)
+    pairs = [(a, b) for a, b in zip(tokens[:-1], tokens[1:]) if b != bos]
+    bucket_of = {p: int(hasher.bucket(torch.tensor([p[0]]), torch.tensor([p[1]]))) for p in set(pairs)}
+    in_bucket: dict[int, int] = {}
+    for p in pairs:
+        in_bucket[bucket_of[p]] = in_bucket.get(bucket_of[p], 0) + 1
+    return sum(pairs.count(p) / in_bucket[bucket_of[p]] for p in pairs) / len(pairs)
+
+
+@pytest.mark.parametrize("seed, buckets", [(0, 2), (1, 5), (2, 64), (3, 4096)])
+def test_bigram_buckets_share_matches_a_loop_over_the_pairs(seed, buckets):
+    """tools/bigram_buckets.py: the pairs as the model forms them (none whose current token is the BOS) and each
+    occurrence's share of its bucket, against plain loops; one bucket holds every pair, many hold about one each."""
+    import bigram_buckets as bb
+    bos = 1
+    tokens = _random_stream(seed, 300, 12, bos).tolist()
+    prev, cur, counts, at_bos = bb.pair_counts(np.array(tokens, dtype=np.uint16), bos)
+    assert at_bos == sum(1 for t in tokens[1:] if t == bos)
+    assert sorted(zip(prev.tolist(), cur.tolist())) == sorted({(a, b) for a, b in zip(tokens[:-1], tokens[1:])
+                                                               if b != bos})
+    assert counts.sum() == len(tokens) - 1 - at_bos
+    share = bb.own_share(prev, cur, counts, buckets)
+    assert share == pytest.approx(_bucket_share_by_loops(tokens, buckets, bos), rel=1e-12)
+    if buckets == 2:  # one bucket for every pair: the share is the sum of squared frequencies
+        assert share == pytest.approx(float((counts / counts.sum()) @ (counts / counts.sum())), rel=1e-12)
+
+
+def test_bigram_buckets_reads_shards_as_one_stream_and_refuses_bad_counts(tmp_path, capsys):
+    import bigram_buckets as bb
+    from test_data import write_shard
+    write_shard(tmp_path / "a.bin", [5, 6, 5, 6])
+    write_shard(tmp_path / "b.bin", [5, 1, 5])  # a pair across the two shards: (6, 5)
+    assert bb.main([str(tmp_path / "a.bin"), str(tmp_path / "b.bin"), "--buckets", "2,4096"]) == 0
+    out = capsys.readouterr().out
+    # the stream 5 6 5 6 5 1 5: pairs (5, 6) twice, (6, 5) twice, (1, 5); (5, 1) ends at the BOS
+    assert "7 tokens, 5 pairs (1 positions at a BOS left out), 3 distinct" in out
+    assert "| 2 | 3.0 | 0.360 |" in out  # one bucket: (2/5)^2 + (2/5)^2 + (1/5)^2
+    for bad in ("1,4096", "x"):
+        with pytest.raises(SystemExit):
+            bb.main([str(tmp_path / "a.bin"), "--buckets", bad])
+    with pytest.raises(ValueError, match="not a challenge shard"):
+        write_shard(tmp_path / "c.bin", [5, 6], magic=7)
+        bb.main([str(tmp_path / "c.bin")])
