@@ -118,12 +118,16 @@ class Config:
     gdn_neg_eigval: bool = False  # beta = 2 sigmoid(W_b x) in (0, 2) instead of (0, 1): each step's transition
     #                               I - beta k k^T then has eigenvalues in (-1, 1], not (0, 1] (negative eigenvalues,
     #                               Grazzi et al. 2024; fla's allow_neg_eigval). The kernel check covers that range.
-    #                               300 s, two seeds: 0.0012 better on average, within the seeds' spread (README)
+    #                               300 s, two GDN layers, two seeds: 0.0012 better on average, within the seeds'
+    #                               spread; one GDN layer (seed 1338): 0.0006 worse after TTT (README)
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
-    bigram_buckets: int = 0  # BigramHash: 0 = off, else hashed (previous, current) token buckets added to the input
+    bigram_buckets: int = 0  # BigramHash: 0 = off, else hashed (previous, current) token buckets added to the input.
+    #                          2,048 x 64 on the default at 300 s: 0.0111 worse after TTT (one seed; at sp1024 a
+    #                          pair's row is 15% its own by occurrences, tools/bigram_buckets.py; README)
     bigram_dim: int = 128  # BigramHash table width, projected to MODEL_DIM
-    smear_gate: bool = False  # SmearGate: add a gated copy of the previous token's embedding (never across a BOS)
+    smear_gate: bool = False  # SmearGate: add a gated copy of the previous token's embedding (never across a BOS).
+    #                           On the default at 300 s: 0.0018 worse after TTT over two seeds (README)
     unet_skips: bool = True  # U-Net skips: the first half's layer outputs feed the mirrored layers of the second half.
     #                          300 s on an H200, two seeds each: the hybrid 1.3798 with them, 1.3860 without; no gain
     #                          for all-attention (one seed; README, Quality)
