@@ -509,10 +509,10 @@ def test_bigram_buckets_reads_shards_as_one_stream_and_refuses_bad_counts(tmp_pa
     out = capsys.readouterr().out
     # the stream 5 6 5 6 5 1 5: pairs (5, 6) twice, (6, 5) twice, (1, 5); (5, 1) ends at the BOS
     assert "7 tokens, 5 pairs (1 positions at a BOS left out), 3 distinct" in out
-    assert "| 2 | 3.0 | 0.360 |" in out  # one bucket: (2/5)^2 + (2/5)^2 + (1/5)^2
+    assert f"| 2 | 3.0 | {(2 / 5) ** 2 + (2 / 5) ** 2 + (1 / 5) ** 2:.3f} |" in out  # one bucket holds all three
     for bad in ("1,4096", "x"):
         with pytest.raises(SystemExit):
             bb.main([str(tmp_path / "a.bin"), "--buckets", bad])
+    write_shard(tmp_path / "c.bin", [5, 6], magic=7)
     with pytest.raises(ValueError, match="not a challenge shard"):
-        write_shard(tmp_path / "c.bin", [5, 6], magic=7)
         bb.main([str(tmp_path / "c.bin")])
