@@ -196,12 +196,13 @@ def test_the_kernel_check_draws_beta_over_the_layers_range():
 
 
 @pytest.mark.parametrize("window", [0, 6])
-def test_xsa_removes_each_heads_component_along_its_own_value(window):
+@pytest.mark.parametrize("H,KV", [(4, 2), (9, 3)])  # the default's grouping, and the 576-wide stack's (README)
+def test_xsa_removes_each_heads_component_along_its_own_value(window, H, KV):
     """XSA written out head by head in float64, with the KV heads repeated for the query heads (the grouped view in
-    `exclude_self_value` must pair query head h with KV head h // 2 here), against the mixer; without XSA the same
-    weights give a different output."""
+    `exclude_self_value` must pair query head h with KV head h // (H/KV) here), against the mixer; without XSA the
+    same weights give a different output."""
     torch.manual_seed(3)
-    D, T, H, KV = 32, 14, 4, 2
+    D, T = 8 * H, 14
     hd = D // H
     mixer = tg.Attention(D, H, KV, window, 0, 10000.0, "sdpa", xsa=True).double()
     plain = tg.Attention(D, H, KV, window, 0, 10000.0, "sdpa").double()
