@@ -9,8 +9,8 @@ import train_gpt as tg
 def test_defaults_are_valid_and_env_overrides_them():
     cfg = tg.Config.from_env({})
     assert cfg == tg.Config()
-    cfg = tg.Config.from_env({"MODEL_DIM": "256", "EMA_DECAY": "0.99", "KERNEL_CHECK": "false", "LAYOUT": "GGA"})
-    assert (cfg.model_dim, cfg.ema_decay, cfg.kernel_check, cfg.layout) == (256, 0.99, False, "GGA")
+    cfg = tg.Config.from_env({"MODEL_DIM": "288", "EMA_DECAY": "0.99", "KERNEL_CHECK": "false", "LAYOUT": "GGA"})
+    assert (cfg.model_dim, cfg.ema_decay, cfg.kernel_check, cfg.layout) == (288, 0.99, False, "GGA")
 
 
 def test_preset_sets_values_and_env_still_wins():
@@ -22,8 +22,8 @@ def test_preset_sets_values_and_env_still_wins():
     ({"PRESET": "huge"}, "PRESET='huge'"),
     ({"MODEL_DIM": "5x"}, "MODEL_DIM='5x'"),
     ({"KERNEL_CHECK": "maybe"}, "KERNEL_CHECK"),
-    ({"NUM_HEADS": "3"}, f"MODEL_DIM={tg.Config().model_dim} not divisible by NUM_HEADS=3"),
-    ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS=3"),
+    ({"NUM_HEADS": "7"}, f"MODEL_DIM={tg.Config().model_dim} not divisible by NUM_HEADS=7"),
+    ({"NUM_KV_HEADS": "2"}, f"NUM_HEADS={tg.Config().num_heads} not divisible by NUM_KV_HEADS=2"),
     ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096"),
     ({"EVAL_STRIDE": "64", "EVAL_MODE": "stream", "LAYOUT": "GGSGs"}, "add EVAL_MODE=window"),  # no stride to apply
     ({"EVAL_MODE": "stream"}, f"LAYOUT={tg.Config().layout} has full attention"),  # refused before training, not after it
