@@ -97,7 +97,7 @@ class Config:
     #                       (300 s, seeds 1337 and 1338, same machine each), most of it by 6-7% faster steps;
     #                       640 wide x 9 (AAAAAGAAA) 0.0007 better on seed 1337, about 0.006 worse per step (README)
     mlp_mult: float = 3.25  # the width that fills the 16 MB at 576 x 11: 34,652,048 parameters, 15,983,245 bytes
-    #                         with the code (512 x 14 took 3.0625; 3.25 there, the ~1 MB headroom spent, was noise)
+    #                         with lease 34's code (512 x 14 took 3.0625; 3.25 there, ~1 MB headroom spent, was noise)
     mlp_neg_slope: float = 0.0  # MLP activation: relu(h)^2 at 0, else leaky_relu(h, slope)^2 ("LeakyReLU(0.5)^2" in
     #                              the field's records, where it was reported 0.0015-0.003 better at 8xH100 scale;
     #                              0.5 on the two-GDN hybrid at 300 s: 0.0030 worse, one seed; README, Quality)
