@@ -196,7 +196,7 @@ def test_the_kernel_check_draws_beta_over_the_layers_range():
 
 
 @pytest.mark.parametrize("window", [0, 6])
-@pytest.mark.parametrize("H,KV", [(4, 2), (9, 3)])  # the default's grouping, and the 576-wide stack's (README)
+@pytest.mark.parametrize("H,KV", [(4, 2), (9, 3)])  # two query heads per KV head, and the default's three
 def test_xsa_removes_each_heads_component_along_its_own_value(window, H, KV):
     """XSA written out head by head in float64, with the KV heads repeated for the query heads (the grouped view in
     `exclude_self_value` must pair query head h with KV head h // (H/KV) here), against the mixer; without XSA the
