@@ -73,6 +73,7 @@ def test_training_writes_log_artifact_and_final_score(trained, tiny_data):
     assert re.search(rf"step:{STEPS}/{STEPS} train_loss:[\d.]+ train_time:\d+ms step_avg:[\d.]+ms tok/s:\d+", out)
     assert not list((cwd / "artifacts").glob("*.tmp*"))
     assert "replaces it at export" not in out and "holds an earlier run" not in out  # nothing was there before
+    assert "bf16 matmuls can be slower" not in out  # the tiny preset's matrices are all multiples of 8
     # what the run trained on and how often it read it: the shards' token counts (from their headers) and the tokens
     # the timed steps took (the tiny preset's steps of its batch)
     shard_tokens = [int(np.fromfile(f, dtype="<i4", count=3)[2])
@@ -209,12 +210,14 @@ def test_eval_only_rescoring_in_every_mode(trained, tiny_data, mode, env, tag):
 
 
 def test_repeated_layers_plain_muon_and_sqrt_warmdown_train_and_rescore(tmp_path, tiny_data):
-    """Depth recurrence, plain Muon (the default is normuon) and the 1-sqrt warmdown through the whole script: the
-    artifact records the repeated layout, and EVAL_ONLY rebuilds the model from it and reproduces the score."""
+    """Depth recurrence, plain Muon (the default is normuon), the 1-sqrt warmdown and an MLP width that is not a
+    multiple of 8 (132) through the whole script: the run notes the width, the artifact records the repeated layout
+    and the width, and EVAL_ONLY rebuilds the model from it and reproduces the score."""
     env = {**tiny_env(tiny_data, "loop"), "LAYOUT": "G(Sg)2", "MUON_VARIANT": "muon", "WARMDOWN_SHAPE": "sqrt",
-           "TTT_ENABLED": "0"}
+           "TTT_ENABLED": "0", "MLP_MULT": "2.0625"}
     out = run_script(tmp_path, env)
     assert "layout G(Sg)2 (5 layers, 2 distinct mixers, 3 distinct MLPs)" in out
+    assert "note: bf16 matmuls can be slower on dimensions not a multiple of 8: 3 x 64x132, 3 x 132x64\n" in out
     rescore = {**tiny_env(tiny_data, "loop_rescore"), "EVAL_ONLY": "1",
                "ARTIFACT_PATH": str(tmp_path / "artifacts" / "loop.pgz"), "TTT_ENABLED": "0"}
     tag = SLIDING

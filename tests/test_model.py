@@ -132,6 +132,14 @@ def test_every_parameter_in_exactly_one_optimizer_group():
     assert any(conv is p for g in opts.adam.param_groups for p in g["params"])
 
 
+def test_unaligned_shapes_names_the_matrices_whose_bf16_matmuls_can_be_slow():
+    assert tg.unaligned_shapes(tiny_model("AGA", VOCAB_SIZE="128")) == {}  # 64 wide, MLP 128: all multiples of 8
+    # MLP 132 wide (a multiple of 4, like 3.3125 x 576 = 1,908) in all three layers, and a vocabulary of 97
+    slow = tg.unaligned_shapes(tiny_model("AGA", MLP_MULT="2.0625"))
+    assert slow == {(64, 132): 3, (97, 64): 1, (132, 64): 3}
+    assert tg.unaligned_shapes(tiny_model("AGA", VOCAB_SIZE="128", MLP_MULT="2.0625"), align=4) == {}
+
+
 def test_coverage_check_catches_a_missing_parameter():
     model = tiny_model()
     opts = tg.build_optimizers(model, tg.Config.from_env({"PRESET": "tiny"}), CPU)
