@@ -3,7 +3,7 @@
 
     MAX_WALLCLOCK_SECONDS=300 python3 tools/sweep.py --gpus 0,1 \\
         'RUN_ID=hyb' \\
-        'RUN_ID=attn LAYOUT=AAAAAAAAAAA MUON_VARIANT=muon MLP_MULT=3.3125 UNET_SKIPS=0'
+        'RUN_ID=attn LAYOUT=AAAAAAAAAAA MUON_VARIANT=muon MLP_MULT=3.25 UNET_SKIPS=0'
     python3 tools/sweep.py --table logs/hyb.txt logs/attn.txt        # the same table later, from the logs
     python3 tools/sweep.py --table --means logs/hyb*.txt             # ... and the mean over the seeds of each setting
 
