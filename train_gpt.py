@@ -1583,7 +1583,8 @@ def params_of_group(routed: list, group: str) -> list[nn.Parameter]:
 def unaligned_shapes(model: nn.Module, align: int = 8) -> dict[tuple, int]:
     """{shape: count} of the Muon and embedding matrices with a dimension not a multiple of `align`, whose bf16
     matmuls can be slower (all-attention at 576 x 11, H200: MLP width 1,908 stepped 6% slower than 1,872; README)."""
-    shapes = [tuple(p.shape) for i, _, p in route_parameters(model) if PARAM_ROUTES[i][0] in ("muon", "embed")]
+    routed = route_parameters(model)
+    shapes = [tuple(p.shape) for group in ("muon", "embed") for p in params_of_group(routed, group)]
     return {s: shapes.count(s) for s in sorted(set(shapes)) if any(d % align for d in s)}
 
 
