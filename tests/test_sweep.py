@@ -345,6 +345,34 @@ def test_means_group_the_runs_that_differ_only_in_their_seed(tmp_path):
     assert run_sweep(tmp_path, "--means", "RUN_ID=x", fake=False).returncode == 2  # it summarizes logs only
 
 
+def test_means_count_a_seed_run_twice_once(tmp_path):
+    """A rerun of a seed (another machine, the same settings) is averaged with its seed's first run before the mean
+    over seeds, so the seed does not weigh double; the spread is still over every run, and the seeds column says
+    which seed ran how often."""
+    runs = {"s1": (1337, 100, 1.50, 1.40, 1.30), "s2": (1338, 140, 1.44, 1.36, 1.26),
+            "s1again": (1337, 80, 1.56, 1.48, 1.40)}
+    summaries = []
+    for run_id, (seed, steps, pre, rt, ttt) in runs.items():
+        summary = dict(run_id=run_id, seed=seed, device="fake", wall_seconds=1.0, steps=steps,
+                       pre_quant=dict(bpb=pre), final_no_ttt=dict(bpb=rt), final=dict(bpb=ttt))
+        (tmp_path / f"{run_id}.txt").write_text(f"config SEED={seed}\nconfig TTT_ENABLED=True\n"
+                                                f"summary {json.dumps(summary)}\n")
+        summaries.append(read_log(tmp_path / f"{run_id}.txt"))
+    [row] = sweep.mean_rows(summaries)
+    got = dict(zip(sweep.MEAN_COLUMNS, row))
+
+    def over_seeds(k: int) -> float:
+        first = (runs["s1"][k] + runs["s1again"][k]) / 2
+        return (first + runs["s2"][k]) / 2
+
+    assert (got["runs"], got["seeds"]) == ("3", "1337 ×2, 1338")
+    assert got["steps"] == f"{over_seeds(1):,.0f}"
+    assert [got["pre-quant"], got["round trip"], got["+ TTT"]] == [f"{over_seeds(k):.4f}" for k in (2, 3, 4)]
+    plain = sum(r[4] for r in runs.values()) / len(runs)
+    assert f"{plain:.4f}" != got["+ TTT"]  # the data tell the two means apart
+    assert got["spread"] == f"{runs['s1again'][4] - runs['s2'][4]:.4f}"
+
+
 def test_a_log_of_several_runs_is_read_for_its_last_run_only(tmp_path):
     """train_gpt.py appends a rerun under the same RUN_ID to the same log: the table and the submission tool read
     the last run alone (its summary and its settings), and a last run that failed or did not finish is reported as

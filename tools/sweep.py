@@ -360,20 +360,27 @@ def markdown(rows: list[list[str]], columns: list[str] = COLUMNS) -> str:
 
 def mean_rows(summaries: list[dict]) -> list[list[str]]:
     """The training runs grouped by what they trained (the same settings beyond the defaults, seed aside) on the same
-    device, in order of first appearance: the mean steps and scores of each group, and the spread (largest minus
-    smallest) of its last score (+ TTT when every run has it, else the round trip). Runs that did not train
-    (rescorings, EXPORT_FROM) are left out: their seed is not the model's."""
+    device, in order of first appearance: the mean steps and scores of each group over its seeds, and the spread
+    (largest minus smallest) of its last score over its runs (+ TTT when every run has it, else the round trip). A
+    seed run more than once counts once, with the mean of its runs, so a rerun does not weigh its seed double; the
+    seeds column says how many runs such a seed had. Runs that did not train (rescorings, EXPORT_FROM) are left out:
+    their seed is not the model's."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for summary in summaries:
         if trained(summary["config"]):
             key = (changed_settings(summary["config"]), summary["device"])
             groups.setdefault(key, []).append(summary)
 
-    def mean(values: list[float], fmt: str = ".4f") -> str:
-        return format(sum(values) / len(values), fmt) if values else "—"
-
     rows = []
     for (settings, device), runs in groups.items():
+        seeds = list(dict.fromkeys(r["seed"] for r in runs))  # in order of first appearance
+
+        def over_seeds(values: list[float], fmt: str = ".4f") -> str:  # one value per run, in the runs' order
+            if len(values) != len(runs):  # a run lacks it: no mean
+                return "—"
+            per_seed = [[v for v, r in zip(values, runs) if r["seed"] == seed] for seed in seeds]
+            return format(sum(sum(v) / len(v) for v in per_seed) / len(per_seed), fmt)
+
         def scores(score: Callable[[dict], dict | None]) -> list[float]:  # one per run, or none when a run lacks it
             got = [s["bpb"] for s in map(score, runs) if s]
             return got if len(got) == len(runs) else []
@@ -381,10 +388,12 @@ def mean_rows(summaries: list[dict]) -> list[list[str]]:
         trip = scores(round_trip)
         ttt = scores(lambda r: r.get("final")) if all(r["config"].get("TTT_ENABLED") == "True" for r in runs) else []
         last = ttt or trip
-        steps = [r["steps"] for r in runs if "steps" in r]
-        rows.append([settings, device, str(len(runs)), ", ".join(str(r["seed"]) for r in runs),
-                     mean(steps if len(steps) == len(runs) else [], ",.0f"), mean(scores(lambda r: r.get("pre_quant"))),
-                     mean(trip), mean(ttt), f"{max(last) - min(last):.4f}" if len(last) > 1 else "—"])
+        counts = {seed: sum(r["seed"] == seed for r in runs) for seed in seeds}
+        rows.append([settings, device, str(len(runs)),
+                     ", ".join(f"{seed} ×{n}" if n > 1 else str(seed) for seed, n in counts.items()),
+                     over_seeds([r["steps"] for r in runs if "steps" in r], ",.0f"),
+                     over_seeds(scores(lambda r: r.get("pre_quant"))), over_seeds(trip), over_seeds(ttt),
+                     f"{max(last) - min(last):.4f}" if len(last) > 1 else "—"])
     return rows
 
 
