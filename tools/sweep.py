@@ -45,6 +45,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -373,12 +374,12 @@ def mean_rows(summaries: list[dict]) -> list[list[str]]:
 
     rows = []
     for (settings, device), runs in groups.items():
-        seeds = list(dict.fromkeys(r["seed"] for r in runs))  # in order of first appearance
+        counts = Counter(r["seed"] for r in runs)  # runs per seed, seeds in order of first appearance
 
         def over_seeds(values: list[float], fmt: str = ".4f") -> str:  # one value per run, in the runs' order
             if len(values) != len(runs):  # a run lacks it: no mean
                 return "—"
-            per_seed = [[v for v, r in zip(values, runs) if r["seed"] == seed] for seed in seeds]
+            per_seed = [[v for v, r in zip(values, runs) if r["seed"] == seed] for seed in counts]
             return format(sum(sum(v) / len(v) for v in per_seed) / len(per_seed), fmt)
 
         def scores(score: Callable[[dict], dict | None]) -> list[float]:  # one per run, or none when a run lacks it
@@ -388,7 +389,6 @@ def mean_rows(summaries: list[dict]) -> list[list[str]]:
         trip = scores(round_trip)
         ttt = scores(lambda r: r.get("final")) if all(r["config"].get("TTT_ENABLED") == "True" for r in runs) else []
         last = ttt or trip
-        counts = {seed: sum(r["seed"] == seed for r in runs) for seed in seeds}
         rows.append([settings, device, str(len(runs)),
                      ", ".join(f"{seed} ×{n}" if n > 1 else str(seed) for seed, n in counts.items()),
                      over_seeds([r["steps"] for r in runs if "steps" in r], ",.0f"),
