@@ -373,6 +373,59 @@ def test_means_count_a_seed_run_twice_once(tmp_path):
     assert got["spread"] == f"{runs['s1again'][4] - runs['s2'][4]:.4f}"
 
 
+def test_lead_is_the_other_settings_score_minus_the_firsts_on_the_seeds_both_ran(tmp_path):
+    """--table --lead: for each setting after the first, the mean over the seeds both ran of (other - first) at each
+    stage, each seed's runs averaged first; a seed only one of them ran is left out, a setting with no seed in common
+    or a stage one of them lacks gets a dash, and the last column is each seed's lead at the last stage both have."""
+    runs = {"a1": ("1", True, 1337, 1.50, 1.40, 1.30), "a1again": ("1", True, 1337, 1.54, 1.46, 1.38),
+            "a2": ("1", True, 1338, 1.52, 1.42, 1.34), "a3": ("1", True, 7, 1.10, 1.10, 1.10),
+            "b1": ("2", True, 1337, 1.61, 1.53, 1.47), "b2": ("2", True, 1338, 1.58, 1.49, 1.44),
+            "b9": ("2", True, 99, 9.0, 9.0, 9.0), "c5": ("3", True, 5, 1.7, 1.6, 1.5),
+            "d1": ("4", False, 1338, 1.55, 1.47, None)}
+    for run_id, (kind, ttt_on, seed, pre, rt, ttt) in runs.items():
+        summary = dict(run_id=run_id, seed=seed, device="fake", wall_seconds=1.0, steps=100,
+                       pre_quant=dict(bpb=pre), final_no_ttt=dict(bpb=rt), final=dict(bpb=ttt if ttt_on else rt))
+        config = f"config SEED={seed}\nconfig TTT_ENABLED={ttt_on}\n"
+        config += {"1": "", "2": "config UNET_SKIPS=False\n", "3": "config MLP_MULT=2.0\n",
+                   "4": "config MLP_MULT=5.0\n"}[kind]
+        (tmp_path / f"{run_id}.txt").write_text(f"{config}summary {json.dumps(summary)}\n")
+    files = [f"{run_id}.txt" for run_id in runs]
+    proc = run_sweep(tmp_path, "--table", "--lead", *files, fake=False)
+    assert proc.returncode == 0, proc.stderr
+    table, means, leads = (part.splitlines() for part in proc.stdout.strip().split("\n\n"))
+    assert means[0] == "| " + " | ".join(sweep.MEAN_COLUMNS) + " |" and len(means) == 2 + 4
+    assert leads[0] == "| " + " | ".join(sweep.LEAD_COLUMNS) + " |" and len(leads) == 2 + 3
+    got = {row.split(" | ")[0][2:]: dict(zip(sweep.LEAD_COLUMNS, row[2:-2].split(" | "))) for row in leads[2:]}
+
+    def first(seed: int, k: int) -> float:  # the first setting's score of a seed, its runs averaged
+        mine = [r[k] for r in runs.values() if r[0] == "1" and r[2] == seed]
+        return sum(mine) / len(mine)
+
+    b = {r[2]: r for r in runs.values() if r[0] == "2"}
+    for k, column in ((3, "lead pre-quant"), (4, "lead round trip"), (5, "lead + TTT")):
+        expected = sum(b[seed][k] - first(seed, k) for seed in (1337, 1338)) / 2
+        assert got["UNET_SKIPS=False"][column] == f"{expected:+.4f}"
+    assert got["UNET_SKIPS=False"]["seeds in common"] == "1337, 1338"
+    assert got["UNET_SKIPS=False"]["lead per seed (last stage)"] == "; ".join(
+        f"{seed}: {b[seed][5] - first(seed, 5):+.4f}" for seed in (1337, 1338))
+    assert [got["MLP_MULT=2.0"][c] for c in sweep.LEAD_COLUMNS[2:]] == ["none"] + ["—"] * 4
+    d = got["MLP_MULT=5.0 TTT_ENABLED=False"]  # no TTT: its lead stops at the round trip
+    assert (d["seeds in common"], d["lead + TTT"]) == ("1338", "—")
+    assert d["lead round trip"] == f"{1.47 - first(1338, 4):+.4f}"
+    assert d["lead per seed (last stage)"] == f"1338: {1.47 - first(1338, 4):+.4f}"
+
+
+def test_lead_needs_two_settings_and_the_table(tmp_path):
+    summary = dict(run_id="a", seed=1, device="fake", wall_seconds=1.0, steps=1, pre_quant=dict(bpb=1.5),
+                   final_no_ttt=dict(bpb=1.4), final=dict(bpb=1.3))
+    (tmp_path / "a.txt").write_text(f"config SEED=1\nconfig TTT_ENABLED=True\nsummary {json.dumps(summary)}\n")
+    proc = run_sweep(tmp_path, "--table", "--lead", "a.txt", fake=False)
+    assert proc.returncode == 2 and "1 setting(s)" in proc.stderr
+    assert proc.stdout.count("\n\n") == 1  # the runs and their means are still printed, no lead table
+    proc = run_sweep(tmp_path, "--lead", "RUN_ID=x", fake=False)
+    assert proc.returncode == 2 and "--lead summarizes logs" in proc.stderr
+
+
 def test_a_log_of_several_runs_is_read_for_its_last_run_only(tmp_path):
     """train_gpt.py appends a rerun under the same RUN_ID to the same log: the table and the submission tool read
     the last run alone (its summary and its settings), and a last run that failed or did not finish is reported as

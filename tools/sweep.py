@@ -6,6 +6,7 @@
         'RUN_ID=attn LAYOUT=AAAAAAAAAAA MUON_VARIANT=muon MLP_MULT=3.25 UNET_SKIPS=0'
     python3 tools/sweep.py --table logs/hyb.txt logs/attn.txt        # the same table later, from the logs
     python3 tools/sweep.py --table --means logs/hyb*.txt             # ... and the mean over the seeds of each setting
+    python3 tools/sweep.py --table --lead logs/hyb*.txt logs/attn*.txt  # ... and the first setting's lead over each
 
 Each configuration is one argument of KEY=VALUE words: train_gpt.py's settings, on top of this environment (so a
 setting in front of the command applies to every run). RUN_ID is required and must be new: a run's log
@@ -65,6 +66,8 @@ COLUMNS = ["run", "settings beyond the defaults", "seed", "device", "params", "s
            "pre-quant", "round trip", "+ TTT", "artifact + code", "wall s"]
 MEAN_COLUMNS = ["settings beyond the defaults", "device", "runs", "seeds", "steps", "pre-quant", "round trip", "+ TTT",
                 "spread"]
+LEAD_COLUMNS = ["settings beyond the defaults", "device", "seeds in common", "lead pre-quant", "lead round trip",
+                "lead + TTT", "lead per seed (last stage)"]
 
 
 @dataclass
@@ -359,41 +362,84 @@ def markdown(rows: list[list[str]], columns: list[str] = COLUMNS) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in rows])
 
 
-def mean_rows(summaries: list[dict]) -> list[list[str]]:
+def setting_groups(summaries: list[dict]) -> dict[tuple[str, str], list[dict]]:
     """The training runs grouped by what they trained (the same settings beyond the defaults, seed aside) on the same
-    device, in order of first appearance: the mean steps and scores of each group over its seeds, and the spread
-    (largest minus smallest) of its last score over its runs (+ TTT when every run has it, else the round trip). A
-    seed run more than once counts once, with the mean of its runs, so a rerun does not weigh its seed double; the
-    seeds column says how many runs such a seed had. Runs that did not train (rescorings, EXPORT_FROM) are left out:
-    their seed is not the model's."""
+    device, in order of first appearance. Runs that did not train (rescorings, EXPORT_FROM) are left out: their seed
+    is not the model's."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for summary in summaries:
         if trained(summary["config"]):
-            key = (changed_settings(summary["config"]), summary["device"])
-            groups.setdefault(key, []).append(summary)
+            groups.setdefault((changed_settings(summary["config"]), summary["device"]), []).append(summary)
+    return groups
 
+
+def seed_means(runs: list[dict], values: list[float]) -> dict[int, float]:
+    """values (one per run, in the runs' order) averaged over each seed's runs, by seed in order of first appearance;
+    empty when a run lacks the value."""
+    if len(values) != len(runs):
+        return {}
+    per_seed: dict[int, list[float]] = {}
+    for value, run in zip(values, runs):
+        per_seed.setdefault(run["seed"], []).append(value)
+    return {seed: sum(v) / len(v) for seed, v in per_seed.items()}
+
+
+def stage_scores(runs: list[dict]) -> list[list[float]]:
+    """Each run's pre-quant, round-trip and + TTT bpb, as three lists (one value per run); a list is empty when a run
+    lacks that score (+ TTT: unless every run had TTT on)."""
+    def scores(score: Callable[[dict], dict | None]) -> list[float]:
+        got = [s["bpb"] for s in map(score, runs) if s]
+        return got if len(got) == len(runs) else []
+
+    ttt = scores(lambda r: r.get("final")) if all(r["config"].get("TTT_ENABLED") == "True" for r in runs) else []
+    return [scores(lambda r: r.get("pre_quant")), scores(round_trip), ttt]
+
+
+def mean_rows(summaries: list[dict]) -> list[list[str]]:
+    """One row per group of setting_groups: the mean steps and scores of each group over its seeds, and the spread
+    (largest minus smallest) of its last score over its runs (+ TTT when every run has it, else the round trip). A
+    seed run more than once counts once, with the mean of its runs, so a rerun does not weigh its seed double; the
+    seeds column says how many runs such a seed had."""
     rows = []
-    for (settings, device), runs in groups.items():
+    for (settings, device), runs in setting_groups(summaries).items():
         counts = Counter(r["seed"] for r in runs)  # runs per seed, seeds in order of first appearance
 
         def over_seeds(values: list[float], fmt: str = ".4f") -> str:  # one value per run, in the runs' order
-            if len(values) != len(runs):  # a run lacks it: no mean
-                return "—"
-            per_seed = [[v for v, r in zip(values, runs) if r["seed"] == seed] for seed in counts]
-            return format(sum(sum(v) / len(v) for v in per_seed) / len(per_seed), fmt)
+            means = seed_means(runs, values)
+            return format(sum(means.values()) / len(means), fmt) if means else "—"
 
-        def scores(score: Callable[[dict], dict | None]) -> list[float]:  # one per run, or none when a run lacks it
-            got = [s["bpb"] for s in map(score, runs) if s]
-            return got if len(got) == len(runs) else []
-
-        trip = scores(round_trip)
-        ttt = scores(lambda r: r.get("final")) if all(r["config"].get("TTT_ENABLED") == "True" for r in runs) else []
+        pre, trip, ttt = stage_scores(runs)
         last = ttt or trip
         rows.append([settings, device, str(len(runs)),
                      ", ".join(f"{seed} ×{n}" if n > 1 else str(seed) for seed, n in counts.items()),
                      over_seeds([r["steps"] for r in runs if "steps" in r], ",.0f"),
-                     over_seeds(scores(lambda r: r.get("pre_quant"))), over_seeds(trip), over_seeds(ttt),
+                     over_seeds(pre), over_seeds(trip), over_seeds(ttt),
                      f"{max(last) - min(last):.4f}" if len(last) > 1 else "—"])
+    return rows
+
+
+def lead_rows(summaries: list[dict]) -> list[list[str]]:
+    """How far the first group of setting_groups is ahead of each other group, on the seeds both ran: for each stage
+    the mean over those seeds of (other − first), each seed's runs averaged first, so a positive lead means the first
+    setting scores lower. The last column gives each seed's lead at the last stage both groups have. A group with no
+    seed in common gets —, and so does a stage that a run of either group lacks (stage_scores)."""
+    groups = list(setting_groups(summaries).items())
+    if len(groups) < 2:
+        raise ValueError(f"--lead compares the first setting with the others; the logs hold {len(groups)} setting(s)")
+    (_, first), others = groups[0], groups[1:]
+    first_stages = [seed_means(first, values) for values in stage_scores(first)]
+    rows = []
+    for (settings, device), runs in others:
+        theirs_seeds = {r["seed"] for r in runs}
+        common = [seed for seed in dict.fromkeys(r["seed"] for r in first) if seed in theirs_seeds]
+        leads = []
+        for mine, theirs in zip(first_stages, (seed_means(runs, values) for values in stage_scores(runs))):
+            ok = common and all(seed in mine and seed in theirs for seed in common)
+            leads.append({seed: theirs[seed] - mine[seed] for seed in common} if ok else {})
+        shown = [lead for lead in leads if lead]
+        rows.append([settings, device, ", ".join(map(str, common)) or "none",
+                     *(f"{sum(lead.values()) / len(lead):+.4f}" if lead else "—" for lead in leads),
+                     "; ".join(f"{seed}: {value:+.4f}" for seed, value in shown[-1].items()) if shown else "—"])
     return rows
 
 
@@ -420,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="print the table of runs' logs (a log without a summary: its last score; exit 2); start nothing")
     p.add_argument("--means", action="store_true",
                    help="with --table: also the mean of the runs that differ only in their seed (and their spread)")
+    p.add_argument("--lead", action="store_true",
+                   help="with --table: the means, and how far the first log's setting is ahead of each other setting "
+                        "on the seeds both ran (other minus first)")
     p.add_argument("--more", type=Path, default=None, metavar="FILE",
                    help="also run the configurations appended to FILE while the sweep runs, one per line (END stops)")
     p.add_argument("--script", type=Path, default=ROOT / "train_gpt.py", help=argparse.SUPPRESS)
@@ -427,8 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.table and args.more:
         print("sweep: --more adds runs to a sweep; --table starts none", file=sys.stderr)
         return 2
-    if args.means and not args.table:
-        print("sweep: --means summarizes logs; use it with --table", file=sys.stderr)
+    if (args.means or args.lead) and not args.table:
+        print(f"sweep: {'--lead' if args.lead else '--means'} summarizes logs; use it with --table", file=sys.stderr)
         return 2
     if args.table:
         rows, bad, summaries = [], [], []
@@ -440,9 +489,17 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(failed_row(path.stem, unfinished(path) if isinstance(e, NoSummaryError) else str(e)[:200]))
                 bad.append(str(e) if str(path) in str(e) else f"{path}: {e}")
         print(markdown(rows))
-        if args.means:
+        if args.means or args.lead:
             print()
             print(markdown(mean_rows(summaries), MEAN_COLUMNS))
+        if args.lead:
+            try:
+                leads = lead_rows(summaries)
+            except ValueError as e:
+                bad.append(str(e))
+            else:
+                print()
+                print(markdown(leads, LEAD_COLUMNS))
         for why in bad:
             print(f"sweep: {why}", file=sys.stderr)
         return 2 if bad else 0
