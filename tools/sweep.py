@@ -432,10 +432,9 @@ def lead_rows(summaries: list[dict]) -> list[list[str]]:
     for (settings, device), runs in others:
         theirs_seeds = {r["seed"] for r in runs}
         common = [seed for seed in dict.fromkeys(r["seed"] for r in first) if seed in theirs_seeds]
-        leads = []
+        leads = []  # seed_means gives every seed of its group or none, so a stage both have covers common
         for mine, theirs in zip(first_stages, (seed_means(runs, values) for values in stage_scores(runs))):
-            ok = common and all(seed in mine and seed in theirs for seed in common)
-            leads.append({seed: theirs[seed] - mine[seed] for seed in common} if ok else {})
+            leads.append({seed: theirs[seed] - mine[seed] for seed in common} if mine and theirs else {})
         shown = [lead for lead in leads if lead]
         rows.append([settings, device, ", ".join(map(str, common)) or "none",
                      *(f"{sum(lead.values()) / len(lead):+.4f}" if lead else "—" for lead in leads),
