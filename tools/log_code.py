@@ -16,8 +16,8 @@ most 64 MiB. When a logged script is byte for byte a version of train_gpt.py in 
 and nothing else in the log changes: the tools that read logs (sweep.py, loss_diff.py, make_submission.py) read each
 run from its `run_id:` line on. A script that is in no commit (a run of uncommitted code) is left in place. `restore`
 reads the blob back with `git cat-file` and checks its size and sha256 before writing; both commands write through a
-temporary file and a rename, and `strip` restores its result in memory and compares it with the original before it
-writes anything. A directory argument means every *.txt under it.
+temporary file and a rename (train_gpt.write_atomically), and `strip` restores its result in memory and compares it
+with the original before it writes anything. A directory argument means every *.txt under it.
 """
 
 import argparse
@@ -26,9 +26,11 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402  (write_atomically)
 
 SCRIPT = "train_gpt.py"
 RUN_START = b"\n" + b"=" * 100 + b"\nrun_id:"  # the logger's newline after the script, its rule, the run's first line
@@ -138,18 +140,6 @@ def restore_bytes(data: bytes, history: History, name: str) -> tuple[bytes, int]
     return b"".join(out), restored
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, path.stat().st_mode & 0o777)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def log_files(args: list[str]) -> list[Path]:
     files = []
     for arg in map(Path, args):
@@ -190,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
             new = data
             totals["restored"] += count
         if new != data:
-            write_atomically(path, new)
+            mode = path.stat().st_mode & 0o777
+            tg.write_atomically(path, lambda f: f.write(new))
+            os.chmod(path, mode)  # the log keeps its permissions
             totals["files"] += 1
         totals["before"] += len(data)
         totals["after"] += len(new)
