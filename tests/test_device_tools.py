@@ -1,0 +1,196 @@
+"""tools/device/: a lease's staging (pack.sh), its start on the GPU machine (start.sh) and the waits that bring
+results back (wait.sh), run here against a fake checkout, fake shared data and a fake setup.sh."""
+
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train_gpt as tg
+
+ROOT = Path(__file__).resolve().parents[1]
+TOOLS = ROOT / "tools" / "device"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("setsid") is None,
+                                reason="needs bash and setsid")
+
+
+def run(args, cwd, env=None, timeout=120):
+    return subprocess.run(["bash", *map(str, args)], cwd=cwd, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def write_shard(path: Path, tokens, magic=tg.SHARD_MAGIC):
+    header = np.zeros(tg.SHARD_HEADER_INTS, dtype="<i4")
+    header[:3] = [magic, tg.SHARD_VERSION, len(tokens)]
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+
+
+JOB = """#!/usr/bin/env bash
+# what a lease's job does, in small: a run that logs, writes its artifact, and a sweep line saying it ended
+mkdir -p artifacts logs
+echo "DATA_PATH=$DATA_PATH TOKENIZER_PATH=$TOKENIZER_PATH" > logs/r1.txt
+echo "final_x val_bpb:1.2345" >> logs/r1.txt
+echo artifact > artifacts/r1.pgz
+echo "sweep: r1 started on GPU 0"
+echo "sweep: r1 ended (exit 0) after 1 s"
+"""
+
+
+@pytest.fixture
+def lease(tmp_path):
+    """A checkout with .devcarry (whose setup.sh points DATA_ROOT at prepared shards), a job, an old log, and the
+    first call's training file in EXTRA."""
+    checkout, data, extra = tmp_path / "checkout", tmp_path / "pgdata", tmp_path / "extra"
+    (checkout / ".devcarry" / "data" / "corpus").mkdir(parents=True)
+    (checkout / ".gpujobs").mkdir()
+    (checkout / "logs").mkdir()
+    shutil.copy(ROOT / "train_gpt.py", checkout / "train_gpt.py")
+    (checkout / "logs" / "old.txt").write_text("an earlier lease's log\n")
+    os.utime(checkout / "logs" / "old.txt", (time.time() - 3600,) * 2)
+    (checkout / ".gpujobs" / "job.sh").write_text(JOB)
+    (checkout / ".devcarry" / "setup.sh").write_text(f'export DATA_ROOT="{data}"\necho "setup: fake"\n')
+    shards = data / "datasets" / "fineweb10B_sp1024"
+    shards.mkdir(parents=True)
+    (data / "tokenizers").mkdir()
+    (data / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(b"model")
+    write_shard(shards / "fineweb_train_000000.bin", [1, 2, 3, 4, 5])
+    write_shard(shards / "fineweb_val_000000.bin", [6, 7, 8])
+    extra.mkdir()
+    (extra / "train_docs_000.jsonl.zst").write_bytes(b"first training file")
+    env = {"WORK": str(tmp_path / "w"), "EXTRA": str(extra), "OUT": str(tmp_path / "out"),
+           "PYTHONPATH": str(ROOT)}
+    (tmp_path / "out").mkdir()
+    return checkout, env, tmp_path
+
+
+def wait_for(path: Path, text: str, seconds: float = 30.0):
+    end = time.time() + seconds
+    while time.time() < end:
+        if path.is_file() and text in path.read_text():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never held {text!r}")
+
+
+def test_start_then_wait_brings_back_the_new_logs_and_the_artifact(lease):
+    checkout, env, tmp = lease
+    started = run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env)
+    assert started.returncode == 0, started.stderr
+    assert "fineweb_train_000000.bin 5 tokens" in started.stdout
+    assert "fineweb_val_000000.bin 3 tokens" in started.stdout
+    work = Path(env["WORK"])
+    assert (work / ".devcarry" / "data" / "corpus" / "train_docs_000.jsonl.zst").read_bytes() == b"first training file"
+    wait_for(work / "logs" / "job.out", "sweep: r1 ended")
+    waited = run([TOOLS / "wait.sh", "job", "r1", "20"], checkout, env)
+    assert waited.returncode == 0, waited.stderr
+    assert "r1 ended" in waited.stdout and "final_x val_bpb:1.2345" in waited.stdout
+    out = Path(env["OUT"])
+    assert (out / "r1.pgz").read_text() == "artifact\n"
+    with tarfile.open(out / "logs.tgz") as tar:
+        names = set(tar.getnames())
+        log = tar.extractfile("logs/r1.txt").read().decode()
+    assert names == {"logs/r1.txt", "logs/job.out"}            # not logs/old.txt, written before the start
+    data = tmp / "pgdata"
+    assert f"DATA_PATH={data}/datasets/fineweb10B_sp1024 " in log
+    assert f"TOKENIZER_PATH={data}/tokenizers/fineweb_1024_bpe.model" in log
+
+
+def test_wait_that_runs_out_still_sends_what_is_there(lease):
+    checkout, env, _ = lease
+    assert run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env).returncode == 0
+    wait_for(Path(env["WORK"]) / "logs" / "job.out", "sweep: r1 ended")
+    waited = run([TOOLS / "wait.sh", "job", "r2", "0"], checkout, env)
+    assert waited.returncode == 3
+    assert "r2 has not ended" in waited.stdout
+    with tarfile.open(Path(env["OUT"]) / "logs.tgz") as tar:
+        assert "logs/job.out" in tar.getnames()
+    assert not (Path(env["OUT"]) / "r2.pgz").exists()
+
+
+def test_start_refuses_without_the_first_calls_file(lease):
+    checkout, env, tmp = lease
+    for f in Path(env["EXTRA"]).iterdir():
+        f.unlink()
+    started = run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env)
+    assert started.returncode == 1
+    assert "no training file in" in started.stderr
+    assert not (Path(env["WORK"]) / "logs" / "job.out").exists()
+
+
+def test_start_refuses_a_bad_shard_before_the_job_starts(lease):
+    checkout, env, tmp = lease
+    write_shard(tmp / "pgdata" / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000000.bin", [1, 2], magic=7)
+    started = run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env)
+    assert started.returncode != 0
+    assert "not a challenge shard" in started.stderr
+    assert not (Path(env["WORK"]) / "logs" / "job.out").exists()
+
+
+def test_wait_refuses_without_a_start(lease):
+    checkout, env, _ = lease
+    waited = run([TOOLS / "wait.sh", "job", "r1", "0"], checkout, env)
+    assert waited.returncode == 1 and "start.sh did not run" in waited.stderr
+
+
+def fake_shared(tmp: Path, first_bytes: int) -> Path:
+    """../shared in small: stage.sh writes .devcarry as the real one does (two tokenizers, validation text)."""
+    shared = tmp / "shared"
+    (shared / "gpu").mkdir(parents=True)
+    (shared / "data" / "corpus").mkdir(parents=True)
+    (shared / "data" / "tokenizers").mkdir(parents=True)
+    for v in (1024, 2048, 8192):
+        (shared / "data" / "tokenizers" / f"fineweb_{v}_bpe.model").write_bytes(f"tok{v}".encode())
+    with open(shared / "data" / "corpus" / "train_docs_000.jsonl.zst", "wb") as f:
+        f.truncate(first_bytes)
+    (shared / "data" / "corpus" / "train_docs_001.jsonl.zst").write_bytes(b"second")
+    (shared / "gpu" / "stage.sh").write_text(
+        'S="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"\n'
+        "rm -rf .devcarry && mkdir -p .devcarry/data/corpus .devcarry/data/tokenizers .devcarry/wheels\n"
+        'cp "$S"/data/tokenizers/fineweb_{1024,8192}_bpe.model .devcarry/data/tokenizers/\n'
+        "echo val > .devcarry/data/corpus/val_docs.jsonl.zst\n"
+        'echo "TRAIN_FILES=$TRAIN_FILES" > .devcarry/train_files\n')
+    return shared
+
+
+def git_checkout(tmp: Path) -> Path:
+    repo = tmp / "repo"
+    repo.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    (repo / "tracked.txt").write_text("x" * 1000)
+    subprocess.run(["git", "add", "tracked.txt"], cwd=repo, check=True)
+    return repo
+
+
+def test_pack_splits_the_corpus_and_keeps_only_the_tokenizers_asked_for(tmp_path):
+    shared, repo = fake_shared(tmp_path, 1000), git_checkout(tmp_path)
+    packed = run([TOOLS / "pack.sh"], repo, {"SHARED": str(shared), "VOCABS": "1024 2048"})
+    assert packed.returncode == 0, packed.stderr
+    assert sorted(p.name for p in (repo / ".devextra1").iterdir()) == ["train_docs_000.jsonl.zst"]
+    assert sorted(p.name for p in (repo / ".devcarry" / "data" / "corpus").iterdir()) == [
+        "train_docs_001.jsonl.zst", "val_docs.jsonl.zst"]
+    assert sorted(p.name for p in (repo / ".devcarry" / "data" / "tokenizers").iterdir()) == [
+        "fineweb_1024_bpe.model", "fineweb_2048_bpe.model"]
+    assert (repo / ".devcarry" / "train_files").read_text() == "TRAIN_FILES=0\n"
+    excluded = (repo / ".git" / "info" / "exclude").read_text().split()
+    assert {"/.devcarry/", "/.devextra*/", "/.gpujobs/"} <= set(excluded)
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
+                          text=True).stdout.split() == ["A", "tracked.txt"]
+
+
+def test_pack_refuses_a_part_that_does_not_fit_one_call(tmp_path):
+    shared, repo = fake_shared(tmp_path, 64 * 1024 * 1024), git_checkout(tmp_path)
+    packed = run([TOOLS / "pack.sh"], repo, {"SHARED": str(shared)})
+    assert packed.returncode == 1
+    assert ".devextra1 does not fit" in packed.stderr
+
+
+def test_pack_names_missing_shared_data(tmp_path):
+    repo = git_checkout(tmp_path)
+    packed = run([TOOLS / "pack.sh"], repo, {"SHARED": str(tmp_path / "nowhere")})
+    assert packed.returncode == 1 and "is missing" in packed.stderr

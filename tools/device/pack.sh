@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Stage a lease on the offline GPU machine in two calls (README, "Leases on the GPU machine"). Run here, in the
+# project root, with ../shared beside it:
+#     bash tools/device/pack.sh
+# It writes two ignored folders, each of which travels in one call beside the tracked files (64 MiB a call):
+#   .devextra1/  the first training file of ../shared/data/corpus          (call 1 copies it to /tmp/extra)
+#   .devcarry/   ../shared/gpu/stage.sh's folder: the wheels, the tokenizers of VOCABS, the validation documents,
+#                and the second training file                              (call 2: tools/device/start.sh)
+# The two files are the text the 300 s comparisons of issue 6 train on (93,535,700 sp1024 tokens). Settings:
+#   SHARED=../shared   VOCABS="1024"   the tokenizers kept (setup.sh builds shards for SETUP_VOCABS only)
+set -euo pipefail
+ROOT="$(git rev-parse --show-toplevel)"; cd "$ROOT"
+SHARED="${SHARED:-$ROOT/../shared}"; VOCABS="${VOCABS:-1024}"
+LIMIT=$((64 * 1024 * 1024))
+corpus="$SHARED/data/corpus"
+first="$corpus/train_docs_000.jsonl.zst"; second="$corpus/train_docs_001.jsonl.zst"
+for f in "$SHARED/gpu/stage.sh" "$first" "$second"; do
+    [ -f "$f" ] || { echo "pack.sh: $f is missing (SHARED=$SHARED)" >&2; exit 1; }
+done
+for pattern in '/.devcarry/' '/.devextra*/' '/.gpujobs/'; do
+    grep -qxF "$pattern" .git/info/exclude 2>/dev/null || echo "$pattern" >> .git/info/exclude
+done
+TRAIN_FILES=0 bash "$SHARED/gpu/stage.sh" > /dev/null
+for tok in .devcarry/data/tokenizers/fineweb_*_bpe.model; do
+    v=$(basename "$tok" | sed 's/fineweb_\([0-9]*\)_bpe.model/\1/')
+    case " $VOCABS " in *" $v "*) ;; *) rm -f "$tok" ;; esac
+done
+for v in $VOCABS; do
+    tok="$SHARED/data/tokenizers/fineweb_${v}_bpe.model"
+    [ -f "$tok" ] || { echo "pack.sh: no tokenizer $tok for VOCABS=$VOCABS" >&2; exit 1; }
+    cp "$tok" .devcarry/data/tokenizers/
+done
+cp "$second" .devcarry/data/corpus/
+rm -rf .devextra1 && mkdir .devextra1 && cp "$first" .devextra1/
+# every call sends the working tree (tracked and untracked-not-ignored files); .gpujobs, the lease's job, goes too
+tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s | awk '{s += $1} END {print s + 0}')
+for carry in .devextra1 .devcarry; do
+    paths=("$carry"); [ -d .gpujobs ] && paths+=(.gpujobs)
+    size=$(du -sb "${paths[@]}" | awk '{s += $1} END {print s}')
+    echo "pack.sh: $carry $size bytes + working tree $tree = $((size + tree)) of $LIMIT"
+    [ $((size + tree)) -le $LIMIT ] || { echo "pack.sh: $carry does not fit beside the working tree" >&2; exit 1; }
+done

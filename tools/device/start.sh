@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# On the GPU machine, the lease's second call (README, "Leases on the GPU machine"):
+#     bash tools/device/start.sh .gpujobs/job.sh        (carry: .devcarry and .gpujobs)
+# Copies the checkout to WORK (/tmp/w), where the calls' copying of the working tree cannot touch what runs write;
+# adds the training file the first call left in EXTRA (/tmp/extra); sources .devcarry/setup.sh (wheels, shards);
+# checks every shard's header with train_gpt.py's own reader and prints its token count; then starts JOB in the
+# background in WORK, in its own session (it outlives the call while the machine stays warm), with DATA_PATH and
+# TOKENIZER_PATH set for sp1024, its output in WORK/logs/JOBNAME.out. tools/device/wait.sh brings results back.
+set -euo pipefail
+JOB="${1:?usage: start.sh JOB_SCRIPT}"
+WORK="${WORK:-/tmp/w}"; EXTRA="${EXTRA:-/tmp/extra}"
+die() { echo "start.sh: $*" >&2; exit 1; }
+[ -f "$JOB" ] || die "job script $JOB does not exist"
+[ -f .devcarry/setup.sh ] || die ".devcarry/setup.sh is missing: carry .devcarry (tools/device/pack.sh)"
+t0=$(date +%s)
+rm -rf "$WORK" && mkdir -p "$WORK" && cp -a . "$WORK/" && rm -rf "$WORK"/.devextra*
+shopt -s nullglob; extra=("$EXTRA"/*.jsonl.zst); shopt -u nullglob
+[ ${#extra[@]} -gt 0 ] || die "no training file in $EXTRA: the first call did not run on this machine"
+cp "${extra[@]}" "$WORK/.devcarry/data/corpus/"
+cd "$WORK"
+source .devcarry/setup.sh > setup.out 2>&1; cat setup.out
+grep -q FAILED setup.out && die "setup failed"
+export DATA_PATH="$DATA_ROOT/datasets/fineweb10B_sp1024" TOKENIZER_PATH="$DATA_ROOT/tokenizers/fineweb_1024_bpe.model"
+python3 - <<'PY'
+import os, train_gpt as tg
+for split in ("train", "val"):
+    for f in tg.shard_files(os.environ["DATA_PATH"], split):
+        print(f"start.sh: {f} {len(tg.read_shard(f)):,} tokens")
+PY
+[ -f "$TOKENIZER_PATH" ] || die "TOKENIZER_PATH=$TOKENIZER_PATH does not exist"
+name=$(basename "$JOB" .sh); mkdir -p logs; touch .start_marker
+setsid nohup bash "$JOB" > "logs/$name.out" 2>&1 < /dev/null &
+echo "start.sh: $JOB started in $WORK after $(( $(date +%s) - t0 )) s, output in $WORK/logs/$name.out"
