@@ -21,10 +21,7 @@ for pattern in '/.devcarry/' '/.devextra*/' '/.gpujobs/'; do
     grep -qxF "$pattern" .git/info/exclude 2>/dev/null || echo "$pattern" >> .git/info/exclude
 done
 TRAIN_FILES=0 bash "$SHARED/gpu/stage.sh" > /dev/null
-for tok in .devcarry/data/tokenizers/fineweb_*_bpe.model; do
-    v=$(basename "$tok" | sed 's/fineweb_\([0-9]*\)_bpe.model/\1/')
-    case " $VOCABS " in *" $v "*) ;; *) rm -f "$tok" ;; esac
-done
+rm -f .devcarry/data/tokenizers/*          # stage.sh's choice (sp1024, sp8192), replaced by VOCABS
 for v in $VOCABS; do
     tok="$SHARED/data/tokenizers/fineweb_${v}_bpe.model"
     [ -f "$tok" ] || { echo "pack.sh: no tokenizer $tok for VOCABS=$VOCABS" >&2; exit 1; }
