@@ -3,7 +3,8 @@
 
 Output (in --out-dir):
     fineweb_val_000000.bin, fineweb_val_000001.bin, ...      validation documents
-    fineweb_train_000000.bin, fineweb_train_000001.bin, ...  training documents
+    fineweb_train_000000.bin, fineweb_train_000001.bin, ...  training documents (none with --val-only,
+                                                             which makes other text to rescore on)
     make_shards_manifest.json                                counts and settings
                                                              (written last: if it is missing,
                                                              the run did not finish)
@@ -32,6 +33,9 @@ Example:
     python3 data/make_shards.py --corpus-dir ../shared/data/corpus \\
         --tokenizer data/tokenizers/fineweb_1024_bpe.model \\
         --out-dir data/datasets/fineweb10B_sp1024
+    python3 data/make_shards.py --val-only --val ../shared/data/corpus/train_docs_002.jsonl.zst \\
+        --max-val-docs 666 --tokenizer data/tokenizers/fineweb_1024_bpe.model --out-dir heldout
+    EVAL_ONLY=1 ARTIFACT_PATH=artifacts/<run>.pgz DATA_PATH=heldout python3 train_gpt.py   # rescore on it
 """
 
 import argparse
@@ -367,6 +371,8 @@ def resolve_inputs(args: argparse.Namespace) -> dict[str, list[Path]]:
     else:
         inputs = {"val": [Path(p) for p in args.val or []],
                   "train": [Path(p) for p in args.train or []]}
+    if args.val_only:
+        del inputs["train"]
     for split, files in inputs.items():
         if not files:
             raise CorpusError(f"no {split} input: give --{split} FILE... or --corpus-dir DIR")
@@ -406,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="documents per sp.encode call (default %(default)s)")
     parser.add_argument("--threads", type=_count, default=os.cpu_count() or 1,
                         help="SentencePiece encoding threads (default: all CPUs)")
+    parser.add_argument("--val-only", action="store_true",
+                        help="write the validation split alone: other text to rescore an artifact on "
+                        "(EVAL_ONLY=1 reads no training shard); no --train, --corpus-dir or train limit")
     return parser
 
 
@@ -415,6 +424,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.corpus_dir is not None and (args.val or args.train):
         parser.error("--corpus-dir cannot be combined with --val/--train")
+    if args.val_only and (args.train or args.corpus_dir is not None or args.max_train_tokens or args.max_train_docs):
+        parser.error("--val-only writes no training split: drop --train, --corpus-dir and the train limits")
+    if args.val_only and not args.val:
+        parser.error("--val-only needs --val FILE...")
     if not 0 < args.shard_tokens <= MAX_SHARD_TOKENS:
         parser.error(f"--shard-tokens must be in [1, {MAX_SHARD_TOKENS}], got {args.shard_tokens}")
     if args.batch_docs < 1 or args.threads < 1:
@@ -431,7 +444,8 @@ def build_manifest(args: argparse.Namespace, sp: Any, inputs: dict[str, list[Pat
         "tokenizer": {"path": str(args.tokenizer.resolve()), "vocab_size": int(sp.vocab_size()),
                       "bos_id": int(sp.bos_id())},
         "settings": {"shard_tokens": args.shard_tokens, "max_train_tokens": args.max_train_tokens,
-                     "max_val_docs": args.max_val_docs, "max_train_docs": args.max_train_docs},
+                     "max_val_docs": args.max_val_docs, "max_train_docs": args.max_train_docs,
+                     "val_only": args.val_only},
         "inputs": {split: [str(p.resolve()) for p in files] for split, files in inputs.items()},
         "splits": {split: vars(s) for split, s in stats.items()},
     }
@@ -450,7 +464,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"removed {len(stale)} stale file(s) from {args.out_dir}: "
               + ", ".join(p.name for p in stale[:5]) + (" ..." if len(stale) > 5 else ""))
     stats: dict[str, SplitStats] = {}
-    for split in SPLITS:
+    for split in inputs:
         stats[split] = export_split(
             split, inputs[split], sp, args.out_dir, shard_tokens=args.shard_tokens,
             max_tokens=args.max_train_tokens if split == "train" else 0,
@@ -461,8 +475,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               + (" (stopped at --max-train-tokens)" if s.hit_token_limit else ""), flush=True)
     manifest = build_manifest(args, sp, inputs, stats)
     _atomic_write(args.out_dir / MANIFEST_NAME, [json.dumps(manifest, indent=2).encode() + b"\n"])
-    print(f"make_shards: val {stats['val'].tokens:,} tokens / {len(stats['val'].files)} shard(s), "
-          f"train {stats['train'].tokens:,} tokens / {len(stats['train'].files)} shard(s), "
+    written = ", ".join(f"{split} {s.tokens:,} tokens / {len(s.files)} shard(s)" for split, s in stats.items())
+    print(f"make_shards: {written}{' (no train split: --val-only)' if args.val_only else ''}, "
           f"vocab {sp.vocab_size()}, in {time.perf_counter() - started:.1f}s -> {args.out_dir}")
     return manifest
 

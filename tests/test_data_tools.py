@@ -291,6 +291,46 @@ def test_corpus_dir_orders_train_files(tokenizer, sp, tmp_path):
     assert np.array_equal(read_split(out, "train"), expected_stream(sp, train_a + train_b))
 
 
+def test_val_only_writes_the_validation_split_alone(tokenizer, sp, corpus, tmp_path, capsys):
+    """--val-only: other text to rescore an artifact on. Its validation shards are the bytes a full export writes for
+    the same documents, and no training shard is left in the folder, an old one included."""
+    full = tmp_path / "full"
+    n_val = len(corpus["val_docs"]) // 2
+    run_tool(tokenizer, full, corpus["val"], corpus["train"], "--max-val-docs", str(n_val))
+    out = tmp_path / "out"
+    out.mkdir()
+    ms.write_shard(out / "fineweb_train_000000.bin", [1, 2, 3])
+    argv = ["--tokenizer", str(tokenizer), "--out-dir", str(out), "--val", str(corpus["val"]), "--val-only",
+            "--max-val-docs", str(n_val), "--threads", "2", "--batch-docs", "7"]
+    assert ms.main(argv) == 0
+    assert "(no train split: --val-only)" in capsys.readouterr().out
+    assert not split_shards(out, "train")
+    assert [p.read_bytes() for p in split_shards(out, "val")] == [p.read_bytes() for p in split_shards(full, "val")]
+    assert np.array_equal(read_split(out, "val"), expected_stream(sp, corpus["val_docs"][:n_val]))
+    manifest = json.loads((out / ms.MANIFEST_NAME).read_text())
+    assert list(manifest["splits"]) == list(manifest["inputs"]) == ["val"]
+    assert manifest["settings"]["val_only"] is True
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--train", "TRAIN"], "writes no training split"),
+    (["--max-train-docs", "3"], "writes no training split"),
+    (["--max-train-tokens", "100"], "writes no training split"),
+    (["--corpus-dir", "CORPUS"], "writes no training split"),
+    (["NO_VAL"], "needs --val"),
+], ids=["train", "max-train-docs", "max-train-tokens", "corpus-dir", "no-val"])
+def test_val_only_refuses_what_would_write_or_limit_a_training_split(tokenizer, corpus, tmp_path, capsys, extra,
+                                                                       message):
+    stand_in = {"TRAIN": str(corpus["train"]), "CORPUS": str(corpus["train"].parent)}
+    val = [] if extra == ["NO_VAL"] or "CORPUS" in extra else ["--val", str(corpus["val"])]
+    extra = [stand_in.get(a, a) for a in extra if a != "NO_VAL"]
+    argv = ["--tokenizer", str(tokenizer), "--out-dir", str(tmp_path / "out"), "--val-only", *val, *extra]
+    with pytest.raises(SystemExit) as exc:
+        ms.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_vocab_too_large_is_rejected():
     class FakeModel:
         def __init__(self, vocab: int, bos: int = 1):

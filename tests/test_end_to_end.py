@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,19 @@ def test_eval_only_reproduces_the_score(trained, tiny_data):
     s = summary(again)
     assert s["total_bytes"] == summary(out)["total_bytes"] == s["artifact_bytes"] + SCRIPT.stat().st_size
     assert s["artifact_under_limit"] and "OVER THE LIMIT" not in again
+
+
+def test_eval_only_reads_the_validation_shards_alone(trained, tiny_data, tmp_path):
+    """Rescoring on other text (data/make_shards.py --val-only writes a folder without training shards): the
+    validation shards alone reproduce the score."""
+    cwd, out = trained
+    val_only = tmp_path / "val_only"
+    val_only.mkdir()
+    for shard in Path(tiny_data["data_path"]).glob("fineweb_val_*.bin"):
+        shutil.copy(shard, val_only)
+    env = {**tiny_env(tiny_data, "rescore_val_only"), "DATA_PATH": str(val_only), "EVAL_ONLY": "1",
+           "ARTIFACT_PATH": str(cwd / "artifacts" / "e2e.pgz")}
+    assert exact_line(run_script(cwd, env)) == exact_line(out)
 
 
 def test_eval_only_warns_when_the_artifact_and_the_script_are_over_the_limit(trained, tiny_data, monkeypatch):
