@@ -1,6 +1,7 @@
 """tools/device/: a lease's staging (pack.sh), its start on the GPU machine (start.sh) and the waits that bring
 results back (wait.sh), run here against a fake checkout, fake shared data and a fake setup.sh."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -34,7 +35,7 @@ def write_shard(path: Path, tokens, magic=tg.SHARD_MAGIC):
 JOB = """#!/usr/bin/env bash
 # what a lease's job does, in small: a run that logs, writes its artifact, and a sweep line saying it ended
 mkdir -p artifacts logs
-echo "DATA_PATH=$DATA_PATH TOKENIZER_PATH=$TOKENIZER_PATH" > logs/r1.txt
+echo "DATA_PATH=$DATA_PATH TOKENIZER_PATH=$TOKENIZER_PATH HELDOUT_PATH=${HELDOUT_PATH-unset}" > logs/r1.txt
 echo "final_x val_bpb:1.2345" >> logs/r1.txt
 echo artifact > artifacts/r1.pgz
 echo "sweep: r1 started on GPU 0"
@@ -51,6 +52,8 @@ def lease(tmp_path):
     (checkout / ".gpujobs").mkdir()
     (checkout / "logs").mkdir()
     shutil.copy(ROOT / "train_gpt.py", checkout / "train_gpt.py")
+    (checkout / "data").mkdir()
+    shutil.copy(ROOT / "data" / "make_shards.py", checkout / "data" / "make_shards.py")
     (checkout / "logs" / "old.txt").write_text("an earlier lease's log\n")
     os.utime(checkout / "logs" / "old.txt", (time.time() - 3600,) * 2)
     (checkout / ".gpujobs" / "job.sh").write_text(JOB)
@@ -98,7 +101,41 @@ def test_start_then_wait_brings_back_the_new_logs_and_the_artifact(lease):
     assert names == {"logs/r1.txt", "logs/job.out"}            # not logs/old.txt, written before the start
     data = tmp / "pgdata"
     assert f"DATA_PATH={data}/datasets/fineweb10B_sp1024 " in log
-    assert f"TOKENIZER_PATH={data}/tokenizers/fineweb_1024_bpe.model" in log
+    assert f"TOKENIZER_PATH={data}/tokenizers/fineweb_1024_bpe.model HELDOUT_PATH=unset" in log
+    assert "no held-out text carried" in started.stdout
+
+
+def test_start_writes_the_held_out_text_as_a_validation_folder_for_the_job(lease, tiny_tokenizer):
+    """Held-out text carried in .devcarry/heldout: its first HELDOUT_DOCS documents become a validation-only
+    folder (each document BOS + its pieces), checked and counted like the others, whose path the job gets."""
+    import sentencepiece as spm
+    import zstandard
+
+    checkout, env, tmp = lease
+    data = tmp / "pgdata"
+    shutil.copy(tiny_tokenizer, data / "tokenizers" / "fineweb_1024_bpe.model")
+    docs = [f"held-out document {i}: the river crossed {i * 7} fields before the sea." for i in range(5)]
+    (checkout / ".devcarry" / "heldout").mkdir()
+    (checkout / ".devcarry" / "heldout" / "train_docs_002.jsonl.zst").write_bytes(zstandard.compress(
+        "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()))
+    started = run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, {**env, "HELDOUT_DOCS": "3"})
+    assert started.returncode == 0, started.stderr
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer))
+    tokens = sum(1 + len(sp.encode(d)) for d in docs[:3])
+    held = data / "datasets" / "heldout_sp1024"
+    assert f"start.sh: {held}/fineweb_val_000000.bin {tokens:,} tokens" in started.stdout
+    assert [p.name for p in held.glob("fineweb_*.bin")] == ["fineweb_val_000000.bin"]
+    wait_for(Path(env["WORK"]) / "logs" / "r1.txt", f"HELDOUT_PATH={held}\n")
+
+
+def test_start_stops_when_the_held_out_text_cannot_be_written(lease):
+    checkout, env, _ = lease
+    (checkout / ".devcarry" / "heldout").mkdir()
+    (checkout / ".devcarry" / "heldout" / "train_docs_002.jsonl.zst").write_bytes(b"not zstd")
+    started = run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env)
+    assert started.returncode == 1
+    assert "held-out text's shard could not be written" in started.stderr
+    assert not (Path(env["WORK"]) / "logs" / "job.out").exists()
 
 
 def test_wait_that_runs_out_still_sends_what_is_there(lease):
@@ -149,6 +186,7 @@ def fake_shared(tmp: Path, first_bytes: int) -> Path:
     with open(shared / "data" / "corpus" / "train_docs_000.jsonl.zst", "wb") as f:
         f.truncate(first_bytes)
     (shared / "data" / "corpus" / "train_docs_001.jsonl.zst").write_bytes(b"second")
+    (shared / "data" / "corpus" / "train_docs_002.jsonl.zst").write_bytes(b"held out")
     (shared / "gpu" / "stage.sh").write_text(
         'S="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"\n'
         "rm -rf .devcarry && mkdir -p .devcarry/data/corpus .devcarry/data/tokenizers .devcarry/wheels\n"
@@ -176,6 +214,7 @@ def test_pack_splits_the_corpus_and_keeps_only_the_tokenizers_asked_for(tmp_path
         "train_docs_001.jsonl.zst", "val_docs.jsonl.zst"]
     assert sorted(p.name for p in (repo / ".devcarry" / "data" / "tokenizers").iterdir()) == [
         "fineweb_1024_bpe.model", "fineweb_2048_bpe.model"]
+    assert (repo / ".devcarry" / "heldout" / "train_docs_002.jsonl.zst").read_bytes() == b"held out"
     assert (repo / ".devcarry" / "train_files").read_text() == "TRAIN_FILES=0\n"
     excluded = (repo / ".git" / "info" / "exclude").read_text().split()
     assert {"/.devcarry/", "/.devextra*/", "/.gpujobs/"} <= set(excluded)

@@ -6,6 +6,8 @@
 #   .devextra1/  the first training file of ../shared/data/corpus          (call 1 copies it to /tmp/extra)
 #   .devcarry/   ../shared/gpu/stage.sh's folder: the wheels, the tokenizers of VOCABS, the validation documents,
 #                and the second training file                              (call 2: tools/device/start.sh)
+#                and, in heldout/, the third training file, which no training shard holds: start.sh makes text of
+#                the training kind from it to rescore artifacts on (HELDOUT_PATH)
 # The two files are the text the 300 s comparisons of issue 6 train on (93,535,700 sp1024 tokens). Settings:
 #   SHARED=../shared   VOCABS="1024"   the tokenizers kept (setup.sh builds shards for SETUP_VOCABS only)
 set -euo pipefail
@@ -14,7 +16,8 @@ SHARED="${SHARED:-$ROOT/../shared}"; VOCABS="${VOCABS:-1024}"
 LIMIT=$((64 * 1024 * 1024))
 corpus="$SHARED/data/corpus"
 first="$corpus/train_docs_000.jsonl.zst"; second="$corpus/train_docs_001.jsonl.zst"
-for f in "$SHARED/gpu/stage.sh" "$first" "$second"; do
+heldout="$corpus/train_docs_002.jsonl.zst"
+for f in "$SHARED/gpu/stage.sh" "$first" "$second" "$heldout"; do
     [ -f "$f" ] || { echo "pack.sh: $f is missing (SHARED=$SHARED)" >&2; exit 1; }
 done
 for pattern in '/.devcarry/' '/.devextra*/' '/.gpujobs/'; do
@@ -28,6 +31,7 @@ for v in $VOCABS; do
     cp "$tok" .devcarry/data/tokenizers/
 done
 cp "$second" .devcarry/data/corpus/
+mkdir .devcarry/heldout && cp "$heldout" .devcarry/heldout/   # not in data/corpus: setup.sh trains on all of that
 rm -rf .devextra1 && mkdir .devextra1 && cp "$first" .devextra1/
 # every call sends the working tree (tracked and untracked-not-ignored files); .gpujobs, the lease's job, goes too
 tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s | awk '{s += $1} END {print s + 0}')

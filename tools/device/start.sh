@@ -6,6 +6,9 @@
 # checks every shard's header with train_gpt.py's own reader and prints its token count; then starts JOB in the
 # background in WORK, in its own session (it outlives the call while the machine stays warm), with DATA_PATH and
 # TOKENIZER_PATH set for sp1024, its output in WORK/logs/JOBNAME.out. tools/device/wait.sh brings results back.
+# With held-out text carried (.devcarry/heldout, from pack.sh) it also writes a validation-only folder of its first
+# HELDOUT_DOCS (666) documents (data/make_shards.py --val-only) and gives the job its path as HELDOUT_PATH, for
+# rescoring artifacts on text of the training kind: EVAL_ONLY=1 DATA_PATH=$HELDOUT_PATH ARTIFACT_PATH=...
 set -euo pipefail
 JOB="${1:?usage: start.sh JOB_SCRIPT}"
 WORK="${WORK:-/tmp/w}"; EXTRA="${EXTRA:-/tmp/extra}"
@@ -21,13 +24,25 @@ cd "$WORK"
 source .devcarry/setup.sh > setup.out 2>&1; cat setup.out
 grep -q FAILED setup.out && die "setup failed"
 export DATA_PATH="$DATA_ROOT/datasets/fineweb10B_sp1024" TOKENIZER_PATH="$DATA_ROOT/tokenizers/fineweb_1024_bpe.model"
+[ -f "$TOKENIZER_PATH" ] || die "TOKENIZER_PATH=$TOKENIZER_PATH does not exist"
+shopt -s nullglob; held=(.devcarry/heldout/*.jsonl.zst); shopt -u nullglob
+if [ ${#held[@]} -gt 0 ]; then
+    export HELDOUT_PATH="$DATA_ROOT/datasets/heldout_sp1024"
+    python3 data/make_shards.py --val-only --val "${held[@]}" --max-val-docs "${HELDOUT_DOCS:-666}" \
+        --tokenizer "$TOKENIZER_PATH" --out-dir "$HELDOUT_PATH" > heldout.out 2>&1 \
+        || { cat heldout.out >&2; die "the held-out text's shard could not be written"; }
+else
+    echo "start.sh: no held-out text carried (.devcarry/heldout): HELDOUT_PATH is not set"
+fi
 python3 - <<'PY'
 import os, train_gpt as tg
-for split in ("train", "val"):
-    for f in tg.shard_files(os.environ["DATA_PATH"], split):
-        print(f"start.sh: {f} {len(tg.read_shard(f)):,} tokens")
+folders = [(os.environ["DATA_PATH"], ("train", "val"))]
+folders += [(os.environ["HELDOUT_PATH"], ("val",))] if os.environ.get("HELDOUT_PATH") else []
+for folder, splits in folders:
+    for split in splits:
+        for f in tg.shard_files(folder, split):
+            print(f"start.sh: {f} {len(tg.read_shard(f)):,} tokens")
 PY
-[ -f "$TOKENIZER_PATH" ] || die "TOKENIZER_PATH=$TOKENIZER_PATH does not exist"
 name=$(basename "$JOB" .sh); mkdir -p logs; touch .start_marker
 setsid nohup bash "$JOB" > "logs/$name.out" 2>&1 < /dev/null &
 echo "start.sh: $JOB started in $WORK after $(( $(date +%s) - t0 )) s, output in $WORK/logs/$name.out"
