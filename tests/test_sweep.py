@@ -422,6 +422,11 @@ def test_lead_needs_two_settings_and_the_table(tmp_path):
     proc = run_sweep(tmp_path, "--table", "--lead", "a.txt", fake=False)
     assert proc.returncode == 2 and "1 setting(s)" in proc.stderr
     assert proc.stdout.count("\n\n") == 1  # the runs and their means are still printed, no lead table
+    for name in ("r1.txt", "r2.txt"):  # two rescorings (EVAL_ONLY) of different artifacts: no training run to compare
+        (tmp_path / name).write_text(f"config SEED=1\nconfig EVAL_ONLY=True\nconfig ARTIFACT_PATH={name}.pgz\n"
+                                     f"config TTT_ENABLED=True\nsummary {json.dumps(summary)}\n")
+    proc = run_sweep(tmp_path, "--table", "--lead", "r1.txt", "r2.txt", fake=False)
+    assert proc.returncode == 2 and "0 setting(s) of training runs (rescorings and exports are left out" in proc.stderr
     proc = run_sweep(tmp_path, "--lead", "RUN_ID=x", fake=False)
     assert proc.returncode == 2 and "--lead summarizes logs" in proc.stderr
 

@@ -425,7 +425,8 @@ def lead_rows(summaries: list[dict]) -> list[list[str]]:
     seed in common gets —, and so does a stage that a run of either group lacks (stage_scores)."""
     groups = list(setting_groups(summaries).items())
     if len(groups) < 2:
-        raise ValueError(f"--lead compares the first setting with the others; the logs hold {len(groups)} setting(s)")
+        raise ValueError(f"--lead compares the first setting with the others; the logs hold {len(groups)} setting(s) "
+                         "of training runs (rescorings and exports are left out: their seed is not the model's)")
     (_, first), others = groups[0], groups[1:]
     first_stages = [seed_means(first, values) for values in stage_scores(first)]
     rows = []
