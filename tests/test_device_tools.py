@@ -81,6 +81,20 @@ def wait_for(path: Path, text: str, seconds: float = 30.0):
     raise AssertionError(f"{path} never held {text!r}")
 
 
+def carry_heldout(checkout: Path, data: bytes) -> None:
+    """The held-out text as pack.sh carries it, in .devcarry/heldout."""
+    (checkout / ".devcarry" / "heldout").mkdir()
+    (checkout / ".devcarry" / "heldout" / "train_docs_002.jsonl.zst").write_bytes(data)
+
+
+def refused_start(checkout: Path, env: dict, message: str) -> int:
+    """start.sh's exit status, after checking that it said `message` and started no job."""
+    started = run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env)
+    assert message in started.stderr
+    assert not (Path(env["WORK"]) / "logs" / "job.out").exists()
+    return started.returncode
+
+
 def test_start_then_wait_brings_back_the_new_logs_and_the_artifact(lease):
     checkout, env, tmp = lease
     started = run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env)
@@ -115,9 +129,7 @@ def test_start_writes_the_held_out_text_as_a_validation_folder_for_the_job(lease
     data = tmp / "pgdata"
     shutil.copy(tiny_tokenizer, data / "tokenizers" / "fineweb_1024_bpe.model")
     docs = [f"held-out document {i}: the river crossed {i * 7} fields before the sea." for i in range(5)]
-    (checkout / ".devcarry" / "heldout").mkdir()
-    (checkout / ".devcarry" / "heldout" / "train_docs_002.jsonl.zst").write_bytes(zstandard.compress(
-        "".join(json.dumps({"text": d}) + "\n" for d in docs).encode()))
+    carry_heldout(checkout, zstandard.compress("".join(json.dumps({"text": d}) + "\n" for d in docs).encode()))
     started = run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, {**env, "HELDOUT_DOCS": "3"})
     assert started.returncode == 0, started.stderr
     sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer))
@@ -130,12 +142,8 @@ def test_start_writes_the_held_out_text_as_a_validation_folder_for_the_job(lease
 
 def test_start_stops_when_the_held_out_text_cannot_be_written(lease):
     checkout, env, _ = lease
-    (checkout / ".devcarry" / "heldout").mkdir()
-    (checkout / ".devcarry" / "heldout" / "train_docs_002.jsonl.zst").write_bytes(b"not zstd")
-    started = run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env)
-    assert started.returncode == 1
-    assert "held-out text's shard could not be written" in started.stderr
-    assert not (Path(env["WORK"]) / "logs" / "job.out").exists()
+    carry_heldout(checkout, b"not zstd")
+    assert refused_start(checkout, env, "held-out text's shard could not be written") == 1
 
 
 def test_wait_that_runs_out_still_sends_what_is_there(lease):
@@ -154,19 +162,13 @@ def test_start_refuses_without_the_first_calls_file(lease):
     checkout, env, tmp = lease
     for f in Path(env["EXTRA"]).iterdir():
         f.unlink()
-    started = run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env)
-    assert started.returncode == 1
-    assert "no training file in" in started.stderr
-    assert not (Path(env["WORK"]) / "logs" / "job.out").exists()
+    assert refused_start(checkout, env, "no training file in") == 1
 
 
 def test_start_refuses_a_bad_shard_before_the_job_starts(lease):
     checkout, env, tmp = lease
     write_shard(tmp / "pgdata" / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000000.bin", [1, 2], magic=7)
-    started = run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env)
-    assert started.returncode != 0
-    assert "not a challenge shard" in started.stderr
-    assert not (Path(env["WORK"]) / "logs" / "job.out").exists()
+    assert refused_start(checkout, env, "not a challenge shard") != 0
 
 
 def test_wait_refuses_without_a_start(lease):
