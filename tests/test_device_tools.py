@@ -158,6 +158,19 @@ def test_wait_that_runs_out_still_sends_what_is_there(lease):
     assert not (Path(env["OUT"]) / "r2.pgz").exists()
 
 
+def test_start_puts_carried_artifacts_where_the_job_reads_them(lease):
+    """Artifacts the first call left in EXTRA (pack.sh's ARTIFACTS) land in the job's artifacts/, each sha256 said."""
+    import hashlib
+
+    checkout, env, _ = lease
+    blob = os.urandom(3000)
+    (Path(env["EXTRA"]) / "kept_s1337.pgz").write_bytes(blob)
+    started = run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env)
+    assert started.returncode == 0, started.stderr
+    assert f"start.sh: carried {hashlib.sha256(blob).hexdigest()}  artifacts/kept_s1337.pgz" in started.stdout
+    assert (Path(env["WORK"]) / "artifacts" / "kept_s1337.pgz").read_bytes() == blob
+
+
 def test_start_refuses_without_the_first_calls_file(lease):
     checkout, env, tmp = lease
     for f in Path(env["EXTRA"]).iterdir():
@@ -222,6 +235,32 @@ def test_pack_splits_the_corpus_and_keeps_only_the_tokenizers_asked_for(tmp_path
     assert {"/.devcarry/", "/.devextra*/", "/.gpujobs/"} <= set(excluded)
     assert subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True,
                           text=True).stdout.split() == ["A", "tracked.txt"]
+
+
+def test_pack_carries_the_artifacts_asked_for_beside_the_first_file(tmp_path):
+    shared, repo = fake_shared(tmp_path, 1000), git_checkout(tmp_path)
+    (repo / "ckpt").mkdir()
+    (repo / "ckpt" / "a_s1337.pgz").write_bytes(b"artifact a")
+    packed = run([TOOLS / "pack.sh"], repo, {"SHARED": str(shared), "ARTIFACTS": "ckpt/a_s1337.pgz"})
+    assert packed.returncode == 0, packed.stderr
+    assert sorted(p.name for p in (repo / ".devextra1").iterdir()) == ["a_s1337.pgz", "train_docs_000.jsonl.zst"]
+    assert (repo / ".devextra1" / "a_s1337.pgz").read_bytes() == b"artifact a"
+
+
+@pytest.mark.parametrize("names, message", [
+    (["missing.pgz"], "artifact ckpt/missing.pgz (ARTIFACTS) does not exist"),
+    (["a.pt"], "artifact ckpt/a.pt (ARTIFACTS) is not a .pgz file"),
+    (["a.pgz", "other/a.pgz"], "two artifacts are named a.pgz"),
+])
+def test_pack_refuses_artifacts_it_cannot_carry(tmp_path, names, message):
+    shared, repo = fake_shared(tmp_path, 1000), git_checkout(tmp_path)
+    for d in ("ckpt", "ckpt/other"):
+        (repo / d).mkdir()
+    for name in ("ckpt/a.pgz", "ckpt/other/a.pgz", "ckpt/a.pt"):
+        (repo / name).write_bytes(b"x")
+    packed = run([TOOLS / "pack.sh"], repo, {"SHARED": str(shared), "ARTIFACTS": " ".join(f"ckpt/{n}" for n in names)})
+    assert packed.returncode == 1 and message in packed.stderr
+    assert not (repo / ".devextra1").exists()
 
 
 def test_pack_refuses_a_part_that_does_not_fit_one_call(tmp_path):

@@ -10,15 +10,25 @@
 #                the training kind from it to rescore artifacts on (HELDOUT_PATH)
 # The two files are the text the 300 s comparisons of issue 6 train on (93,535,700 sp1024 tokens). Settings:
 #   SHARED=../shared   VOCABS="1024"   the tokenizers kept (setup.sh builds shards for SETUP_VOCABS only)
+#   ARTIFACTS=""   artifacts (.pgz) kept here to rescore on the device: they travel in .devextra1 beside the first
+#                  training file (one ~16 MB artifact fits) and start.sh puts them in the job's artifacts/
 set -euo pipefail
 ROOT="$(git rev-parse --show-toplevel)"; cd "$ROOT"
-SHARED="${SHARED:-$ROOT/../shared}"; VOCABS="${VOCABS:-1024}"
+SHARED="${SHARED:-$ROOT/../shared}"; VOCABS="${VOCABS:-1024}"; ARTIFACTS="${ARTIFACTS:-}"
 LIMIT=$((64 * 1024 * 1024))
 corpus="$SHARED/data/corpus"
 first="$corpus/train_docs_000.jsonl.zst"; second="$corpus/train_docs_001.jsonl.zst"
 heldout="$corpus/train_docs_002.jsonl.zst"
 for f in "$SHARED/gpu/stage.sh" "$first" "$second" "$heldout"; do
     [ -f "$f" ] || { echo "pack.sh: $f is missing (SHARED=$SHARED)" >&2; exit 1; }
+done
+declare -A seen=()
+for a in $ARTIFACTS; do
+    [ -f "$a" ] || { echo "pack.sh: artifact $a (ARTIFACTS) does not exist" >&2; exit 1; }
+    [[ "$a" == *.pgz ]] || { echo "pack.sh: artifact $a (ARTIFACTS) is not a .pgz file" >&2; exit 1; }
+    name=$(basename "$a")
+    [ -z "${seen[$name]:-}" ] || { echo "pack.sh: two artifacts are named $name (ARTIFACTS)" >&2; exit 1; }
+    seen[$name]=1
 done
 for pattern in '/.devcarry/' '/.devextra*/' '/.gpujobs/'; do
     grep -qxF "$pattern" .git/info/exclude 2>/dev/null || echo "$pattern" >> .git/info/exclude
@@ -33,6 +43,7 @@ done
 cp "$second" .devcarry/data/corpus/
 mkdir .devcarry/heldout && cp "$heldout" .devcarry/heldout/   # not in data/corpus: setup.sh trains on all of that
 rm -rf .devextra1 && mkdir .devextra1 && cp "$first" .devextra1/
+for a in $ARTIFACTS; do cp "$a" .devextra1/; done
 # every call sends the working tree (tracked and untracked-not-ignored files); .gpujobs, the lease's job, goes too
 tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s | awk '{s += $1} END {print s + 0}')
 for carry in .devextra1 .devcarry; do

@@ -2,7 +2,8 @@
 # On the GPU machine, the lease's second call (README, "Leases on the GPU machine"):
 #     bash tools/device/start.sh .gpujobs/job.sh        (carry: .devcarry and .gpujobs)
 # Copies the checkout to WORK (/tmp/w), where the calls' copying of the working tree cannot touch what runs write;
-# adds the training file the first call left in EXTRA (/tmp/extra); sources .devcarry/setup.sh (wheels, shards);
+# adds the training file the first call left in EXTRA (/tmp/extra), and any artifacts (*.pgz, pack.sh's ARTIFACTS)
+# to WORK/artifacts, printing each one's sha256; sources .devcarry/setup.sh (wheels, shards);
 # checks every shard's header with train_gpt.py's own reader and prints its token count; then starts JOB in the
 # background in WORK, in its own session (it outlives the call while the machine stays warm), with DATA_PATH and
 # TOKENIZER_PATH set for sp1024, its output in WORK/logs/JOBNAME.out. tools/device/wait.sh brings results back.
@@ -20,6 +21,13 @@ rm -rf "$WORK" && mkdir -p "$WORK" && cp -a . "$WORK/" && rm -rf "$WORK"/.devext
 shopt -s nullglob; extra=("$EXTRA"/*.jsonl.zst); shopt -u nullglob
 [ ${#extra[@]} -gt 0 ] || die "no training file in $EXTRA: the first call did not run on this machine"
 cp "${extra[@]}" "$WORK/.devcarry/data/corpus/"
+shopt -s nullglob; carried=("$EXTRA"/*.pgz); shopt -u nullglob
+if [ ${#carried[@]} -gt 0 ]; then
+    mkdir -p "$WORK/artifacts" && cp "${carried[@]}" "$WORK/artifacts/"
+    for a in "${carried[@]}"; do
+        (cd "$WORK" && echo "start.sh: carried $(sha256sum "artifacts/$(basename "$a")")")
+    done
+fi
 cd "$WORK"
 source .devcarry/setup.sh > setup.out 2>&1; cat setup.out
 grep -q FAILED setup.out && die "setup failed"
