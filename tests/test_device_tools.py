@@ -258,9 +258,12 @@ def test_pack_refuses_artifacts_it_cannot_carry(tmp_path, names, message):
         (repo / d).mkdir()
     for name in ("ckpt/a.pgz", "ckpt/other/a.pgz", "ckpt/a.pt"):
         (repo / name).write_bytes(b"x")
+    (repo / ".devextra1").mkdir()
+    (repo / ".devextra1" / "earlier.pgz").write_bytes(b"an earlier pack")
     packed = run([TOOLS / "pack.sh"], repo, {"SHARED": str(shared), "ARTIFACTS": " ".join(f"ckpt/{n}" for n in names)})
     assert packed.returncode == 1 and message in packed.stderr
-    assert not (repo / ".devextra1").exists()
+    assert [p.name for p in (repo / ".devextra1").iterdir()] == ["earlier.pgz"]   # refused before anything is written
+    assert not (repo / ".devcarry").exists()
 
 
 def test_pack_refuses_a_part_that_does_not_fit_one_call(tmp_path):
