@@ -113,6 +113,11 @@ class Config:
     #                    each head's output loses its component along the token's own value vector. 0 = off
     #                    At 300 s (README, Quality): on every layer, all-attention 0.0118 better (two seeds), the
     #                    two-GDN hybrid 0.0034 worse; on the hybrid's last 4, 0.0046 worse (one seed)
+    qk_gain_init: float = 0.0  # a learnable gain per query head, started at this, on the RMS-normed queries of
+    #                            every attention mixer (A, N, S): a head's logits can reach gain x sqrt(head_dim),
+    #                            not sqrt(head_dim) alone. The challenge's baseline script starts its gains at 1.5,
+    #                            later records at 4-6. 0 = off: the fixed scale of every run through lease 52.
+    #                            Not measured on either stack yet (README, Quality)
     gdn_heads: int = 8  # 8 x 64 over 4 x 128: 0.0019 better at 300 s (two GDN layers, two seeds), 3% slower steps.
     #                     One GDN layer (seed 1338): 4 x 128, 16 x 32 and 16 x 64 0.0027, 0.0028 and 0.0089 worse (README)
     gdn_head_dim: int = 64  # key dimension per head (FlashQLA needs 128, so 64 runs fla's kernels; README, throughput)
@@ -324,6 +329,8 @@ class Config:
         need(0 <= self.bos_id < self.vocab_size, f"BOS_ID={self.bos_id} must be a token id below VOCAB_SIZE")
         need(0.0 <= self.mlp_neg_slope <= 1.0, f"MLP_NEG_SLOPE={self.mlp_neg_slope} must be in [0, 1]")
         need(self.xsa_last >= 0, f"XSA_LAST={self.xsa_last} must be >= 0")
+        need(math.isfinite(self.qk_gain_init) and self.qk_gain_init >= 0,
+             f"QK_GAIN_INIT={self.qk_gain_init} must be 0 (off) or a positive gain")
         need(self.mlp_mult > 0 and float(self.mlp_mult * self.model_dim).is_integer(),
              f"MLP_MULT*MODEL_DIM={self.mlp_mult * self.model_dim} must be a positive integer")
         specs = parse_layout(self.layout)  # raises with the offending character
@@ -334,6 +341,8 @@ class Config:
         # the next two: with EVAL_ONLY or EXPORT_FROM the model is the file's, whatever LAYOUT says
         need(self.model_from_file or self.xsa_last == 0 or bool(xsa_mixers(specs, self.xsa_last)),
              f"XSA_LAST={self.xsa_last} acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
+        need(self.model_from_file or self.qk_gain_init == 0 or bool(kinds - {"gdn"}),
+             f"QK_GAIN_INIT={self.qk_gain_init} acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
         need(self.model_from_file or not self.gdn_neg_eigval or "gdn" in kinds,
              f"GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G), and LAYOUT={self.layout} has none")
         need(self.model_from_file or not self.ttt_enabled or self.ttt_params != "gdn" or "gdn" in kinds,
@@ -1250,10 +1259,11 @@ def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 class Attention(nn.Module):
     """Grouped-query causal attention with QK RMSNorm and (partial) rotary embeddings, or none (rope=False: NoPE);
-    window 0 = full causal. Parameters: D*(H*hd) (q) + 2*D*(KV*hd) (k, v) + (H*hd)*D (out)."""
+    window 0 = full causal. Parameters: D*(H*hd) (q) + 2*D*(KV*hd) (k, v) + (H*hd)*D (out), and with qk_gain > 0 one
+    learnable gain per query head on the normed queries, started at qk_gain (QK_GAIN_INIT)."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, window: int, rope_dims: int, rope_base: float, backend: str,
-                 rope: bool = True, xsa: bool = False):
+                 rope: bool = True, xsa: bool = False, qk_gain: float = 0.0):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.window, self.backend, self.xsa = window, backend, xsa
@@ -1262,6 +1272,7 @@ class Attention(nn.Module):
         self.v_proj = Linear(dim, kv_heads * self.head_dim)
         self.o_proj = Linear(heads * self.head_dim, dim, zero_init=True)
         self.rotary = Rotary(self.head_dim, rope_dims, rope_base) if rope else None
+        self.q_gain = nn.Parameter(torch.full((heads,), float(qk_gain))) if qk_gain > 0 else None
 
     def forward(self, x: torch.Tensor, state: dict | None = None, stream: StreamContext | None = None):
         """x (B, T, D) -> (B, T, D). With `state` (streaming), attends over the carried keys too and updates them."""
@@ -1272,6 +1283,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
+        if self.q_gain is not None:
+            q = q * self.q_gain[:, None]  # (H, 1): each head's queries
         q, k = q.to(v.dtype), k.to(v.dtype)
         if state is None:
             y = attention(q, k, v, self.window, self.backend)
@@ -1312,7 +1325,7 @@ class Attention(nn.Module):
 MODEL_FIELDS = ("vocab_size", "layout", "model_dim", "mlp_mult", "num_heads", "num_kv_heads", "swa_window", "rope_dims",
                 "rope_base", "gdn_heads", "gdn_head_dim", "gdn_expand_v", "gdn_conv_size", "logit_softcap",
                 "tied_embed_init_std", "bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id",
-                "residual_bf16", "gdn_neg_eigval", "mlp_neg_slope", "xsa_last")
+                "residual_bf16", "gdn_neg_eigval", "mlp_neg_slope", "xsa_last", "qk_gain_init")
 
 
 @dataclass(frozen=True)
@@ -1344,6 +1357,7 @@ class ModelConfig:
     gdn_neg_eigval: bool = False
     mlp_neg_slope: float = 0.0
     xsa_last: int = 0
+    qk_gain_init: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ModelConfig":
@@ -1390,7 +1404,7 @@ class GPT(nn.Module):
                                  backends.gdn, backends.conv, neg_eigval=mc.gdn_neg_eigval)
         window = mc.swa_window if kind == "swa" else 0
         return Attention(mc.model_dim, mc.num_heads, mc.num_kv_heads, window, mc.rope_dims, mc.rope_base, backends.attn,
-                         rope=kind != "nope", xsa=xsa)
+                         rope=kind != "nope", xsa=xsa, qk_gain=mc.qk_gain_init)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
                 stream: StreamContext | None = None):
@@ -1560,6 +1574,7 @@ PARAM_ROUTES = (
     ("scalar", "GDN gate projections a_proj, b_proj (one output per head)",
      lambda name, p: name.endswith(("a_proj.weight", "b_proj.weight"))),
     ("scalar", "GDN short-convolution kernels", lambda name, p: name.endswith("_conv.weight")),
+    ("scalar", "attention query gains (QK_GAIN_INIT; one per query head)", lambda name, p: name.endswith(".q_gain")),
     ("muon", "2-D weight matrices", lambda name, p: p.ndim == 2),
     ("scalar", "vectors: norm weights, A_log, dt_bias", lambda name, p: p.ndim != 2),
 )

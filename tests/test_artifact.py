@@ -121,6 +121,25 @@ def test_artifact_records_the_mlp_activation_and_xsa(tmp_path, field, env):
         assert not torch.allclose(fresh(x), plain(x))  # the setting changes the model: losing it would be visible
 
 
+def test_artifact_keeps_the_trained_query_gains_not_their_start(tmp_path):
+    """QK_GAIN_INIT: the artifact records the setting (the model is rebuilt with gain vectors) and each head's trained
+    gain as fp16, not the start value the rebuilt model begins with."""
+    model = tiny_model(layout="GSA", QK_GAIN_INIT="1.5")
+    trained = {n: p for n, p in model.named_parameters() if n.endswith("q_gain")}
+    assert len(trained) == 2
+    with torch.no_grad():
+        for p in trained.values():
+            p.copy_(torch.tensor([0.7, 1.9, 4.2, 5.3]))
+    path, _ = export(model, tmp_path)
+    mc, state = tg.read_artifact(path)
+    assert mc.qk_gain_init == 1.5 and mc == model.mc
+    fresh = tg.GPT(mc, tg.Backends("torch", "sdpa"))
+    assert all(p.tolist() == [1.5] * 4 for n, p in fresh.named_parameters() if n.endswith("q_gain"))
+    tg.load_exported_state(fresh, state, str(path))
+    for name, p in trained.items():
+        assert torch.equal(fresh.get_parameter(name).data, p.detach().half().float()), name
+
+
 def test_artifact_bytes_are_deterministic(tmp_path):
     a, _ = export(tiny_model(seed=3), tmp_path, "a.pgz")
     b, _ = export(tiny_model(seed=3), tmp_path, "b.pgz")

@@ -222,3 +222,33 @@ def test_xsa_removes_each_heads_component_along_its_own_value(window, H, KV):
         out = mixer(x)
         assert torch.allclose(out, mixer.o_proj(y.reshape(2, T, D)), atol=1e-10)
         assert not torch.allclose(out, plain(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [0, 6])
+def test_query_gains_scale_each_heads_logits(window):
+    """QK_GAIN_INIT: head h's logits are gain_h * q_h . k / sqrt(head_dim) on the RMS-normed, rotated q and k, written
+    out here as a softmax over the allowed keys in float64; gains of 1 give the mixer without gains exactly."""
+    torch.manual_seed(5)
+    D, H, KV, T = 32, 4, 2, 13
+    hd = D // H
+    mixer = tg.Attention(D, H, KV, window, 0, 10000.0, "sdpa", qk_gain=1.5).double()
+    assert mixer.q_gain.tolist() == [1.5] * H  # started at QK_GAIN_INIT
+    plain = tg.Attention(D, H, KV, window, 0, 10000.0, "sdpa").double()
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    assert plain.q_gain is None and "q_gain" not in plain.state_dict()
+    mixer.load_state_dict({**plain.state_dict(), "q_gain": torch.tensor([0.5, 1.0, 3.0, 6.0], dtype=torch.float64)})
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    q = mixer.rotary(tg.rms_norm(mixer.q_proj(x).view(2, T, H, hd)), 0)
+    k = mixer.rotary(tg.rms_norm(mixer.k_proj(x).view(2, T, KV, hd)), 0).repeat_interleave(H // KV, dim=2)
+    v = mixer.v_proj(x).view(2, T, KV, hd).repeat_interleave(H // KV, dim=2)
+    logits = torch.einsum("bthd,bshd->bhts", q, k) * mixer.q_gain[None, :, None, None] / hd ** 0.5
+    i = torch.arange(T)
+    allowed = (i[None] <= i[:, None]) & ((i[:, None] - i[None] < window) if window else True)
+    y = torch.einsum("bhts,bshd->bthd", logits.masked_fill(~allowed, float("-inf")).softmax(-1), v)
+    with torch.no_grad():
+        out = mixer(x)
+        assert torch.allclose(out, mixer.o_proj(y.reshape(2, T, D)), atol=1e-10)
+        assert not torch.allclose(out, plain(x), atol=1e-3)
+        mixer.q_gain.fill_(1.0)
+        assert torch.equal(mixer(x), plain(x))

@@ -10,10 +10,10 @@ from conftest import spawn_ranks
 CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), grad_accum_steps=1)
 
 
-# BigramHash, SmearGate, U-Net skips, GDN negative eigenvalues, LeakyReLU^2 and XSA all on (small), for the tests
-# that must hold with and without them
+# BigramHash, SmearGate, U-Net skips, GDN negative eigenvalues, LeakyReLU^2, XSA and query gains all on (small), for
+# the tests that must hold with and without them
 FEATURES = {"BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "8", "SMEAR_GATE": "1", "UNET_SKIPS": "1", "GDN_NEG_EIGVAL": "1",
-            "MLP_NEG_SLOPE": "0.5", "XSA_LAST": "2"}
+            "MLP_NEG_SLOPE": "0.5", "XSA_LAST": "2", "QK_GAIN_INIT": "2.5"}
 
 
 def tiny_model(layout="GSGsA", seed=0, **env) -> tg.GPT:
@@ -453,10 +453,10 @@ def test_artifacts_from_before_the_new_model_fields_still_load_with_the_features
     cfg = tg.Config.from_env({"PRESET": "tiny"})
     old_fields = {k: v for k, v in tg.ModelConfig.from_config(cfg).__dict__.items()
                   if k not in ("bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id", "residual_bf16",
-                               "gdn_neg_eigval", "mlp_neg_slope", "xsa_last")}
+                               "gdn_neg_eigval", "mlp_neg_slope", "xsa_last", "qk_gain_init")}
     mc = tg.ModelConfig(**old_fields)
     assert (mc.bigram_buckets, mc.smear_gate, mc.unet_skips, mc.residual_bf16, mc.gdn_neg_eigval, mc.mlp_neg_slope,
-            mc.xsa_last) == (0, False, False, False, False, 0.0, 0)
+            mc.xsa_last, mc.qk_gain_init) == (0, False, False, False, False, 0.0, 0, 0.0)
     assert tg.Config().residual_bf16  # new runs keep the stream in bf16; old artifacts are rescored as trained
 
 
@@ -526,3 +526,26 @@ def test_mlp_activation_is_relu_squared_or_leaky_relu_squared():
         act = torch.where(h > 0, h, slope * h).square()  # written out: negative inputs scaled by the slope
         assert torch.allclose(mlp(x), act @ mlp.proj.weight.T, atol=1e-12)
         assert (h < 0).any() and ((act > 0) & (h < 0)).any() == (slope > 0)
+
+
+def test_query_gains_one_per_head_of_each_attention_mixer_trained_by_adam():
+    """QK_GAIN_INIT: a gain vector in every attention mixer (a shared one counted once), none in GDN mixers, routed
+    to Adam's scalar group (and TTT_PARAMS=scalar), every gain reached by the gradient; 0 adds no parameter."""
+    model = tiny_model(layout="AGSNa", QK_GAIN_INIT="3")
+    gains = {n: p for n, p in model.named_parameters() if n.endswith("q_gain")}
+    assert sorted(gains) == ["mixers.0.q_gain", "mixers.2.q_gain", "mixers.3.q_gain"]  # A, S, N; G has none
+    assert all(p.tolist() == [3.0] * 4 for p in gains.values())  # the tiny preset's 4 heads
+    opts = tg.build_optimizers(model, tg.Config.from_env({"PRESET": "tiny", "QK_GAIN_INIT": "3"}), CPU)
+    adam = {id(p) for g in opts.adam.param_groups for p in g["params"]}
+    assert all(id(p) in adam for p in gains.values())
+    assert all(tg.PARAM_ROUTES[tg.route_index(n, p)][1].startswith("attention query gains") for n, p in gains.items())
+    assert {id(p) for p in gains.values()} <= {id(p) for p in tg.ttt_parameters(model, "scalar")}
+    ids = torch.randint(0, 97, (2, 24))
+    model(ids, ids).backward()
+    assert all(p.grad.abs().min() > 0 for p in gains.values())
+    plain = tiny_model(layout="AGSNa")
+    assert count(plain) == count(model) - 3 * 4 and not any(n.endswith("q_gain") for n, _ in plain.named_parameters())
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -192,6 +192,9 @@ def test_submission_summary_names_the_gdn_beta_range():
     assert ms.model_summary({**c, "LAYOUT": "AGNn"}).startswith(
         "4 layers (1 Gated DeltaNet + 1 full attention + 2 full attention without position encoding), layout AGNn")
     assert "negative" not in ms.model_summary({**c, "GDN_NEG_EIGVAL": "False"})
+    assert ms.model_summary({**c, "QK_GAIN_INIT": "4.0"}).endswith(
+        "(negative eigenvalues), learnable query gains (from 4.0)")
+    assert "query gains" not in ms.model_summary({**c, "QK_GAIN_INIT": "0.0"})
 
 
 def _summary_run(seed, **over):
