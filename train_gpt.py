@@ -338,7 +338,7 @@ class Config:
         need(self.model_from_file or self.eval_mode != "stream" or not kinds & set(UNBOUNDED_KINDS),
              f"EVAL_MODE=stream needs layers with bounded state, and LAYOUT={self.layout} has full attention (A or N): "
              "use S (sliding window) layers, or EVAL_MODE=window")  # before training, not after it
-        # the next two: with EVAL_ONLY or EXPORT_FROM the model is the file's, whatever LAYOUT says
+        # the layout checks below: with EVAL_ONLY or EXPORT_FROM the model is the file's, whatever LAYOUT says
         need(self.model_from_file or self.xsa_last == 0 or bool(xsa_mixers(specs, self.xsa_last)),
              f"XSA_LAST={self.xsa_last} acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
         need(self.model_from_file or self.qk_gain_init == 0 or bool(kinds - {"gdn"}),

@@ -254,6 +254,7 @@ def test_export_from_takes_the_model_from_the_checkpoint_not_the_layout():
     with pytest.raises(ValueError, match="XSA_LAST=2 acts on attention layers"):
         tg.Config.from_env({"XSA_LAST": "2", "LAYOUT": "GGGG"})
     assert tg.Config.from_env({"XSA_LAST": "2", "LAYOUT": "GGGG", "EXPORT_FROM": "c.pt"}).model_from_file
+    assert tg.Config.from_env({"QK_GAIN_INIT": "4", "LAYOUT": "GGGG", "EVAL_ONLY": "1", "ARTIFACT_PATH": "a.pgz"})
 
 
 def test_ttt_params_that_select_nothing_raise_with_the_name():
