@@ -118,6 +118,10 @@ class Config:
     #                            not sqrt(head_dim) alone. The challenge's baseline script starts its gains at 1.5,
     #                            later records at 4-6. 0 = off: the fixed scale of every run through lease 52.
     #                            Not measured on either stack yet (README, Quality)
+    attn_head_gate: bool = False  # every attention mixer's heads gated before the output projection: head h's output
+    #                               times sigmoid(w_h . x) of the mixer's input x (Qiu et al. 2025, "Gated Attention
+    #                               for Large Language Models", the head-wise form; the GDN mixer has its own gate).
+    #                               Starts at 0.5 (w = 0). Not measured on either stack yet (README, Quality)
     gdn_heads: int = 8  # 8 x 64 over 4 x 128: 0.0019 better at 300 s (two GDN layers, two seeds), 3% slower steps.
     #                     One GDN layer (seed 1338): 4 x 128, 16 x 32 and 16 x 64 0.0027, 0.0028 and 0.0089 worse (README)
     gdn_head_dim: int = 64  # key dimension per head (FlashQLA needs 128, so 64 runs fla's kernels; README, throughput)
@@ -343,6 +347,8 @@ class Config:
              f"XSA_LAST={self.xsa_last} acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
         need(self.model_from_file or self.qk_gain_init == 0 or bool(kinds - {"gdn"}),
              f"QK_GAIN_INIT={self.qk_gain_init} acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
+        need(self.model_from_file or not self.attn_head_gate or bool(kinds - {"gdn"}),
+             f"ATTN_HEAD_GATE=1 acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
         need(self.model_from_file or not self.gdn_neg_eigval or "gdn" in kinds,
              f"GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G), and LAYOUT={self.layout} has none")
         need(self.model_from_file or not self.ttt_enabled or self.ttt_params != "gdn" or "gdn" in kinds,
@@ -1259,11 +1265,12 @@ def exclude_self_value(y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 class Attention(nn.Module):
     """Grouped-query causal attention with QK RMSNorm and (partial) rotary embeddings, or none (rope=False: NoPE);
-    window 0 = full causal. Parameters: D*(H*hd) (q) + 2*D*(KV*hd) (k, v) + (H*hd)*D (out), and with qk_gain > 0 one
-    learnable gain per query head on the normed queries, started at qk_gain (QK_GAIN_INIT)."""
+    window 0 = full causal. Parameters: D*(H*hd) (q) + 2*D*(KV*hd) (k, v) + (H*hd)*D (out), with qk_gain > 0 one
+    learnable gain per query head on the normed queries, started at qk_gain (QK_GAIN_INIT), and with head_gate a
+    sigmoid gate per head from the input, D*H (ATTN_HEAD_GATE)."""
 
     def __init__(self, dim: int, heads: int, kv_heads: int, window: int, rope_dims: int, rope_base: float, backend: str,
-                 rope: bool = True, xsa: bool = False, qk_gain: float = 0.0):
+                 rope: bool = True, xsa: bool = False, qk_gain: float = 0.0, head_gate: bool = False):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
         self.window, self.backend, self.xsa = window, backend, xsa
@@ -1273,6 +1280,7 @@ class Attention(nn.Module):
         self.o_proj = Linear(heads * self.head_dim, dim, zero_init=True)
         self.rotary = Rotary(self.head_dim, rope_dims, rope_base) if rope else None
         self.q_gain = nn.Parameter(torch.full((heads,), float(qk_gain))) if qk_gain > 0 else None
+        self.head_gate = Linear(dim, heads, zero_init=True) if head_gate else None  # sigmoid(0): every head at 0.5
 
     def forward(self, x: torch.Tensor, state: dict | None = None, stream: StreamContext | None = None):
         """x (B, T, D) -> (B, T, D). With `state` (streaming), attends over the carried keys too and updates them."""
@@ -1292,6 +1300,9 @@ class Attention(nn.Module):
             y = self._attend_with_cache(q, k, v, state, stream)
         if self.xsa:
             y = exclude_self_value(y, v)
+        if self.head_gate is not None:
+            gate = self.head_gate(x)  # (B, T, H); the sigmoid in fp32 at least (bf16 under autocast)
+            y = y * torch.sigmoid(gate.to(torch.promote_types(gate.dtype, torch.float32))).to(y.dtype)[..., None]
         return self.o_proj(y.reshape(B, T, self.heads * self.head_dim))
 
     def _attend_with_cache(self, q, k, v, state: dict, stream: StreamContext) -> torch.Tensor:
@@ -1325,7 +1336,8 @@ class Attention(nn.Module):
 MODEL_FIELDS = ("vocab_size", "layout", "model_dim", "mlp_mult", "num_heads", "num_kv_heads", "swa_window", "rope_dims",
                 "rope_base", "gdn_heads", "gdn_head_dim", "gdn_expand_v", "gdn_conv_size", "logit_softcap",
                 "tied_embed_init_std", "bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id",
-                "residual_bf16", "gdn_neg_eigval", "mlp_neg_slope", "xsa_last", "qk_gain_init")
+                "residual_bf16", "gdn_neg_eigval", "mlp_neg_slope", "xsa_last", "qk_gain_init",
+                "attn_head_gate")
 
 
 @dataclass(frozen=True)
@@ -1358,6 +1370,7 @@ class ModelConfig:
     mlp_neg_slope: float = 0.0
     xsa_last: int = 0
     qk_gain_init: float = 0.0
+    attn_head_gate: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ModelConfig":
@@ -1404,7 +1417,8 @@ class GPT(nn.Module):
                                  backends.gdn, backends.conv, neg_eigval=mc.gdn_neg_eigval)
         window = mc.swa_window if kind == "swa" else 0
         return Attention(mc.model_dim, mc.num_heads, mc.num_kv_heads, window, mc.rope_dims, mc.rope_base, backends.attn,
-                         rope=kind != "nope", xsa=xsa, qk_gain=mc.qk_gain_init)
+                         rope=kind != "nope", xsa=xsa, qk_gain=mc.qk_gain_init,
+                         head_gate=mc.attn_head_gate)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
                 stream: StreamContext | None = None):
@@ -1575,6 +1589,8 @@ PARAM_ROUTES = (
      lambda name, p: name.endswith(("a_proj.weight", "b_proj.weight"))),
     ("scalar", "GDN short-convolution kernels", lambda name, p: name.endswith("_conv.weight")),
     ("scalar", "attention query gains (QK_GAIN_INIT; one per query head)", lambda name, p: name.endswith(".q_gain")),
+    ("scalar", "attention head gates (ATTN_HEAD_GATE; one output per head)",
+     lambda name, p: name.endswith("head_gate.weight")),
     ("muon", "2-D weight matrices", lambda name, p: p.ndim == 2),
     ("scalar", "vectors: norm weights, A_log, dt_bias", lambda name, p: p.ndim != 2),
 )

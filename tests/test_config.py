@@ -49,6 +49,7 @@ def test_preset_sets_values_and_env_still_wins():
     ({"QK_GAIN_INIT": "-1"}, "QK_GAIN_INIT=-1.0 must be 0 (off) or a positive gain"),
     ({"QK_GAIN_INIT": "nan"}, "QK_GAIN_INIT=nan must be 0 (off) or a positive gain"),
     ({"QK_GAIN_INIT": "4", "LAYOUT": "GGgG"}, "QK_GAIN_INIT=4.0 acts on attention layers (A, N or S), and LAYOUT=GGgG"),
+    ({"ATTN_HEAD_GATE": "1", "LAYOUT": "GG"}, "ATTN_HEAD_GATE=1 acts on attention layers (A, N or S), and LAYOUT=GG"),
     ({"GDN_NEG_EIGVAL": "1", "LAYOUT": "AAS"}, "GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G), and LAYOUT=AAS"),
     ({"TTT_PARAMS": "gdn", "LAYOUT": "AAS"}, "TTT_PARAMS=gdn adapts Gated DeltaNet layers (G), and LAYOUT=AAS has none"),
     ({"GRAD_ACCUM_STEPS": "-1"}, "GRAD_ACCUM_STEPS=-1 must be >= 0"),

@@ -252,3 +252,29 @@ def test_query_gains_scale_each_heads_logits(window):
         assert not torch.allclose(out, plain(x), atol=1e-3)
         mixer.q_gain.fill_(1.0)
         assert torch.equal(mixer(x), plain(x))
+
+
+@pytest.mark.parametrize("xsa", [False, True])
+def test_head_gates_scale_each_heads_output_by_a_sigmoid_of_the_input(xsa):
+    """ATTN_HEAD_GATE: head h's output (after XSA, if on) times sigmoid(w_h . x) before the output projection, in
+    float64 against the same mixer without gates; at w = 0 (the start) exactly half of it."""
+    torch.manual_seed(6)
+    D, H, KV, T = 32, 4, 2, 11
+    hd = D // H
+    gated = tg.Attention(D, H, KV, 0, 0, 10000.0, "sdpa", xsa=xsa, head_gate=True).double()
+    plain = tg.Attention(D, H, KV, 0, 0, 10000.0, "sdpa", xsa=xsa).double()
+    for p in plain.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    assert plain.head_gate is None and gated.head_gate.weight.abs().sum() == 0
+    gated.load_state_dict({**plain.state_dict(), "head_gate.weight": torch.zeros(H, D, dtype=torch.float64)})
+    x = torch.randn(2, T, D, dtype=torch.float64)
+    captured = {}
+    plain.o_proj.register_forward_pre_hook(lambda _m, args: captured.__setitem__("y", args[0]))
+    with torch.no_grad():
+        out = plain(x)
+        assert torch.allclose(gated(x), 0.5 * out, atol=1e-12)  # the output projection is linear
+        gated.head_gate.weight.normal_(std=0.5)
+        s = torch.sigmoid(x @ gated.head_gate.weight.T)  # (2, T, H)
+        y = captured["y"].view(2, T, H, hd) * s[..., None]
+        assert torch.allclose(gated(x), plain.o_proj(y.reshape(2, T, D)), atol=1e-12)
+        assert not torch.allclose(gated(x), 0.5 * out, atol=1e-3)

@@ -10,10 +10,10 @@ from conftest import spawn_ranks
 CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), grad_accum_steps=1)
 
 
-# BigramHash, SmearGate, U-Net skips, GDN negative eigenvalues, LeakyReLU^2, XSA and query gains all on (small), for
-# the tests that must hold with and without them
+# BigramHash, SmearGate, U-Net skips, GDN negative eigenvalues, LeakyReLU^2, XSA, query gains and head gates all on
+# (small), for the tests that must hold with and without them
 FEATURES = {"BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "8", "SMEAR_GATE": "1", "UNET_SKIPS": "1", "GDN_NEG_EIGVAL": "1",
-            "MLP_NEG_SLOPE": "0.5", "XSA_LAST": "2", "QK_GAIN_INIT": "2.5"}
+            "MLP_NEG_SLOPE": "0.5", "XSA_LAST": "2", "QK_GAIN_INIT": "2.5", "ATTN_HEAD_GATE": "1"}
 
 
 def tiny_model(layout="GSGsA", seed=0, **env) -> tg.GPT:
@@ -453,10 +453,11 @@ def test_artifacts_from_before_the_new_model_fields_still_load_with_the_features
     cfg = tg.Config.from_env({"PRESET": "tiny"})
     old_fields = {k: v for k, v in tg.ModelConfig.from_config(cfg).__dict__.items()
                   if k not in ("bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id", "residual_bf16",
-                               "gdn_neg_eigval", "mlp_neg_slope", "xsa_last", "qk_gain_init")}
+                               "gdn_neg_eigval", "mlp_neg_slope", "xsa_last", "qk_gain_init",
+                               "attn_head_gate")}
     mc = tg.ModelConfig(**old_fields)
     assert (mc.bigram_buckets, mc.smear_gate, mc.unet_skips, mc.residual_bf16, mc.gdn_neg_eigval, mc.mlp_neg_slope,
-            mc.xsa_last, mc.qk_gain_init) == (0, False, False, False, False, 0.0, 0, 0.0)
+            mc.xsa_last, mc.qk_gain_init, mc.attn_head_gate) == (0, False, False, False, False, 0.0, 0, 0.0, False)
     assert tg.Config().residual_bf16  # new runs keep the stream in bf16; old artifacts are rescored as trained
 
 
@@ -549,3 +550,25 @@ def test_query_gains_one_per_head_of_each_attention_mixer_trained_by_adam():
 
 def count(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def test_head_gates_one_row_per_head_of_each_attention_mixer_trained_by_adam_and_exported_fp16():
+    """ATTN_HEAD_GATE: an (H, D) gate projection in every attention mixer (a shared one counted once), none in GDN
+    mixers; routed to Adam's scalar group like the GDN's a_proj / b_proj (so fp16 in the artifact, no QAT), every
+    row reached by the gradient once the output projection is nonzero."""
+    model = tiny_model(layout="AGSNa", ATTN_HEAD_GATE="1")
+    gates = {n: p for n, p in model.named_parameters() if n.endswith("head_gate.weight")}
+    assert sorted(gates) == ["mixers.0.head_gate.weight", "mixers.2.head_gate.weight", "mixers.3.head_gate.weight"]
+    assert all(p.shape == (4, 64) for p in gates.values())  # the tiny preset's 4 heads, 64 wide
+    cfg = tg.Config.from_env({"PRESET": "tiny", "ATTN_HEAD_GATE": "1"})
+    opts = tg.build_optimizers(model, cfg, CPU)
+    adam = {id(p) for g in opts.adam.param_groups for p in g["params"]}
+    assert all(id(p) in adam for p in gates.values())
+    assert all(tg.quant_plan(n, p, cfg)[0] == "fp16" for n, p in gates.items())
+    ids = torch.randint(0, 97, (2, 24))
+    model(ids, ids).backward()
+    assert all(p.grad.abs().sum(dim=1).min() > 0 for p in gates.values())
+    assert count(tiny_model(layout="AGSNa")) == count(model) - 3 * 4 * 64
+    fresh = tiny_model(layout="AGSNa", ATTN_HEAD_GATE="1")
+    assert all(m.head_gate.weight.abs().sum() == 0 for m in tg.GPT(fresh.mc, tg.Backends("torch", "sdpa")).mixers
+               if isinstance(m, tg.Attention))  # zero at the start: every head at sigmoid(0) = 0.5

@@ -195,6 +195,8 @@ def test_submission_summary_names_the_gdn_beta_range():
     assert ms.model_summary({**c, "QK_GAIN_INIT": "4.0"}).endswith(
         "(negative eigenvalues), learnable query gains (from 4.0)")
     assert "query gains" not in ms.model_summary({**c, "QK_GAIN_INIT": "0.0"})
+    assert ms.model_summary({**c, "ATTN_HEAD_GATE": "True"}).endswith("(negative eigenvalues), sigmoid-gated attention heads")
+    assert "gated" not in ms.model_summary({**c, "ATTN_HEAD_GATE": "True", "LAYOUT": "GGGG"})
 
 
 def _summary_run(seed, **over):

@@ -193,6 +193,8 @@ def model_summary(c: dict) -> str:
         features.append("XSA in all attention mixers" if every else f"XSA in the last {n_xsa} attention mixers")
     if float(c.get("QK_GAIN_INIT", "0")) and kinds != ["gdn"]:
         features.append(f"learnable query gains (from {c['QK_GAIN_INIT']})")
+    if c.get("ATTN_HEAD_GATE") == "True" and kinds != ["gdn"]:
+        features.append("sigmoid-gated attention heads")
     slope = c.get("MLP_NEG_SLOPE", "0.0")
     act = f"LeakyReLU({slope})^2" if float(slope) else "ReLU^2"
     return (f"{len(specs)} layers ({mixers}), layout {c.get('LAYOUT')}, d{c.get('MODEL_DIM')}, "
