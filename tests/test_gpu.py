@@ -129,11 +129,14 @@ def test_compiled_fake_quantization_on_the_gpu_is_the_exports_rounding():
 
 
 @needs_fla
-@pytest.mark.parametrize("impl", ["fla", "qla"])
-def test_model_fast_path_matches_torch_path_and_compiles_without_breaks(impl):
+@pytest.mark.parametrize("impl,gates", [("fla", False), ("qla", False), ("fla", True)])
+def test_model_fast_path_matches_torch_path_and_compiles_without_breaks(impl, gates):
+    """gates: the attention mixers' query gains and head gates (QK_GAIN_INIT, ATTN_HEAD_GATE) in the one graph too."""
     torch.manual_seed(0)
-    mc = model_config(layout="GGSGs", model_dim=256, gdn_heads=2 if impl == "qla" else 4,
-                      gdn_head_dim=128 if impl == "qla" else 64, num_heads=4, num_kv_heads=2, swa_window=64)
+    extra = dict(qk_gain_init=2.0, attn_head_gate=True, layout="GGSGsA") if gates else {}
+    mc = model_config(**{**dict(layout="GGSGs", model_dim=256, gdn_heads=2 if impl == "qla" else 4,
+                                gdn_head_dim=128 if impl == "qla" else 64, num_heads=4, num_kv_heads=2,
+                                swa_window=64), **extra})
     if impl == "qla":
         skip_unless_qla(mc)
     attn = "varlen" if tg._varlen_has_window() else "sdpa"
