@@ -545,11 +545,8 @@ def test_query_gains_one_per_head_of_each_attention_mixer_trained_by_adam():
     model(ids, ids).backward()
     assert all(p.grad.abs().min() > 0 for p in gains.values())
     plain = tiny_model(layout="AGSNa")
-    assert count(plain) == count(model) - 3 * 4 and not any(n.endswith("q_gain") for n, _ in plain.named_parameters())
-
-
-def count(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    assert tg.count_parameters(plain) == tg.count_parameters(model) - 3 * 4
+    assert not any(n.endswith("q_gain") for n, _ in plain.named_parameters())
 
 
 def test_head_gates_one_row_per_head_of_each_attention_mixer_trained_by_adam_and_exported_fp16():
@@ -568,7 +565,7 @@ def test_head_gates_one_row_per_head_of_each_attention_mixer_trained_by_adam_and
     ids = torch.randint(0, 97, (2, 24))
     model(ids, ids).backward()
     assert all(p.grad.abs().sum(dim=1).min() > 0 for p in gates.values())
-    assert count(tiny_model(layout="AGSNa")) == count(model) - 3 * 4 * 64
-    fresh = tiny_model(layout="AGSNa", ATTN_HEAD_GATE="1")
-    assert all(m.head_gate.weight.abs().sum() == 0 for m in tg.GPT(fresh.mc, tg.Backends("torch", "sdpa")).mixers
+    assert tg.count_parameters(tiny_model(layout="AGSNa")) == tg.count_parameters(model) - 3 * 4 * 64
+    built = tg.GPT(model.mc, tg.Backends("torch", "sdpa"))  # as built, before tiny_model's random init
+    assert all(m.head_gate.weight.abs().sum() == 0 for m in built.mixers
                if isinstance(m, tg.Attention))  # zero at the start: every head at sigmoid(0) = 0.5
