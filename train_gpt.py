@@ -11,6 +11,8 @@ Launch:
     rescore an artifact:    EVAL_ONLY=1 ARTIFACT_PATH=artifacts/<run>.pgz python train_gpt.py
     export again:           CHECKPOINT_PATH=ckpt/<run>.pt when training, then EXPORT_FROM=ckpt/<run>.pt (other export
                             settings) python train_gpt.py
+    resume a long run:      STATE_PATH=ckpt/<run>.state STATE_EVERY=500 when training; after a crash the same command
+                            with RESUME_FROM=ckpt/<run>.state goes on from the last write
 
 Sections, in the order data flows:
     1 config · 2 runtime and logging · 3 data and byte tables · 4 layers · 5 sequence mixers (GDN, attention; each
@@ -215,6 +217,10 @@ class Config:
     artifact_path: str = ""  # "" -> artifacts/{run_id}.pgz
     checkpoint_path: str = ""  # training also saves the unquantized weights it exports here (EMA applied; not counted)
     export_from: str = ""  # no training: calibrate, quantize, export and score the weights of a CHECKPOINT_PATH file
+    state_path: str = ""  # every STATE_EVERY steps, training writes here all it needs to go on (weights, averages,
+    #                       optimizer state, data position, clock), atomically; RESUME_FROM continues from it
+    state_every: int = 0  # steps between writes of STATE_PATH, with the clock paused (0 = none)
+    resume_from: str = ""  # continue training from a STATE_PATH file: the same model, this run's settings
     # export
     quant_method: str = "gptq"  # gptq (full-Hessian, calibrated on training batches) | rtn (round to nearest)
     gptq_calib_tokens: int = 262_144  # training tokens (all ranks together) for the input statistics H = X^T X
@@ -421,6 +427,10 @@ class Config:
              "EVAL_ONLY=1 scores an artifact and EXPORT_FROM exports a checkpoint: set one of them")
         need(not (self.export_from and self.checkpoint_path),
              "EXPORT_FROM reads a checkpoint and does not train; CHECKPOINT_PATH is where a training run writes one")
+        need(self.state_every >= 0 and bool(self.state_path) == (self.state_every > 0),
+             f"STATE_PATH={self.state_path!r} and STATE_EVERY={self.state_every} go together: a path and steps > 0")
+        need(not ((self.eval_only or self.export_from) and (self.state_path or self.resume_from)),
+             "STATE_PATH and RESUME_FROM are for training; EVAL_ONLY and EXPORT_FROM do not train")
 
 
 PRESETS: dict[str, dict] = {
@@ -669,15 +679,21 @@ def load_val_tokens(cfg: Config) -> torch.Tensor:
 
 
 class TokenStream:
-    """Reads the train shards in a seeded order, end to end, wrapping around; `take(n)` returns the next n tokens."""
+    """Reads the train shards in a seeded order, end to end, wrapping around; `take(n)` returns the next n tokens.
+    `skip` starts where take(skip) would have left it (RESUME_FROM), reading only the shard it lands in."""
 
-    def __init__(self, files: list[Path], seed: int):
-        if count_tokens(files) == 0:  # take() would wait forever for a token
+    def __init__(self, files: list[Path], seed: int, skip: int = 0):
+        sizes = [count_tokens([f]) for f in files]
+        if sum(sizes) == 0:  # take() would wait forever for a token
             raise ValueError(f"the train shards ({', '.join(str(f) for f in files)}) hold no tokens")
-        self.files = list(files)
-        random.Random(seed).shuffle(self.files)
-        self.file_idx, self.pos = 0, 0
-        self.tokens = read_shard(self.files[0])
+        order = list(range(len(files)))
+        random.Random(seed).shuffle(order)
+        self.files = [files[i] for i in order]
+        self.file_idx, self.pos = 0, skip % sum(sizes)
+        while self.pos >= sizes[order[self.file_idx]]:
+            self.pos -= sizes[order[self.file_idx]]
+            self.file_idx += 1
+        self.tokens = read_shard(self.files[self.file_idx])
 
     def take(self, n: int) -> np.ndarray:
         parts, left = [], n
@@ -695,11 +711,12 @@ class TokenStream:
 class TrainLoader:
     """Each micro-step takes one contiguous span per rank from the shared stream; the next batch is prefetched."""
 
-    def __init__(self, cfg: Config, rt: Runtime):
+    def __init__(self, cfg: Config, rt: Runtime, skip: int = 0):
         self.rt = rt
         self.seq_len = cfg.train_seq_len
         self.micro_tokens = cfg.train_batch_tokens // (rt.world_size * rt.grad_accum_steps)
-        self.stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.seed)
+        self.stream = TokenStream(shard_files(cfg.data_path, "train"), cfg.seed, skip)
+        self.consumed = skip  # stream tokens behind the batches handed out (all ranks'; the prefetched one not)
         self.vocab_size = cfg.vocab_size
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.pending = self.pool.submit(self._build)
@@ -717,6 +734,7 @@ class TrainLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.pending.result()
         self.pending = self.pool.submit(self._build)
+        self.consumed += (self.micro_tokens + 1) * self.rt.world_size
         return x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
 
     def close(self) -> None:
@@ -1527,8 +1545,7 @@ class Muon(torch.optim.Optimizer):
         """(shape, its matrices, offset of the shape's block in the flat buffer, this rank's first and end index)."""
         by_shape: dict[tuple, list] = {}
         for p in params:
-            if p.grad is not None:
-                by_shape.setdefault(tuple(p.shape), []).append(p)
+            by_shape.setdefault(tuple(p.shape), []).append(p)
         plan, offset, W, r = [], 0, self.rt.world_size, self.rt.rank
         for shape, ps in by_shape.items():
             n = len(ps)
@@ -1548,7 +1565,7 @@ class Muon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            plan = self._plan(group["params"])
+            plan = self._plan([p for p in group["params"] if p.grad is not None])
             if not plan:
                 continue
             device = plan[0][1][0].device
@@ -1578,6 +1595,39 @@ class Muon(torch.optim.Optimizer):
                     torch._foreach_mul_(ps, 1.0 - group["lr"] * group["weight_decay"])
                 scaled = block.float() * max(1.0, shape[0] / shape[1]) ** 0.5
                 torch._foreach_add_(ps, list(scaled.unbind(0)), alpha=-group["lr"])
+
+    def _own(self) -> set[int]:
+        """ids of the matrices whose state this rank keeps (every matrix has a gradient at every step)."""
+        return {id(p) for g in self.param_groups for _, ps, _, lo, hi in self._plan(g["params"]) for p in ps[lo:hi]}
+
+    def full_state_dict(self) -> dict:
+        """state_dict() with every matrix's state, on every rank: each rank holds its own runs' only, so their sum over
+        the ranks is exact (RESUME_FROM may then run on another number of ranks). A collective on several ranks."""
+        sd = self.state_dict()
+        if not self.rt.distributed:
+            return sd
+        params, own = [p for g in self.param_groups for p in g["params"]], self._own()
+        device = params[0].device
+        for key, shape in (("momentum_buffer", lambda p: p.shape), ("row_second_moment", lambda p: p.shape[:1])):
+            sizes = [math.prod(shape(p)) for p in params]
+            flat, held = torch.zeros(sum(sizes), device=device), torch.zeros(len(params), device=device)
+            for i, (p, piece) in enumerate(zip(params, flat.split(sizes))):
+                if id(p) in own and key in self.state[p]:
+                    piece.copy_(self.state[p][key].flatten())
+                    held[i] = 1
+            dist.all_reduce(flat)
+            dist.all_reduce(held)
+            for i, (p, piece) in enumerate(zip(params, flat.split(sizes))):
+                if held[i]:
+                    sd["state"].setdefault(i, {})[key] = piece.view(shape(p)).clone()
+        return sd
+
+    def load_full_state_dict(self, sd: dict) -> None:
+        """A `full_state_dict` loaded; each rank keeps only its own runs' state."""
+        self.load_state_dict(sd)
+        own = self._own()
+        for p in [p for p in self.state if id(p) not in own]:
+            del self.state[p]
 
 
 # First matching rule wins. Every parameter must match one rule (checked by route_parameters).
@@ -3014,27 +3064,117 @@ class TrainStats:
         return self.tokens / max(self.train_ms / 1000, 1e-9)
 
 
+STATE_FORMAT = "pgolf-gdn-train-state-1"
+STATE_RUN = ("steps", "tokens", "train_ms", "qat_from_step", "data_tokens")  # where the run was, besides its tensors
+
+
+def save_train_state(path: Path, base: nn.Module, opts: Optimizers, emas: list[EMA], stats: TrainStats,
+                     data_tokens: int, cfg: Config, rt: Runtime, log: Logger) -> None:
+    """STATE_PATH: everything RESUME_FROM needs to go on as if never stopped: the weights, every average, both
+    optimizers' state (Muon's gathered from the ranks that hold it), the steps, tokens and clock so far, the QAT
+    switch, the stream position. Rank 0 writes it atomically (a failed write leaves the last one); all ranks take
+    part. Not part of the submission."""
+    t0 = time.perf_counter()
+    muon = opts.muon.full_state_dict()
+    if rt.is_main:
+        payload = dict(format=STATE_FORMAT, model_config=dataclasses.asdict(base.mc), config=dataclasses.asdict(cfg),
+                       weights=base.state_dict(), muon=muon, adam=opts.adam.state_dict(),
+                       emas=[dict(decay=e.decay, updates=e.updates, shadow=e.shadow) for e in emas],
+                       steps=stats.steps, tokens=stats.tokens, train_ms=stats.train_ms,
+                       qat_from_step=stats.qat_from_step, data_tokens=data_tokens)
+        write_atomically(path, lambda f: torch.save(payload, f))
+        log(f"state: {path} ({path.stat().st_size:,} bytes) after step {stats.steps} in "
+            f"{time.perf_counter() - t0:.1f}s, not timed; RESUME_FROM={path} goes on from here")
+    if rt.distributed:
+        dist.barrier()
+
+
+def read_train_state(path: Path, device: torch.device) -> dict:
+    """A STATE_PATH file's contents, on `device`; a clear error for anything else."""
+    if not path.is_file():
+        raise FileNotFoundError(f"RESUME_FROM={path} does not exist")
+    try:  # tensors and plain values only: nothing in the file is executed
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"RESUME_FROM={path} cannot be read, truncated or not a training state "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"RESUME_FROM={path} is not a training state of this script (format {STATE_FORMAT}); "
+                         "CHECKPOINT_PATH files hold only the final weights (EXPORT_FROM reads those)")
+    missing = [k for k in ("model_config", "config", "weights", "muon", "adam", "emas", *STATE_RUN) if k not in state]
+    if missing:
+        raise ValueError(f"RESUME_FROM={path} lacks {missing}")
+    return state
+
+
+def resume_training(path: Path, base: nn.Module, opts: Optimizers, emas: list[EMA], cfg: Config, rt: Runtime,
+                    log: Logger) -> tuple[TrainStats, int]:
+    """RESUME_FROM: the weights, averages and optimizer state put back as STATE_PATH wrote them; returns where the run
+    was and its stream position. The model and its averages must be the file's; every other setting is this run's
+    (the learning rates, the schedule, the cap), and those that differ from the file's are named in the log."""
+    state = read_train_state(path, rt.device)
+    saved = state["model_config"]
+    if saved != dataclasses.asdict(base.mc):
+        diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(base.mc).items() if saved.get(k) != v}
+        raise ValueError(f"RESUME_FROM={path} holds another model: (file, this run) differ in {diff}")
+    if state["qat_from_step"] is not None and not cfg.qat_frac:
+        raise ValueError(f"RESUME_FROM={path} trained with fake quantization from step {state['qat_from_step']} on; "
+                         "set QAT_FRAC (and QAT_CLIP_SIGMAS) as that run did")
+    decays = [e["decay"] for e in state["emas"]]
+    if decays != [e.decay for e in emas]:
+        raise ValueError(f"RESUME_FROM={path} holds averages of decays {decays}; this run keeps "
+                         f"{[e.decay for e in emas]} (EMA_DECAY, then EMA_COMPARE's): set them as that run did")
+    base.load_state_dict(state["weights"])
+    for opt, sd, load in ((opts.muon, state["muon"], opts.muon.load_full_state_dict),
+                          (opts.adam, state["adam"], opts.adam.load_state_dict)):
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        try:
+            load(sd)
+        except ValueError as err:  # another grouping of the parameters (MUON_VARIANT, the routing)
+            raise ValueError(f"RESUME_FROM={path}: its optimizer state does not fit this run's ({err})") from None
+        for g, kept in zip(opt.param_groups, settings):
+            g.update(kept)  # the file's param groups give the shapes; the settings stay this run's
+    with torch.no_grad():
+        for e, saved_ema in zip(emas, state["emas"]):
+            torch._foreach_copy_(e.shadow, saved_ema["shadow"])
+            e.updates = saved_ema["updates"]
+    changed = [f"{k.upper()}={v!r}->{getattr(cfg, k)!r}" for k, v in state["config"].items()
+               if k not in ("resume_from", "run_id") and hasattr(cfg, k) and v != getattr(cfg, k)]
+    log(f"resume: {path} after step {state['steps']} ({state['train_ms']:.0f}ms trained, {state['data_tokens']:,} "
+        "stream tokens read); " + (f"settings changed since (then->now): {', '.join(changed)}" if changed
+                                   else "the settings are the same as then"))
+    stats = TrainStats(steps=state["steps"], tokens=state["tokens"], train_ms=state["train_ms"],
+                       qat_from_step=state["qat_from_step"])
+    return stats, state["data_tokens"]
+
+
 def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], cfg: Config, rt: Runtime,
-          log: Logger, val_tokens: torch.Tensor, tables: ByteTables) -> TrainStats:
-    """The timed loop; every average in `emas` is updated after each step. The timer excludes validation; the budget
-    (MAX_WALLCLOCK_SECONDS less the GPTQ reserve) is checked before each step against the slowest rank's clock, so
-    training stops before the next step would cross it, and the schedule reads the same clock on every rank. With
-    QAT_FRAC, the fake quantization `enable_qat` gave `base` is switched on at the first step in the run's last
-    QAT_FRAC, off for validation, and off again when training ends."""
-    stats, loader = TrainStats(), TrainLoader(cfg, rt)
+          log: Logger, val_tokens: torch.Tensor, tables: ByteTables, start: TrainStats | None = None,
+          data_tokens: int = 0) -> TrainStats:
+    """The timed loop; every average in `emas` is updated after each step. The timer excludes validation and
+    STATE_PATH writes; the budget (MAX_WALLCLOCK_SECONDS less the GPTQ reserve) is checked before each step against
+    the slowest rank's clock, so training stops before the next step would cross it, and the schedule reads the same
+    clock on every rank. With QAT_FRAC, the fake quantization `enable_qat` gave `base` is switched on at the first
+    step in the run's last QAT_FRAC, off for validation, and off again when training ends. A resumed run (`start`,
+    RESUME_FROM) goes on from its steps, clock and QAT switch, reading the stream from `data_tokens` on."""
+    stats, loader = dataclasses.replace(start or TrainStats()), TrainLoader(cfg, rt, data_tokens)
     cap_ms = 1000 * cfg.train_budget_seconds
-    loss_sum = torch.zeros((), device=rt.device)
+    loss_sum, window = torch.zeros((), device=rt.device), 0
+    if stats.qat_from_step is not None:
+        set_qat(base, True)
     sync(rt)
-    t_start, paused_ms = time.perf_counter(), 0.0
+    t_start, paused_ms = time.perf_counter(), -stats.train_ms
 
     def elapsed_ms() -> float:
         return 1000 * (time.perf_counter() - t_start) - paused_ms
 
-    def log_window(n: int) -> None:  # the mean training loss of the last n steps
+    def log_window() -> None:  # the mean training loss of the steps since the last line
+        nonlocal window
         now = elapsed_ms()
-        log(f"step:{stats.steps}/{cfg.iterations} train_loss:{loss_sum.item() / n:.4f} train_time:{now:.0f}ms "
+        log(f"step:{stats.steps}/{cfg.iterations} train_loss:{loss_sum.item() / window:.4f} train_time:{now:.0f}ms "
             f"step_avg:{now / stats.steps:.2f}ms tok/s:{stats.tokens / (now / 1000):.0f}")
         loss_sum.zero_()
+        window = 0
 
     while stats.steps < cfg.iterations:
         if cfg.val_loss_every and stats.steps and stats.steps % cfg.val_loss_every == 0:
@@ -3062,11 +3202,16 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
             ema.update()
         stats.steps += 1
         stats.tokens += cfg.train_batch_tokens
+        window += 1
         sync(rt)
         if stats.steps % cfg.train_log_every == 0 or stats.steps == cfg.iterations:
-            log_window((stats.steps - 1) % cfg.train_log_every + 1)
-    if stats.stopped_by_cap and stats.steps % cfg.train_log_every:  # the steps since the last line: the end of training
-        log_window(stats.steps % cfg.train_log_every)
+            log_window()
+        if cfg.state_every and stats.steps % cfg.state_every == 0 and stats.steps < cfg.iterations:
+            p0, stats.train_ms = time.perf_counter(), elapsed_ms()
+            save_train_state(Path(cfg.state_path), base, opts, emas, stats, loader.consumed, cfg, rt, log)
+            paused_ms += 1000 * (time.perf_counter() - p0)
+    if window:  # the steps since the last line: the end of training under the cap
+        log_window()
     stats.train_ms = elapsed_ms()
     loader.close()
     if stats.qat_from_step is not None:  # what follows (scores, calibration, export) sees the weights themselves
@@ -3407,8 +3552,10 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
     warmup_then_restore(base, model, opts, cfg, rt, log)
     ema = EMA(base, cfg.ema_decay) if cfg.ema_decay > 0 else None
     others = {d: EMA(base, d) if d > 0 else None for d in cfg.ema_compare_decays}  # None: the raw weights
-    stats = train(base, model, opts, [e for e in (ema, *others.values()) if e is not None], cfg, rt, log, val_tokens,
-                  tables)
+    emas = [e for e in (ema, *others.values()) if e is not None]
+    start, data_tokens = (resume_training(Path(cfg.resume_from), base, opts, emas, cfg, rt, log) if cfg.resume_from
+                          else (None, 0))
+    stats = train(base, model, opts, emas, cfg, rt, log, val_tokens, tables, start, data_tokens)
     peak = torch.cuda.max_memory_allocated() / 2**20 if rt.cuda else 0.0
     log(f"train_done steps:{stats.steps} train_time:{stats.train_ms:.0f}ms step_avg:{stats.step_avg_ms:.2f}ms "
         f"tok/s:{stats.tokens_per_s:.0f} stopped_by_cap:{stats.stopped_by_cap} peak_mem:{peak:.0f}MiB")
@@ -3426,7 +3573,7 @@ def train_and_eval(cfg: Config, rt: Runtime, log: Logger, run_id: str, val_token
     summary = dict(steps=stats.steps, train_time_ms=round(stats.train_ms), step_avg_ms=round(stats.step_avg_ms, 2),
                    tokens_per_s=round(stats.tokens_per_s), stopped_by_cap=stats.stopped_by_cap, peak_mem_mib=round(peak),
                    params=count_parameters(base), train_tokens=train_tokens, train_passes=round(passes, 4),
-                   qat_from_step=stats.qat_from_step)
+                   qat_from_step=stats.qat_from_step, resumed_from_step=start.steps if start else None)
     if compared:
         summary["ema_compare"] = compared
     return summary | export_and_score(base, fwd, cfg, rt, log, path, val_tokens, tables, stats.train_ms,

@@ -92,6 +92,35 @@ def test_loader_gives_each_rank_its_own_contiguous_span(tmp_path):
             assert torch.equal(y.flatten(), torch.from_numpy(stream[start + 1: start + span].astype(np.int64)))
 
 
+def test_a_stream_started_at_an_offset_reads_on_as_one_that_took_those_tokens(tmp_path):
+    """RESUME_FROM's stream position: TokenStream(skip=n) goes on where take(n) would have left it, across shard
+    ends, an empty shard and whole passes over the text, in the seeded shard order."""
+    sizes = (37, 0, 50, 13)
+    files = [write_shard(tmp_path / f"fineweb_train_00000{i}.bin", np.arange(n) + 100 * i) for i, n in enumerate(sizes)]
+    order = [f.name for f in tg.TokenStream(files, seed=3).files]
+    assert order != sorted(order)  # the seed reorders them, so the offsets below are counted in its order
+    for skip in (0, 1, 36, 37, 50, 87, 99, 100, 101, 250, 1000):
+        whole = tg.TokenStream(files, seed=3).take(skip + 120)
+        assert np.array_equal(tg.TokenStream(files, seed=3, skip=skip).take(120), whole[skip:]), skip
+
+
+def test_the_loader_counts_the_stream_tokens_behind_its_batches_and_restarts_there(tmp_path):
+    """`consumed` (what STATE_PATH records) counts every rank's spans of the batches handed out, not the prefetched
+    one; a loader started at it hands out the batches the first would have handed out next."""
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(5000) % 1000)
+    cfg = tg.Config(data_path=str(tmp_path), train_batch_tokens=256, train_seq_len=16, vocab_size=1000)
+    rt = tg.Runtime(1, 2, 1, torch.device("cpu"), grad_accum_steps=4)
+    loader = tg.TrainLoader(cfg, rt)
+    first = [loader.next_batch() for _ in range(7)]
+    assert loader.consumed == 7 * 2 * (256 // 8 + 1)
+    resumed = tg.TrainLoader(cfg, rt, skip=3 * 2 * (256 // 8 + 1))
+    assert resumed.consumed == 3 * 2 * (256 // 8 + 1)
+    for a, b in zip(first[3:], [resumed.next_batch() for _ in range(4)]):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    loader.close()
+    resumed.close()
+
+
 def byte_total(sp, tables, text: str) -> int:
     ids = torch.tensor([sp.bos_id()] + sp.encode(text))
     return int(tables.count(ids[:-1], ids[1:]).sum())

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "train_gpt.py"
@@ -395,6 +396,49 @@ def test_torchrun_two_ranks_trains_and_writes_one_artifact(tmp_path, tiny_data, 
     with pytest.raises(ValueError, match="world size x gradient accumulation: 1 x "):
         loss_diff.check_same_batches(loss_diff.read_train_log(trained[0] / "logs" / "e2e.txt"),
                                      loss_diff.read_train_log(tmp_path / "logs" / "ddp.txt"))
+
+
+def final_weights(path: Path) -> dict:
+    return tg.read_checkpoint(path)[1]
+
+
+def test_a_run_resumed_from_its_state_ends_as_the_run_that_went_on(tmp_path, tiny_data):
+    """STATE_EVERY=7 of 12 steps, with QAT on from step 6 and a second average: the run that wrote the state and a
+    run resumed from it end with the same weights, artifact and score, to the bit."""
+    env = {"QAT_FRAC": "0.5", "EMA_COMPARE": "0.5", "TTT_ENABLED": "0"}
+    whole = run_script(tmp_path, {**tiny_env(tiny_data, "whole"), **env, "CHECKPOINT_PATH": "ckpt/whole.pt",
+                                  "STATE_PATH": "state/whole.pt", "STATE_EVERY": "7"})
+    assert "qat: fake quantization on from step 6 " in whole and "state: state/whole.pt (" in whole
+    out = run_script(tmp_path, {**tiny_env(tiny_data, "resumed"), **env, "CHECKPOINT_PATH": "ckpt/resumed.pt",
+                                "RESUME_FROM": "state/whole.pt"})
+    assert "resume: state/whole.pt after step 7 (" in out and "step:4/" not in out and f"step:{STEPS}/" in out
+    a, b = final_weights(tmp_path / "ckpt" / "whole.pt"), final_weights(tmp_path / "ckpt" / "resumed.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    art = tmp_path / "artifacts"
+    assert (art / "whole.pgz").read_bytes() == (art / "resumed.pgz").read_bytes()
+    tag = SLIDING
+    assert exact_line(out, tag) == exact_line(whole, tag)
+    s, t = summary(whole), summary(out)
+    assert (t["steps"], t["qat_from_step"], t["ema_compare"]) == (s["steps"], s["qat_from_step"], s["ema_compare"])
+    assert (t["steps"], t["qat_from_step"], t["resumed_from_step"], s["resumed_from_step"]) == (STEPS, 6, 7, None)
+    assert t["train_passes"] == s["train_passes"]  # the tokens of the steps before the resume counted
+
+
+def test_torchrun_resumes_on_two_ranks_to_the_bit_and_on_one_rank_from_a_two_rank_state(tmp_path, tiny_data):
+    """A two-rank run writes its state (Muon's momentum gathered from both ranks) at step 7; resumed on two ranks it
+    ends as the run did, to the bit; resumed on one rank with twice the accumulation (the same sequences in each
+    step) it ends within float rounding of it, which it could not with either rank's Muon state missing."""
+    env = {"TTT_ENABLED": "0", "GRAD_ACCUM_STEPS": "2"}
+    run_script(tmp_path, {**tiny_env(tiny_data, "two"), **env, "CHECKPOINT_PATH": "ckpt/two.pt",
+                          "STATE_PATH": "state/two.pt", "STATE_EVERY": "7"}, torchrun=2)
+    run_script(tmp_path, {**tiny_env(tiny_data, "two_again"), **env, "CHECKPOINT_PATH": "ckpt/two_again.pt",
+                          "RESUME_FROM": "state/two.pt"}, torchrun=2)
+    one = run_script(tmp_path, {**tiny_env(tiny_data, "one"), **env, "GRAD_ACCUM_STEPS": "4",
+                                "CHECKPOINT_PATH": "ckpt/one.pt", "RESUME_FROM": "state/two.pt"})
+    assert "GRAD_ACCUM_STEPS=2->4" in one
+    two, again, single = (final_weights(tmp_path / "ckpt" / f"{n}.pt") for n in ("two", "two_again", "one"))
+    assert all(torch.equal(two[k], again[k]) for k in two)
+    assert max((two[k].float() - single[k].float()).abs().max().item() for k in two) < 1e-5
 
 
 def test_loss_diff_reads_the_scripts_training_losses(trained, tmp_path, tiny_data):

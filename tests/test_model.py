@@ -302,6 +302,47 @@ def test_muon_on_two_ranks_matches_one_rank(tmp_path, row_beta2):
     assert torch.allclose(w1, w2, atol=1e-6)
 
 
+def _muon_state_worker(rank, world, out_path, row_beta2):
+    """Three Muon steps on the same gradients; every rank saves the state full_state_dict gathers, how many
+    matrices' state it held itself, and how many a fresh Muon on these ranks keeps after loading the gathered one."""
+    torch.manual_seed(4)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in MUON_SHAPES]
+    rt = tg.Runtime(rank, world, rank, torch.device("cpu"), 1)
+    opt = tg.Muon(params, lr=0.05, momentum=0.9, ns_steps=5, weight_decay=0.01, rt=rt, row_beta2=row_beta2)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+    held = len(opt.state)
+    full = opt.full_state_dict()
+    fresh = tg.Muon([torch.nn.Parameter(p.detach().clone()) for p in params], lr=0.05, momentum=0.9, ns_steps=5,
+                    weight_decay=0.01, rt=rt, row_beta2=row_beta2)
+    fresh.load_full_state_dict(full)
+    torch.save((full["state"], held, len(fresh.state)), f"{out_path}.{rank}")
+
+
+@pytest.mark.parametrize("row_beta2", [0.0, 0.9], ids=["muon", "normuon"])
+def test_muons_state_gathered_from_two_ranks_is_one_ranks_state(tmp_path, row_beta2):
+    """STATE_PATH's Muon state: on two ranks each holds the momentum (and NorMuon's row moments) of its own run of
+    each shape; full_state_dict gives every rank the state one rank would hold after the same steps, and a Muon
+    loading it keeps its own runs' state only, so a resumed run can gather it again."""
+    states = {}
+    for world in (1, 2):
+        spawn_ranks(_muon_state_worker, world, str(tmp_path / f"world{world}.pt"), row_beta2)
+        states[world] = [torch.load(tmp_path / f"world{world}.pt.{r}") for r in range(world)]
+    one, held, kept = states[1][0]
+    assert held == kept == len(one) == len(MUON_SHAPES)
+    keys = {"momentum_buffer", "row_second_moment"} if row_beta2 else {"momentum_buffer"}
+    for full, held, kept in states[2]:
+        assert 0 < held == kept < len(MUON_SHAPES)  # each rank held and keeps part of the state
+        assert sorted(full) == sorted(one)
+        for i in one:
+            assert set(full[i]) == set(one[i]) == keys
+            for key in keys:
+                assert torch.allclose(full[i][key], one[i][key], atol=1e-6), (i, key)
+    assert sum(held for _, held, _ in states[2]) == len(MUON_SHAPES)
+
+
 def _ddp_graphs_worker(rank, world, overlap, out_path):
     """Counts the graphs dynamo compiles for a model of two 8 MiB layers (each used twice), compiled, then wrapped
     in DDP by wrap_ddp."""
@@ -490,7 +531,7 @@ def test_a_run_stopped_by_the_cap_logs_its_last_partial_window(monkeypatch):
                               "ITERATIONS": "100"})
     losses = iter(range(1, 100))  # step i's loss is i
     monkeypatch.setattr(tg, "train_step", lambda *args: torch.tensor(float(next(losses))))
-    monkeypatch.setattr(tg, "TrainLoader", lambda cfg, rt: types.SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(tg, "TrainLoader", lambda cfg, rt, skip=0: types.SimpleNamespace(close=lambda: None))
     asked = []
     # the clock every rank reads: 0 ms until the cap is hit before step 7
     monkeypatch.setattr(tg, "_rank_max", lambda ms, rt: asked.append(ms) or (1e12 if len(asked) > 7 else 0.0))

@@ -139,7 +139,7 @@ def test_train_switches_qat_on_for_the_last_fraction_and_off_for_validation_and_
     seen_by_steps, seen_by_val = [], []
     monkeypatch.setattr(tg, "train_step",
                         lambda *args: seen_by_steps.append(tg.qat_is_on(model)) or torch.tensor(1.0))
-    monkeypatch.setattr(tg, "TrainLoader", lambda cfg, rt: types.SimpleNamespace(close=lambda: None))
+    monkeypatch.setattr(tg, "TrainLoader", lambda cfg, rt, skip=0: types.SimpleNamespace(close=lambda: None))
     monkeypatch.setattr(tg, "evaluate", lambda *args: seen_by_val.append(tg.qat_is_on(model))
                         or types.SimpleNamespace(line=lambda tag: f"{tag} val"))
     lines = []
@@ -163,7 +163,7 @@ def _skewed_clock_worker(rank, world, out_dir):
     tg.time = types.SimpleNamespace(perf_counter=lambda: next(readings) * 0.001 * (1 + rank))
     seen = []
     tg.train_step = lambda *args: seen.append((args[-1], tg.qat_is_on(model))) or torch.tensor(1.0)
-    tg.TrainLoader = lambda cfg, rt: types.SimpleNamespace(close=lambda: None)
+    tg.TrainLoader = lambda cfg, rt, skip=0: types.SimpleNamespace(close=lambda: None)
     stats = tg.train(model, None, None, [], cfg, tg.Runtime(rank, world, rank, torch.device("cpu"), 1),
                      lambda msg: None, None, None)
     torch.save((seen, stats.steps, stats.stopped_by_cap), f"{out_dir}/rank{rank}.pt")
