@@ -231,3 +231,37 @@ def test_compiled_sliding_ttt_matches_eager_ttt(mode):
     assert abs(eager.loss - base.loss) > 10 * abs(fast.loss - eager.loss)  # TTT moved the score; both moved alike
     moved = (weights[0] - torch.cat([p.detach().float().flatten() for p in untouched.parameters()])).norm()
     assert (weights[1] - weights[0]).norm() < 0.05 * moved  # the same adaptation steps, to bf16 rounding
+
+
+@cuda
+def test_a_run_resumed_on_the_gpu_goes_on_as_the_run_that_wrote_its_state(tmp_path, tiny_data):
+    """STATE_PATH / RESUME_FROM on CUDA (fused Adam, bf16 autocast, pinned batches): the tiny preset trains 12 steps
+    writing its state at step 7, with QAT on from step 6; a model of other initial weights resumed from it ends where
+    the run that went on ended, far closer than the five steps after the write moved it."""
+    env = {"PRESET": "tiny", "DATA_PATH": tiny_data["data_path"], "VOCAB_SIZE": str(tiny_data["vocab_size"]),
+           "QAT_FRAC": "0.5"}
+    path = tmp_path / "state.pt"
+    writes = tg.Config.from_env({**env, "STATE_PATH": str(path), "STATE_EVERY": "7"})
+    cfg = tg.Config.from_env(env)
+    rt = tg.Runtime(0, 1, 0, torch.device("cuda"), cfg.grad_accum_steps)
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa")).cuda()
+        tg.enable_qat(model, cfg)
+        return model, tg.build_optimizers(model, cfg, rt), [tg.EMA(model, cfg.ema_decay)]
+
+    def flat(tensors):
+        return torch.cat([t.detach().float().flatten() for t in tensors])
+
+    model, opts, emas = build(0)
+    tg.train(model, model, opts, emas, writes, rt, tg.Logger(None), None, None)
+    at_write = flat(torch.load(path, map_location="cuda", weights_only=True)["weights"].values())
+    resumed, r_opts, r_emas = build(1)
+    start, data_tokens = tg.resume_training(path, resumed, r_opts, r_emas, cfg, rt, tg.Logger(None))
+    stats = tg.train(resumed, resumed, r_opts, r_emas, cfg, rt, tg.Logger(None), None, None, start, data_tokens)
+    assert (start.steps, stats.steps, stats.qat_from_step) == (7, cfg.iterations, 6)
+    went_on = flat(model.state_dict().values())
+    moved = (went_on - at_write).abs().max()
+    assert moved > 0 and (flat(resumed.state_dict().values()) - went_on).abs().max() < 1e-3 * moved
+    assert (flat(r_emas[0].shadow) - flat(emas[0].shadow)).abs().max() < 1e-3 * moved
