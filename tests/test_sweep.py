@@ -108,6 +108,8 @@ def test_runs_wait_for_a_free_slot_and_never_share_one(tmp_path):
      "artifacts/fine.pgz would be written by RUN_ID=fine (ARTIFACT_PATH) and by RUN_ID=b (ARTIFACT_PATH)"),
     (["RUN_ID=a CHECKPOINT_PATH=ck/a.pt", "RUN_ID=b CHECKPOINT_PATH=ck/../ck/a.pt"],
      "ck/a.pt would be written by RUN_ID=a (CHECKPOINT_PATH) and by RUN_ID=b (CHECKPOINT_PATH)"),
+    (["RUN_ID=a STATE_PATH=st/a.pt STATE_EVERY=100", "RUN_ID=b STATE_PATH=st/a.pt STATE_EVERY=50"],
+     "st/a.pt would be written by RUN_ID=a (STATE_PATH) and by RUN_ID=b (STATE_PATH)"),
     (["RUN_ID=a QUANT_COMPARE=1", "RUN_ID=b ARTIFACT_PATH=artifacts/a_rtn.pgz"],
      "artifacts/a_rtn.pgz would be written by RUN_ID=a (QUANT_COMPARE's rtn artifact) and by RUN_ID=b"),
 ])
@@ -199,6 +201,12 @@ def test_a_rescoring_row_lists_only_evaluation_settings_and_no_training_seed(tmp
                    + f"summary {json.dumps(summary)}\n")
     row = dict(zip(sweep.COLUMNS, sweep.table_row(read_log(log))))
     assert row["seed"] == "1337" and "LAYOUT=GGGG" in row["settings beyond the defaults"]
+    # writing or resuming from a training state changes nothing trained: never listed
+    log.write_text("".join(f"config {c}\n" for c in config if not c.startswith("EVAL_ONLY"))
+                   + "config STATE_PATH=s.pt\nconfig STATE_EVERY=500\nconfig RESUME_FROM=s.pt\n"
+                   + f"summary {json.dumps(summary)}\n")
+    listed = dict(zip(sweep.COLUMNS, sweep.table_row(read_log(log))))["settings beyond the defaults"]
+    assert "LAYOUT=GGGG" in listed and "STATE" not in listed and "RESUME" not in listed
 
 
 def test_an_export_from_row_lists_export_and_evaluation_settings_and_no_training_seed(tmp_path):

@@ -214,6 +214,7 @@ def _summary_run(seed, **over):
     ({"budget_used_ms": 600_001}, False),
     ({"total_bytes": 16_000_001}, False),  # over the limit: never labelled a record, whatever the GPUs
     ({"final": dict(bpb=1.1, loss=1.9, seconds=601.0)}, False),  # evaluation over 600 s
+    ({"resumed_from_step": 3000}, False),  # RESUME_FROM: the log holds only the training after step 3000
 ])
 def test_submission_is_a_record_only_when_every_check_holds(over, record):
     import argparse
@@ -225,6 +226,8 @@ def test_submission_is_a_record_only_when_every_check_holds(over, record):
     sub = ms.build([_summary_run(1, **(over if hardware else {})), _summary_run(2, **over)], args)
     assert (sub["track"] == "10min_16mb") == record
     assert all(sub["compliance"].values()) == (record or hardware)
+    if "resumed_from_step" in over:  # said per seed, and only where it happened
+        assert sub["seed_results"]["2"]["resumed_from_step"] == 3000 and "resumed_from_step" not in sub["seed_results"]["1"]
 
 
 @pytest.mark.parametrize("over,differs", [
@@ -244,7 +247,8 @@ def test_a_submission_is_seeds_of_one_configuration(over, differs):
     args = argparse.Namespace(author="a", github_id="g", name="n", blurb="b", date="2026-11-30", technique="t")
     with pytest.raises(ValueError, match=re.escape(f"s1.txt and s2.txt are not seeds of one configuration: {differs}")):
         ms.build([_summary_run(1), _summary_run(2, **over)], args)
-    per_seed = {"LAYOUT": "AAGA", "SEED": "2", "RUN_ID": "b", "ARTIFACT_PATH": "x.pgz", "DATA_PATH": "/d"}
+    per_seed = {"LAYOUT": "AAGA", "SEED": "2", "RUN_ID": "b", "ARTIFACT_PATH": "x.pgz", "DATA_PATH": "/d",
+                "STATE_PATH": "s.pt", "STATE_EVERY": "500", "RESUME_FROM": "s.pt"}
     assert ms.build([_summary_run(1), _summary_run(2, config=per_seed)], args)["seeds"] == [1, 2]
 
 

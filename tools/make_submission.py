@@ -26,7 +26,8 @@ LIMIT_BYTES = 16_000_000
 TRAIN_LIMIT_MS = 600_000
 EVAL_LIMIT_S = 600.0
 RECORD_GPUS = 8
-PER_SEED_SETTINGS = {"SEED", "RUN_ID", "ARTIFACT_PATH", "CHECKPOINT_PATH", "DATA_PATH", "TOKENIZER_PATH"}
+PER_SEED_SETTINGS = {"SEED", "RUN_ID", "ARTIFACT_PATH", "CHECKPOINT_PATH", "DATA_PATH", "TOKENIZER_PATH",
+                     "STATE_PATH", "STATE_EVERY", "RESUME_FROM"}  # the last three never change what is trained
 
 
 def record_hardware(run: dict) -> bool:
@@ -126,6 +127,7 @@ def build(runs: list[dict], args: argparse.Namespace) -> dict:
         score_first_ttt=True,  # train_gpt.py never adapts before scoring
         full_validation_split=True,
         scored_from_artifact_on_disk=True,
+        training_in_one_log=all(r.get("resumed_from_step") is None for r in runs),  # RESUME_FROM: the rest is elsewhere
     )
     record = all(record_hardware(r) for r in runs) and all(compliance.values())
     return dict(
@@ -139,7 +141,9 @@ def build(runs: list[dict], args: argparse.Namespace) -> dict:
         seed_results={str(r["seed"]): dict(val_loss=r["final"]["loss"], val_bpb=r["final"]["bpb"],
                                            artifact_bytes=r["total_bytes"], steps=r["steps"],
                                            step_avg_ms=r["step_avg_ms"], eval_time_s=round(eval_seconds(r), 2),
-                                           log=r["log"]) for r in runs},
+                                           log=r["log"], **({"resumed_from_step": r["resumed_from_step"]}
+                                                            if r.get("resumed_from_step") is not None else {}))
+                       for r in runs},
         bytes_total=max(r["total_bytes"] for r in runs),
         bytes_code=max(r["code_bytes"] for r in runs),
         hardware=f"{runs[0]['world_size']}x {runs[0]['device']}",

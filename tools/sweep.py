@@ -58,7 +58,8 @@ import train_gpt as tg  # noqa: E402
 from make_submission import NoSummaryError, last_run, read_log, trained  # noqa: E402
 
 # Settings that name a run or its files rather than what was trained; the table never lists them as changes.
-NOT_SETTINGS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH", "CHECKPOINT_PATH"}
+NOT_SETTINGS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH", "CHECKPOINT_PATH", "STATE_PATH", "STATE_EVERY",
+                "RESUME_FROM"}
 EVAL_SETTINGS = ("EVAL_", "TTT_", "STREAM_", "ARTIFACT_PATH", "VAL_MAX_TOKENS")  # what a rescoring's row lists
 EXPORT_SETTINGS = EVAL_SETTINGS + ("EXPORT_FROM", "QUANT_", "GPTQ_", "MATRIX_BITS", "MATRIX_CLIP_", "EMBED_BITS",
                                    "EMBED_CLIP_SIGMAS", "COMPRESSOR", "PACKING")  # ... and an EXPORT_FROM run's
@@ -96,7 +97,7 @@ def parse_config(text: str) -> dict[str, str]:
 def written_files(cfg: tg.Config, workdir: Path) -> dict[Path, str]:
     """The files a run writes besides its log and console, each with the setting that names it: its artifact (and
     with QUANT_COMPARE the round-to-nearest one beside it) unless it is EVAL_ONLY, which reads ARTIFACT_PATH; a
-    training run's CHECKPOINT_PATH."""
+    training run's CHECKPOINT_PATH and STATE_PATH."""
     files = {}
     if not cfg.eval_only:
         artifact = tg.artifact_path(cfg, cfg.run_id)
@@ -105,6 +106,8 @@ def written_files(cfg: tg.Config, workdir: Path) -> dict[Path, str]:
             files[tg.rtn_artifact_path(artifact)] = "QUANT_COMPARE's rtn artifact"
     if cfg.checkpoint_path and not cfg.model_from_file:
         files[Path(cfg.checkpoint_path)] = "CHECKPOINT_PATH"
+    if cfg.state_path:
+        files[Path(cfg.state_path)] = "STATE_PATH"
     return {(workdir / path).resolve(): what for path, what in files.items()}
 
 
