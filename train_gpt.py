@@ -3072,8 +3072,8 @@ def save_train_state(path: Path, base: nn.Module, opts: Optimizers, emas: list[E
                      data_tokens: int, cfg: Config, rt: Runtime, log: Logger) -> None:
     """STATE_PATH: everything RESUME_FROM needs to go on as if never stopped: the weights, every average, both
     optimizers' state (Muon's gathered from the ranks that hold it), the steps, tokens and clock so far, the QAT
-    switch, the stream position. Rank 0 writes it atomically (a failed write leaves the last one); all ranks take
-    part. Not part of the submission."""
+    switch, the stream position. Rank 0 writes it atomically; a write that fails (disk full) is a warning, the last
+    state stays, and training goes on. All ranks take part. Not part of the submission."""
     t0 = time.perf_counter()
     muon = opts.muon.full_state_dict()
     if rt.is_main:
@@ -3082,9 +3082,13 @@ def save_train_state(path: Path, base: nn.Module, opts: Optimizers, emas: list[E
                        emas=[dict(decay=e.decay, updates=e.updates, shadow=e.shadow) for e in emas],
                        steps=stats.steps, tokens=stats.tokens, train_ms=stats.train_ms,
                        qat_from_step=stats.qat_from_step, data_tokens=data_tokens)
-        write_atomically(path, lambda f: torch.save(payload, f))
-        log(f"state: {path} ({path.stat().st_size:,} bytes) after step {stats.steps} in "
-            f"{time.perf_counter() - t0:.1f}s, not timed; RESUME_FROM={path} goes on from here")
+        try:
+            write_atomically(path, lambda f: torch.save(payload, f))
+            log(f"state: {path} ({path.stat().st_size:,} bytes) after step {stats.steps} in "
+                f"{time.perf_counter() - t0:.1f}s, not timed; RESUME_FROM={path} goes on from here")
+        except OSError as err:
+            log(f"WARNING: STATE_PATH={path} was not written after step {stats.steps} ({type(err).__name__}: {err}); "
+                "training goes on, and the last state written stays")
     if rt.distributed:
         dist.barrier()
 
