@@ -11,8 +11,8 @@ Launch:
     rescore an artifact:    EVAL_ONLY=1 ARTIFACT_PATH=artifacts/<run>.pgz python train_gpt.py
     export again:           CHECKPOINT_PATH=ckpt/<run>.pt when training, then EXPORT_FROM=ckpt/<run>.pt (other export
                             settings) python train_gpt.py
-    resume a long run:      STATE_PATH=ckpt/<run>.state STATE_EVERY=500 when training; after a crash the same command
-                            with RESUME_FROM=ckpt/<run>.state goes on from the last write
+    resume a long run:      STATE_PATH=ckpt/<run>.state STATE_EVERY=500 when training (on one process Ctrl-C writes it
+                            too, and stops); then the same command with RESUME_FROM=ckpt/<run>.state goes on from it
 
 Sections, in the order data flows:
     1 config · 2 runtime and logging · 3 data and byte tables · 4 layers · 5 sequence mixers (GDN, attention; each
@@ -3069,12 +3069,13 @@ STATE_RUN = ("steps", "tokens", "train_ms", "qat_from_step", "data_tokens")  # w
 
 
 def save_train_state(path: Path, base: nn.Module, opts: Optimizers, emas: list[EMA], stats: TrainStats,
-                     data_tokens: int, cfg: Config, rt: Runtime, log: Logger) -> None:
+                     data_tokens: int, cfg: Config, rt: Runtime, log: Logger) -> bool:
     """STATE_PATH: everything RESUME_FROM needs to go on as if never stopped: the weights, every average, both
     optimizers' state (Muon's gathered from the ranks that hold it), the steps, tokens and clock so far, the QAT
     switch, the stream position. Rank 0 writes it atomically; a write that fails (disk full) is a warning, the last
-    state stays, and training goes on. All ranks take part. Not part of the submission."""
-    t0 = time.perf_counter()
+    state stays, and training goes on. All ranks take part; returns whether it was written (on rank 0). Not part of
+    the submission."""
+    t0, written = time.perf_counter(), True
     muon = opts.muon.full_state_dict()
     if rt.is_main:
         payload = dict(format=STATE_FORMAT, model_config=dataclasses.asdict(base.mc), config=dataclasses.asdict(cfg),
@@ -3087,10 +3088,12 @@ def save_train_state(path: Path, base: nn.Module, opts: Optimizers, emas: list[E
             log(f"state: {path} ({path.stat().st_size:,} bytes) after step {stats.steps} in "
                 f"{time.perf_counter() - t0:.1f}s, not timed; RESUME_FROM={path} goes on from here")
         except OSError as err:
+            written = False
             log(f"WARNING: STATE_PATH={path} was not written after step {stats.steps} ({type(err).__name__}: {err}); "
                 "training goes on, and the last state written stays")
     if rt.distributed:
         dist.barrier()
+    return written
 
 
 def read_train_state(path: Path, device: torch.device) -> dict:
@@ -3152,6 +3155,30 @@ def resume_training(path: Path, base: nn.Module, opts: Optimizers, emas: list[EM
     return stats, state["data_tokens"]
 
 
+@contextlib.contextmanager
+def stop_signals(cfg: Config, rt: Runtime):
+    """With STATE_PATH on one process, SIGINT (Ctrl-C) and SIGTERM during training are recorded in the list this
+    yields, for the loop to write the state after the step in progress and stop; a second one stops at once. The
+    handlers before are put back afterwards. Under torchrun the ranks would first have to agree on a step, so there
+    the signals act as always."""
+    got: list[int] = []
+
+    def record(signum, frame):
+        if got:
+            raise KeyboardInterrupt(f"signal {signum} again: stopped without writing the state")
+        got.append(signum)
+
+    if not cfg.state_path or rt.distributed:
+        yield got
+        return
+    before = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], cfg: Config, rt: Runtime,
           log: Logger, val_tokens: torch.Tensor, tables: ByteTables, start: TrainStats | None = None,
           data_tokens: int = 0) -> TrainStats:
@@ -3161,6 +3188,14 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
     clock on every rank. With QAT_FRAC, the fake quantization `enable_qat` gave `base` is switched on at the first
     step in the run's last QAT_FRAC, off for validation, and off again when training ends. A resumed run (`start`,
     RESUME_FROM) goes on from its steps, clock and QAT switch, reading the stream from `data_tokens` on."""
+    with stop_signals(cfg, rt) as stop:
+        return _train(base, model, opts, emas, cfg, rt, log, val_tokens, tables, start, data_tokens, stop)
+
+
+def _train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], cfg: Config, rt: Runtime,
+           log: Logger, val_tokens: torch.Tensor, tables: ByteTables, start: TrainStats | None, data_tokens: int,
+           stop: list[int]) -> TrainStats:
+    """`train`'s loop; `stop` holds the signals received (stop_signals)."""
     stats, loader = dataclasses.replace(start or TrainStats()), TrainLoader(cfg, rt, data_tokens)
     cap_ms = 1000 * cfg.train_budget_seconds
     loss_sum, window = torch.zeros((), device=rt.device), 0
@@ -3210,10 +3245,15 @@ def train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA], 
         sync(rt)
         if stats.steps % cfg.train_log_every == 0 or stats.steps == cfg.iterations:
             log_window()
-        if cfg.state_every and stats.steps % cfg.state_every == 0 and stats.steps < cfg.iterations:
+        if stop or (cfg.state_every and stats.steps % cfg.state_every == 0 and stats.steps < cfg.iterations):
             p0, stats.train_ms = time.perf_counter(), elapsed_ms()
-            save_train_state(Path(cfg.state_path), base, opts, emas, stats, loader.consumed, cfg, rt, log)
+            written = save_train_state(Path(cfg.state_path), base, opts, emas, stats, loader.consumed, cfg, rt, log)
             paused_ms += 1000 * (time.perf_counter() - p0)
+            if stop:
+                loader.close()
+                raise SystemExit(f"stopped by signal {stop[0]} after step {stats.steps}: " + (
+                    f"RESUME_FROM={cfg.state_path} goes on from it" if written else
+                    f"its state was not written (above); RESUME_FROM={cfg.state_path} goes on from the last one"))
     if window:  # the steps since the last line: the end of training under the cap
         log_window()
     stats.train_ms = elapsed_ms()

@@ -2,6 +2,8 @@
 for a file that does not fit the run. The whole path (a run resumed ends as the uninterrupted run, on one and two
 ranks) is in test_end_to_end.py."""
 
+import os
+import signal
 import types
 
 import pytest
@@ -164,3 +166,55 @@ def test_a_resumed_run_goes_on_from_its_clock_steps_and_qat_switch(monkeypatch):
     assert 0.75 < lrs[0] < 0.8  # 60% of the budget gone: 0.2 of the warmdown's half done, and a step more
     assert stats.stopped_by_cap and 950 < stats.train_ms <= 1000 and stats.qat_from_step == 45
     assert stats.tokens == stats.steps * cfg.train_batch_tokens
+
+
+def test_ctrl_c_on_one_process_finishes_the_step_writes_the_state_and_stops(tmp_path, tiny_data, monkeypatch):
+    """With STATE_PATH on one process, SIGINT during step 5 lets the step finish, writes the state (STATE_EVERY
+    would not have: 100) and stops, the handlers put back; resumed, the run ends with the weights of a run never
+    stopped. A second signal stops at once; without STATE_PATH, Ctrl-C is Python's KeyboardInterrupt as always."""
+    env = {"PRESET": "tiny", "DATA_PATH": tiny_data["data_path"], "VOCAB_SIZE": str(tiny_data["vocab_size"])}
+    path = tmp_path / "state.pt"
+    writes, plain = tg.Config.from_env({**env, "STATE_PATH": str(path), "STATE_EVERY": "100"}), tg.Config.from_env(env)
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), plain.grad_accum_steps)
+
+    def build():
+        torch.manual_seed(0)
+        model = tg.GPT(tg.ModelConfig.from_config(plain), tg.Backends("torch", "sdpa"))
+        return model, tg.build_optimizers(model, plain, rt), [tg.EMA(model, plain.ema_decay)]
+
+    real_step, handler = tg.train_step, signal.getsignal(signal.SIGINT)
+
+    def interrupted(times):
+        def step(*args):
+            if args[5] == 4:  # the 5th step, before its work
+                for _ in range(times):
+                    os.kill(os.getpid(), signal.SIGINT)
+            return real_step(*args)
+        return step
+
+    log = tg.Logger(tmp_path / "log.txt")
+    model, opts, emas = build()
+    monkeypatch.setattr(tg, "train_step", interrupted(1))
+    with pytest.raises(SystemExit, match=f"stopped by signal {int(signal.SIGINT)} after step 5: RESUME_FROM=.*state.pt "
+                                         "goes on from it"):
+        tg.train(model, model, opts, emas, writes, rt, log, None, None)
+    assert signal.getsignal(signal.SIGINT) is handler and "after step 5 in" in (tmp_path / "log.txt").read_text()
+    monkeypatch.setattr(tg, "train_step", real_step)
+    whole, w_opts, w_emas = build()
+    tg.train(whole, whole, w_opts, w_emas, plain, rt, log, None, None)
+    resumed, r_opts, r_emas = build()
+    start, data_tokens = tg.resume_training(path, resumed, r_opts, r_emas, plain, rt, log)
+    assert start.steps == 5
+    stats = tg.train(resumed, resumed, r_opts, r_emas, plain, rt, log, None, None, start, data_tokens)
+    assert stats.steps == plain.iterations
+    assert all(torch.equal(a, b) for a, b in zip(whole.parameters(), resumed.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(w_emas[0].shadow, r_emas[0].shadow))
+    before = path.read_bytes()
+    for times, cfg, error, needle in ((2, writes, KeyboardInterrupt, "again: stopped without writing the state"),
+                                      (1, plain, KeyboardInterrupt, None)):
+        model, opts, emas = build()
+        monkeypatch.setattr(tg, "train_step", interrupted(times))
+        with pytest.raises(error, match=needle):
+            tg.train(model, model, opts, emas, cfg, rt, log, None, None)
+        assert signal.getsignal(signal.SIGINT) is handler
+    assert path.read_bytes() == before  # neither wrote a state
