@@ -153,6 +153,20 @@ def test_bench_ddp_times_the_step_and_its_parts_on_two_ranks(tmp_path):
     assert all(v > 0 for v in bench["phases_ms"].values()) and bench["loop_ms_per_step"] > 0
 
 
+def test_bench_state_writes_reads_back_and_removes_the_state(tmp_path):
+    """tools/bench_state.py on the tiny preset with a second average: each pass writes the state (the same size
+    each time), reads it into a fresh model with the weights back, and the file is gone at the end."""
+    env = {**os.environ, "PRESET": "tiny", "EMA_COMPARE": "0.5", "BENCH_REPEATS": "2", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_state.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    passes = re.findall(r"^pass \d: ([\d,]+) bytes, written in [\d.]+ s, read back in [\d.]+ s, weights back: True$",
+                        proc.stdout, flags=re.M)
+    assert len(passes) == 2 and len(set(passes)) == 1, proc.stdout
+    assert "2 averages" in proc.stdout and f"state: {passes[0]} bytes (" in proc.stdout
+    assert not (tmp_path / "bench_state.pt").exists()
+
+
 def test_bench_muon_times_every_variant_in_alternating_passes(tmp_path):
     """tools/bench_muon.py on the tiny preset's matrices: the groups of each variant (normuon_gdn: the GDN mixers'
     matrices with normuon, the rest plain), every pass timing muon, normuon, normuon_gdn, then the summary."""
