@@ -1303,14 +1303,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, state: dict | None = None, stream: StreamContext | None = None):
         """x (B, T, D) -> (B, T, D). With `state` (streaming), attends over the carried keys too and updates them."""
         B, T, _ = x.shape
-        offset = 0 if stream is None else stream.offset
-        q = rms_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim))
-        k = rms_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim))
+        q, k = self.queries_keys(x, 0 if stream is None else stream.offset)
         v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
-        if self.q_gain is not None:
-            q = q * self.q_gain[:, None]  # (H, 1): each head's queries
         q, k = q.to(v.dtype), k.to(v.dtype)
         if state is None:
             y = attention(q, k, v, self.window, self.backend)
@@ -1322,6 +1316,18 @@ class Attention(nn.Module):
             gate = self.head_gate(x)  # (B, T, H); the sigmoid in fp32 at least (bf16 under autocast)
             y = y * torch.sigmoid(gate.to(torch.promote_types(gate.dtype, torch.float32))).to(y.dtype)[..., None]
         return self.o_proj(y.reshape(B, T, self.heads * self.head_dim))
+
+    def queries_keys(self, x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q (B, T, H, hd), k (B, T, KV, hd)) as attention uses them: RMS-normed, rotated from position `offset`,
+        q times its head's gain."""
+        B, T, _ = x.shape
+        q = rms_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim))
+        k = rms_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim))
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        if self.q_gain is not None:
+            q = q * self.q_gain[:, None]  # (H, 1): each head's queries
+        return q, k
 
     def _attend_with_cache(self, q, k, v, state: dict, stream: StreamContext) -> torch.Tensor:
         """Keys are the carried ones (up to window-1, fewer at the stream start), then this segment's. Without
