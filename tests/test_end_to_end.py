@@ -513,6 +513,22 @@ def test_quant_damage_tool_scores_the_checkpoint_as_the_script_does(trained, tin
     assert scores["embedding int8 at 4 sigmas"] != embed
 
 
+def test_attention_sharpness_tool_reads_the_artifact_and_scores_every_attention_call(trained, tiny_data):
+    """tools/attn_sharpness.py on the run's artifact (GSGs: an S layer and its shared copy, window 16, heads 16
+    wide): one row per attention call, each under its bound sqrt(16) = 4, with its window and one figure per head."""
+    cwd, _ = trained
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **tiny_env(tiny_data, "unused")}
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "attn_sharpness.py"), str(cwd / "artifacts" / "e2e.pgz"),
+                           "--seqs", "2", "--seq-len", "64", "--skip", "8"], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("attn_sharpness "))[15:])
+    assert [(m["window"], m["bound"], len(m["head_p99"])) for m in out["mixers"]] == [(16, 4.0, 4)] * 2
+    for m in out["mixers"]:
+        assert 0 < m["top_logit"][0] <= m["top_logit"][1] <= m["top_logit"][2] <= 4.0
+        assert 1 / 16 <= m["top_p"][0] <= m["top_p"][1] <= 1 and 0 < m["entropy"] <= math.log(16)
+
+
 def test_context_tool_splits_the_scripts_own_scores(trained, tiny_data):
     """tools/eval_by_context.py: its two totals are the script's EVAL_ONLY scores in those modes, and its rows
     partition the targets, bytes and losses of both."""

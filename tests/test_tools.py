@@ -153,6 +153,30 @@ def test_bench_ddp_times_the_step_and_its_parts_on_two_ranks(tmp_path):
     assert all(v > 0 for v in bench["phases_ms"].values()) and bench["loop_ms_per_step"] > 0
 
 
+@pytest.mark.parametrize("window", [0, 5])
+def test_attention_sharpness_per_query_against_a_written_out_softmax(window):
+    """tools/attn_sharpness.py's query_stats against one query at a time in float64: the largest logit, the top
+    probability and the entropy over the keys the layer lets it see (causal, and within the window)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import attn_sharpness
+
+    gen = torch.Generator().manual_seed(3)
+    B, T, H, KV, hd, skip = 2, 12, 4, 2, 8, 3
+    q, k = torch.randn(B, T, H, hd, generator=gen), torch.randn(B, T, KV, hd, generator=gen)
+    top_logit, top_p, entropy = attn_sharpness.query_stats(q, k, window, skip)
+    assert top_logit.shape == top_p.shape == entropy.shape == (B, H, T - skip)
+    for b in range(B):
+        for h in range(H):
+            for t in range(skip, T):
+                keys = [s for s in range(t + 1) if window == 0 or t - s < window]
+                logits = [float(q[b, t, h].double() @ k[b, s, h // (H // KV)].double()) / math.sqrt(hd) for s in keys]
+                z = sum(math.exp(v) for v in logits)
+                probs = [math.exp(v) / z for v in logits]
+                assert math.isclose(top_logit[b, h, t - skip], max(logits), rel_tol=1e-9)
+                assert math.isclose(top_p[b, h, t - skip], max(probs), rel_tol=1e-9)
+                assert math.isclose(entropy[b, h, t - skip], -sum(p * math.log(p) for p in probs), rel_tol=1e-9)
+
+
 def test_bench_state_writes_reads_back_and_removes_the_state(tmp_path):
     """tools/bench_state.py on the tiny preset with a second average: each pass writes the state (the same size
     each time), reads it into a fresh model with the weights back, and the file is gone at the end."""
