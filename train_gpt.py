@@ -2212,17 +2212,26 @@ def write_checkpoint(path: Path, model: nn.Module, info: dict) -> int:
     return path.stat().st_size
 
 
+def load_torch_file(path: Path, name: str, kind: str, fmt: str, device: str | torch.device = "cpu",
+                    foreign: str = "") -> dict:
+    """The dict a torch file of this script holds (its "format" is `fmt`), on `device`; a clear error, led by `name`
+    (how the run refers to the file) and naming the `kind` expected, for a missing, unreadable or foreign file
+    (`foreign` adds to that last message)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{name} does not exist")
+    try:  # tensors and plain values only: nothing in the file is executed
+        payload = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise ValueError(f"{name} cannot be read, truncated or not a {kind} "
+                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ValueError(f"{name} is not a {kind} of this script (format {fmt}){foreign}")
+    return payload
+
+
 def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """(architecture, weights, info) of a CHECKPOINT_PATH file; a clear error for anything else."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:  # tensors and plain values only: nothing in the file is executed
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"checkpoint {path} cannot be read, truncated or not a checkpoint "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} is not a checkpoint of this script (format {CHECKPOINT_FORMAT})")
+    payload = load_torch_file(path, f"checkpoint {path}", "checkpoint", CHECKPOINT_FORMAT)
     try:
         mc = ModelConfig(**payload["model_config"])
     except TypeError as err:
@@ -3104,16 +3113,8 @@ def save_train_state(path: Path, base: nn.Module, opts: Optimizers, emas: list[E
 
 def read_train_state(path: Path, device: torch.device) -> dict:
     """A STATE_PATH file's contents, on `device`; a clear error for anything else."""
-    if not path.is_file():
-        raise FileNotFoundError(f"RESUME_FROM={path} does not exist")
-    try:  # tensors and plain values only: nothing in the file is executed
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:
-        raise ValueError(f"RESUME_FROM={path} cannot be read, truncated or not a training state "
-                         f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from err
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"RESUME_FROM={path} is not a training state of this script (format {STATE_FORMAT}); "
-                         "CHECKPOINT_PATH files hold only the final weights (EXPORT_FROM reads those)")
+    state = load_torch_file(path, f"RESUME_FROM={path}", "training state", STATE_FORMAT, device,
+                            "; CHECKPOINT_PATH files hold only the final weights (EXPORT_FROM reads those)")
     missing = [k for k in ("model_config", "config", "weights", "muon", "adam", "emas", *STATE_RUN) if k not in state]
     if missing:
         raise ValueError(f"RESUME_FROM={path} lacks {missing}")
