@@ -74,7 +74,7 @@ class Config:
     preset: str = ""  # "tiny": every code path on a CPU in seconds
     # training
     iterations: int = 20000
-    train_batch_tokens: int = 262_144  # per step, all ranks; at 300 s on one GPU beats 524,288 and 131,072 (README)
+    train_batch_tokens: int = 262_144  # per step, all ranks; at 300 s on one GPU beats 524,288 and 131,072 (RESULTS.md)
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0 -> micro-batches of at most MICRO_BATCH_TOKENS per rank (default_accum)
     max_wallclock_seconds: float = 600.0  # 0 = no cap
@@ -95,37 +95,38 @@ class Config:
     #   as the 8th of 10, 576 wide (the stack of 10 beat 576 x 11 by 0.0057 and 0.0014 after TTT on seeds 1337 and
     #   1338, by 4% faster steps; two GDN layers were worse). With MUON_WEIGHT_DECAY 0.06 it is 0.0018 better after
     #   TTT than the GDN layer as the 7th at 0.08 over seeds 1337-1339, on every seed and at every stage (300 s, one
-    #   H200). At sequence 2048 full attention is faster than a window (README, Quality)
+    #   H200). At sequence 2048 full attention is faster than a window (RESULTS.md)
     model_dim: int = 576  # with 11 layers: 0.0035 and 0.0067 better after TTT than 512 wide x 14 at the same size
     #                       (300 s, seeds 1337 and 1338, same machine each), most of it by 6-7% faster steps;
-    #                       640 wide x 9 (AAAAAGAAA) 0.0007 better on seed 1337, about 0.006 worse per step (README)
+    #                       640 wide x 9 (AAAAAGAAA) 0.0007 better on seed 1337, about 0.006 worse per step (RESULTS.md)
     mlp_mult: float = 2128 / 576  # MLP 2,128 wide (a multiple of 16), which fills the 16 MB at 576 x 10: 34,559,888
     #                               parameters, 15,984,994 bytes with lease 39's code (576 x 11 took 3.25, 1,872)
     mlp_neg_slope: float = 0.0  # MLP activation: relu(h)^2 at 0, else leaky_relu(h, slope)^2 ("LeakyReLU(0.5)^2" in
     #                              the field's records, where it was reported 0.0015-0.003 better at 8xH100 scale;
-    #                              0.5 on the two-GDN hybrid at 300 s: 0.0030 worse, one seed; README, Quality)
+    #                              0.5 on the two-GDN hybrid at 300 s: 0.0030 worse, one seed; RESULTS.md)
     num_heads: int = 9  # attention heads, 64 wide at MODEL_DIM 576
     num_kv_heads: int = 3  # (512 x 14 ran 8 heads over 4 KV heads)
     swa_window: int = 512  # tokens each query sees, itself included. The two-GDN hybrid with S for A layers at 300 s:
-    #                        window 512 0.0075 worse, 1024 0.0088 worse (one seed each; README, Quality)
+    #                        window 512 0.0075 worse, 1024 0.0088 worse (one seed each; RESULTS.md)
     rope_dims: int = 0  # 0 = the whole head dimension
     rope_base: float = 10000.0
     xsa_last: int = 0  # exclusive self attention (XSA, Zhai 2026, arXiv:2603.09078) in the last XSA_LAST attention
     #                    mixers (A, N or S; in layout order, a shared mixer counted once; more than there are = all):
     #                    each head's output loses its component along the token's own value vector. 0 = off
-    #                    At 300 s (README, Quality): on every layer, all-attention 0.0118 better (two seeds), the
+    #                    At 300 s (RESULTS.md): on every layer, all-attention 0.0118 better (two seeds), the
     #                    two-GDN hybrid 0.0034 worse; on the hybrid's last 4, 0.0046 worse (one seed)
     qk_gain_init: float = 0.0  # a learnable gain per query head, started at this, on the RMS-normed queries of
     #                            every attention mixer (A, N, S): a head's logits can reach gain x sqrt(head_dim),
     #                            not sqrt(head_dim) alone. The challenge's baseline script starts its gains at 1.5,
     #                            later records at 4-6. 0 = off: the fixed scale of every run through lease 52.
-    #                            Not measured on either stack yet (README, Quality)
+    #                            Not measured on either stack yet (RESULTS.md)
     attn_head_gate: bool = False  # every attention mixer's heads gated before the output projection: head h's output
     #                               times sigmoid(w_h . x) of the mixer's input x (Qiu et al. 2025, "Gated Attention
     #                               for Large Language Models", the head-wise form; the GDN mixer has its own gate).
-    #                               Starts at 0.5 (w = 0). Not measured on either stack yet (README, Quality)
+    #                               Starts at 0.5 (w = 0). Not measured on either stack yet (RESULTS.md)
     gdn_heads: int = 8  # 8 x 64 over 4 x 128: 0.0019 better at 300 s (two GDN layers, two seeds), 3% slower steps.
-    #                     One GDN layer (seed 1338): 4 x 128, 16 x 32 and 16 x 64 0.0027, 0.0028 and 0.0089 worse (README)
+    #                     One GDN layer (seed 1338): 4 x 128, 16 x 32 and 16 x 64 0.0027, 0.0028 and 0.0089 worse
+    #                     (RESULTS.md)
     gdn_head_dim: int = 64  # key dimension per head (FlashQLA needs 128, so 64 runs fla's kernels; README, throughput)
     gdn_expand_v: float = 1.0  # value dimension = gdn_head_dim * gdn_expand_v
     gdn_conv_size: int = 4
@@ -133,22 +134,22 @@ class Config:
     #                               I - beta k k^T then has eigenvalues in (-1, 1], not (0, 1] (negative eigenvalues,
     #                               Grazzi et al. 2024; fla's allow_neg_eigval). The kernel check covers that range.
     #                               300 s, two GDN layers, two seeds: 0.0012 better on average, within the seeds'
-    #                               spread; one GDN layer (seed 1338): 0.0006 worse after TTT (README)
+    #                               spread; one GDN layer (seed 1338): 0.0006 worse after TTT (RESULTS.md)
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
     bigram_buckets: int = 0  # BigramHash: 0 = off, else hashed (previous, current) token buckets added to the input.
     #                          2,048 x 64 on the default at 300 s: 0.0111 worse after TTT (one seed; at sp1024 a
-    #                          pair's row is 15% its own by occurrences, tools/bigram_buckets.py; README)
+    #                          pair's row is 15% its own by occurrences, tools/bigram_buckets.py; RESULTS.md)
     bigram_dim: int = 128  # BigramHash table width, projected to MODEL_DIM
     smear_gate: bool = False  # SmearGate: add a gated copy of the previous token's embedding (never across a BOS).
-    #                           On the default at 300 s: 0.0018 worse after TTT over two seeds (README)
+    #                           On the default at 300 s: 0.0018 worse after TTT over two seeds (RESULTS.md)
     unet_skips: bool = True  # U-Net skips: the first half's layer outputs feed the mirrored layers of the second half.
     #                          300 s on an H200, two seeds each: the hybrid 1.3798 with them, 1.3860 without; no gain
-    #                          for all-attention (one seed; README, Quality)
+    #                          for all-attention (one seed; RESULTS.md)
     bos_id: int = 1  # the tokenizer's BOS (SPEC: 1); BigramHash and SmearGate never look back across it
     residual_bf16: bool = True  # under autocast (CUDA) keep the residual stream in bf16, as the field's records do,
     #                             not fp32: half the memory traffic of the norms and residual adds, 275.0 -> 257.4
-    #                             ms/step on an H100 with no loss at 300 s (README, Throughput and Quality)
+    #                             ms/step on an H100 with no loss at 300 s (README, Throughput; RESULTS.md)
     # kernels
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
     compile_mode: str = "default"  # torch.compile mode of the training model: default | max-autotune-no-cudagraphs
@@ -178,13 +179,13 @@ class Config:
     muon_variant: str = "normuon"  # muon | normuon: each row (output neuron) of the orthogonalized update divided
     #                                by the root of its running mean square (MUON_BETA2), then rescaled to Muon's
     #                                norm. 300 s on one H100: the hybrid (GDN 4 x 128) 1.4198 against 1.4245 with
-    #                                muon; all-attention 1.4210 against 1.4190 (README, Quality) | normuon_gdn:
+    #                                muon; all-attention 1.4210 against 1.4190 (RESULTS.md) | normuon_gdn:
     #                                normuon on the GDN mixers' matrices, plain Muon on the others (GDN 8 x 64:
     #                                1.4201 against 1.4167 with normuon)
     muon_beta2: float = 0.95  # normuon: decay of the per-row second moment
     muon_weight_decay: float = 0.06  # Muon matrices shrink by 1 - lr x this per step. 300 s, hybrid: 1.4176 (0),
     #                                   1.3948 (0.04), 1.3839 (0.08); 576 x 10: 0.12 0.0057 worse than 0.08, 0.06
-    #                                   0.0013 and 0.0008 better on seeds 1337 and 1338, one machine each (README)
+    #                                   0.0013 and 0.0008 better on seeds 1337 and 1338, one machine each (RESULTS.md)
     embed_weight_decay: float = 0.0
     ema_decay: float = 0.997  # 0 = evaluate the raw weights
     ema_compare: str = ""  # diagnostic, e.g. "0,0.99,0.999": more decays (0 = the raw weights), each averaged beside
@@ -203,7 +204,7 @@ class Config:
     ttt_chunk_tokens: int = 32768
     ttt_epochs: int = 3
     ttt_optimizer: str = "sgd"  # sgd | adamw
-    ttt_lr: float = 0.005  # the hybrid's: within 0.0005 of its best at 300 s (0.01) and 600 s (0.003); README
+    ttt_lr: float = 0.005  # the hybrid's: within 0.0005 of its best at 300 s (0.01) and 600 s (0.003); RESULTS.md
     ttt_momentum: float = 0.9
     ttt_params: str = "all"  # all | mlp | scalar (norms, gates, decay parameters, convs) | gdn (GDN mixers)
     ttt_state: str = "rebuild"  # stream mode, after an update: rebuild the lane's state with the new weights from the

@@ -11,7 +11,7 @@ Pairs are counted as the model forms them (train_gpt.GPT.embed): the shards read
 current token is the BOS (`--bos-id`, the tokenizer's, as BOS_ID) is no pair, the model's "no previous token"
 (bucket 0, which no pair shares). The hash is train_gpt.BigramHash.bucket itself, so the figures are the model's.
 
-Why (README, issue 6, lease 32): BigramHash at 2,048 buckets scored 0.011 worse after TTT on the one-GDN default, its
+Why (RESULTS.md, lease 32): BigramHash at 2,048 buckets scored 0.011 worse after TTT on the one-GDN default, its
 training loss 0.018-0.045 higher; this says how much of such a table can hold a pair's own statistics at all.
 """
 

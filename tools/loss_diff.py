@@ -16,7 +16,7 @@ same world size and gradient accumulation (the `runtime:` line; each micro-batch
 pair that differs in any of these is refused, with what differs. The last run of each log is read (train_gpt.py
 appends a rerun of a RUN_ID to its log); it need not have finished.
 
-Why: on a text read several times in a run, the training loss and the validation score can disagree (README,
+Why: on a text read several times in a run, the training loss and the validation score can disagree (RESULTS.md,
 issue 6 at 600 s: the hybrid's training loss ends 0.013 below all-attention's while its validation score is worse);
 this prints that comparison from the logs instead of by hand.
 """

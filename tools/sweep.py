@@ -30,7 +30,7 @@ go on; so do they when FILE cannot be read or shrinks (only append to it).
 Adding runs by starting processes beside a sweep is what this replaces: a GPU with little memory in use is not
 free when the sweep has just started a run on it.
 
-Why: the 300 s comparisons of issue 6 (README, Quality) are one GPU each, so a host with N GPUs runs N of them
+Why: the 300 s comparisons of issue 6 (RESULTS.md) are one GPU each, so a host with N GPUs runs N of them
 in the wall time of one, on the same machine, which is what a comparison needs. The table's columns are the
 issue's: settings beyond the current defaults, seed, parameters, steps, tok/s, pre-quantization, round-trip and
 final (TTT) val_bpb, artifact + code bytes; and how many times the run read its training shards (train passes:
