@@ -25,11 +25,11 @@ STEPS = TINY["iterations"]
 SLIDING = f"final_int6_brotli_roundtrip_sliding{TINY['eval_stride']}"  # the default evaluation's tag, without TTT
 
 
-def run_script(cwd: Path, env: dict, torchrun: int = 0) -> str:
+def run_script(cwd: Path, env: dict, torchrun: int = 0, script: Path = SCRIPT) -> str:
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
     full_env.pop("WORLD_SIZE", None), full_env.pop("RANK", None), full_env.pop("LOCAL_RANK", None)
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"]
-           if torchrun else [sys.executable]) + [str(SCRIPT)]
+           if torchrun else [sys.executable]) + [str(script)]
     proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -87,6 +87,27 @@ def test_training_writes_log_artifact_and_final_score(trained, tiny_data):
     read, total = STEPS * batch, sum(shard_tokens)
     assert s["train_passes"] == round(read / total, 4) > 0
     assert f"train_passes:{read / total:.2f} ({read:,} tokens read of {total:,})" in log
+
+
+def test_the_packed_copy_trains_exports_and_scores_as_the_script_and_counts_its_own_bytes(trained, tiny_data,
+                                                                                           tmp_path):
+    """tools/pack_script.py's copy runs train_gpt.py's source: the same training losses, the same artifact to the
+    byte and the same scores; what it counts and logs as the code is the copy itself."""
+    cwd, out = trained
+    packed = tmp_path / "build" / "train_gpt.py"
+    subprocess.run([sys.executable, str(ROOT / "tools" / "pack_script.py"), "--out", str(packed)], check=True,
+                   capture_output=True)
+    again = run_script(tmp_path, tiny_env(tiny_data, "packed"), script=packed)
+
+    def losses(text):
+        return re.findall(r"^step:(\d+)/\d+ train_loss:(\S+)", text, re.M)
+    assert losses(again) == losses(out) and len(losses(out)) > 1
+    assert exact_line(again) == exact_line(out) and exact_line(again, SLIDING) == exact_line(out, SLIDING)
+    assert (tmp_path / "artifacts" / "packed.pgz").read_bytes() == (cwd / "artifacts" / "e2e.pgz").read_bytes()
+    s = summary(again)
+    assert s["code_bytes"] == packed.stat().st_size < SCRIPT.stat().st_size // 2
+    assert s["total_bytes"] == s["model_bytes"] + packed.stat().st_size
+    assert (tmp_path / "logs" / "packed.txt").read_text().startswith(packed.read_text())  # the counted code
 
 
 def test_qat_runs_through_the_script_and_leaves_nothing_in_the_artifact(tmp_path, tiny_data):

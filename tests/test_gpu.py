@@ -265,3 +265,48 @@ def test_a_run_resumed_on_the_gpu_goes_on_as_the_run_that_wrote_its_state(tmp_pa
     moved = (went_on - at_write).abs().max()
     assert moved > 0 and (flat(resumed.state_dict().values()) - went_on).abs().max() < 1e-3 * moved
     assert (flat(r_emas[0].shadow) - flat(emas[0].shadow)).abs().max() < 1e-3 * moved
+
+
+@cuda
+def test_the_packed_copy_runs_on_the_gpu_as_the_script(tmp_path, tiny_data):
+    """tools/pack_script.py's copy runs its source through `exec`, which is what could break where the script's own
+    file is read: torch.compile of the training model, the GPU's attention and GDN backends (fla's kernels where
+    installed, checked first) and TTT as CUDA graphs. The copy picks the same backends, trains to the same losses
+    and scores as the readable script within what CUDA's nondeterministic sums allow, and counts its own bytes."""
+    import json
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    packed = tmp_path / "build" / "train_gpt.py"
+    subprocess.run([sys.executable, str(root / "tools" / "pack_script.py"), "--out", str(packed)], check=True)
+    env = {**os.environ, "PRESET": "tiny", "COMPILE": "1", "TTT_COMPILE": "graphs", "GDN_HEAD_DIM": "64",
+           "DATA_PATH": tiny_data["data_path"], "TOKENIZER_PATH": tiny_data["tokenizer_path"],
+           "VOCAB_SIZE": str(tiny_data["vocab_size"])}
+    runs = {}
+    for name, script in (("plain", root / "train_gpt.py"), ("packed", packed)):
+        cwd = tmp_path / name
+        cwd.mkdir()
+        proc = subprocess.run([sys.executable, str(script)], cwd=cwd, env={**env, "RUN_ID": name},
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[name] = proc.stdout
+    plain, copy = runs["plain"], runs["packed"]
+
+    def backends(text):
+        return [line.split(" (", 1)[0] for line in text.splitlines() if line.startswith("backends:")]
+
+    def losses(text):
+        return [float(x) for x in re.findall(r"^step:\d+/\d+ train_loss:(\S+)", text, re.M)]
+
+    def summary(text):
+        return json.loads(next(line for line in text.splitlines() if line.startswith("summary "))[8:])
+    assert backends(copy) == backends(plain) and backends(plain)
+    assert len(losses(copy)) == len(losses(plain)) > 1
+    assert all(abs(a - b) <= 1e-2 * abs(b) for a, b in zip(losses(copy), losses(plain)))
+    s, p = summary(copy), summary(plain)
+    assert abs(s["final"]["bpb"] - p["final"]["bpb"]) < 1e-2 and s["final"]["tokens"] == p["final"]["tokens"]
+    assert s["code_bytes"] == packed.stat().st_size < p["code_bytes"] // 2
