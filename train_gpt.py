@@ -124,6 +124,11 @@ class Config:
     #                               times sigmoid(w_h . x) of the mixer's input x (Qiu et al. 2025, "Gated Attention
     #                               for Large Language Models", the head-wise form; the GDN mixer has its own gate).
     #                               Starts at 0.5 (w = 0). Not measured on either stack yet (RESULTS.md)
+    resid_mix: bool = False  # the challenge baseline's per-layer input mix: layer i reads a_i * x + b_i * x0, x the
+    #                          residual stream and x0 the normed embedding (per-channel vectors, a = 1 and b = 0 at
+    #                          the start, so the model starts as without them). Not measured yet (RESULTS.md)
+    branch_scales: bool = False  # the baseline's per-channel scales on each layer's mixer and MLP outputs before they
+    #                              join the stream (1 at the start). Not measured yet (RESULTS.md)
     gdn_heads: int = 8  # 8 x 64 over 4 x 128: 0.0019 better at 300 s (two GDN layers, two seeds), 3% slower steps.
     #                     One GDN layer (seed 1338): 4 x 128, 16 x 32 and 16 x 64 0.0027, 0.0028 and 0.0089 worse
     #                     (RESULTS.md)
@@ -1362,7 +1367,7 @@ MODEL_FIELDS = ("vocab_size", "layout", "model_dim", "mlp_mult", "num_heads", "n
                 "rope_base", "gdn_heads", "gdn_head_dim", "gdn_expand_v", "gdn_conv_size", "logit_softcap",
                 "tied_embed_init_std", "bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id",
                 "residual_bf16", "gdn_neg_eigval", "mlp_neg_slope", "xsa_last", "qk_gain_init",
-                "attn_head_gate")
+                "attn_head_gate", "resid_mix", "branch_scales")
 
 
 @dataclass(frozen=True)
@@ -1396,6 +1401,8 @@ class ModelConfig:
     xsa_last: int = 0
     qk_gain_init: float = 0.0
     attn_head_gate: bool = False
+    resid_mix: bool = False
+    branch_scales: bool = False
 
     @classmethod
     def from_config(cls, cfg: Config) -> "ModelConfig":
@@ -1434,6 +1441,11 @@ class GPT(nn.Module):
         self.n_skips = len(specs) // 2 if mc.unet_skips else 0
         if self.n_skips:
             self.skip_weights = nn.Parameter(torch.ones(self.n_skips, mc.model_dim))
+        # RESID_MIX, BRANCH_SCALES: vectors per layer as run (each pass of a repeated group has its own), at values
+        # that leave the model as it is without them: (L, 2, D) stream / embedding weights 1 / 0, mixer / MLP scales 1
+        L, D = len(specs), mc.model_dim
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(L, D), torch.zeros(L, D)], 1)) if mc.resid_mix else None
+        self.branch_scale = nn.Parameter(torch.ones(L, 2, D)) if mc.branch_scales else None
 
     def _make_mixer(self, kind: str, backends: Backends, xsa: bool = False) -> nn.Module:
         mc = self.mc
@@ -1452,12 +1464,17 @@ class GPT(nn.Module):
         x = rms_norm(self.embed(input_ids, stream))
         if self.mc.residual_bf16 and torch.is_autocast_enabled(x.device.type):  # the mixers and MLPs return bf16
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        skips, L = [], len(self.layer_mixer)
+        skips, L, x0 = [], len(self.layer_mixer), x
         for i, m in enumerate(self.layer_mixer):
             if i >= L - self.n_skips:  # second half: the mirrored first-half layer's output (U-Net)
                 x = x + self.skip_weights[i - (L - self.n_skips)].to(x.dtype) * skips.pop()
-            x = x + self.mixers[m](rms_norm(x), None if stream is None else stream.layers[i], stream)
-            x = x + self.mlps[self.layer_mlp[i]](rms_norm(x))
+            if self.resid_mix is not None:  # (2, D): this layer's weights on the stream and on the embedding
+                mix = self.resid_mix[i].to(x.dtype)
+                x = mix[0] * x + mix[1] * x0
+            y = self.mixers[m](rms_norm(x), None if stream is None else stream.layers[i], stream)
+            x = x + (y if self.branch_scale is None else self.branch_scale[i, 0].to(x.dtype) * y)
+            y = self.mlps[self.layer_mlp[i]](rms_norm(x))
+            x = x + (y if self.branch_scale is None else self.branch_scale[i, 1].to(x.dtype) * y)
             if i < self.n_skips:
                 skips.append(x)
         logits = F.linear(rms_norm(x), self.tok_emb.weight).float()
@@ -1642,6 +1659,8 @@ PARAM_ROUTES = (
     ("embed", "token embedding (tied with the head)", lambda name, p: name == "tok_emb.weight"),
     ("embed", "BigramHash table", lambda name, p: name == "bigram.table.weight"),
     ("scalar", "U-Net skip weights (one vector per skip)", lambda name, p: name == "skip_weights"),
+    ("scalar", "residual mixes with the embedding (RESID_MIX; two vectors per layer)", lambda name, p: name == "resid_mix"),
+    ("scalar", "branch output scales (BRANCH_SCALES; two vectors per layer)", lambda name, p: name == "branch_scale"),
     ("scalar", "GDN gate projections a_proj, b_proj (one output per head)",
      lambda name, p: name.endswith(("a_proj.weight", "b_proj.weight"))),
     ("scalar", "GDN short-convolution kernels", lambda name, p: name.endswith("_conv.weight")),

@@ -10,10 +10,11 @@ from conftest import spawn_ranks
 CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), grad_accum_steps=1)
 
 
-# BigramHash, SmearGate, U-Net skips, GDN negative eigenvalues, LeakyReLU^2, XSA, query gains and head gates all on
-# (small), for the tests that must hold with and without them
+# BigramHash, SmearGate, U-Net skips, GDN negative eigenvalues, LeakyReLU^2, XSA, query gains, head gates, residual
+# mixes with the embedding and branch scales all on (small), for the tests that must hold with and without them
 FEATURES = {"BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "8", "SMEAR_GATE": "1", "UNET_SKIPS": "1", "GDN_NEG_EIGVAL": "1",
-            "MLP_NEG_SLOPE": "0.5", "XSA_LAST": "2", "QK_GAIN_INIT": "2.5", "ATTN_HEAD_GATE": "1"}
+            "MLP_NEG_SLOPE": "0.5", "XSA_LAST": "2", "QK_GAIN_INIT": "2.5", "ATTN_HEAD_GATE": "1", "RESID_MIX": "1",
+            "BRANCH_SCALES": "1"}
 
 
 def tiny_model(layout="GSGsA", seed=0, **env) -> tg.GPT:
@@ -23,6 +24,9 @@ def tiny_model(layout="GSGsA", seed=0, **env) -> tg.GPT:
     for name, p in model.named_parameters():  # give the zero-initialized projections weight, so every path matters
         if p.ndim == 2 and not p.abs().sum():
             torch.nn.init.normal_(p, std=0.05)
+        if name in ("resid_mix", "branch_scale"):  # off their identity start, so that they act
+            with torch.no_grad():
+                p.add_(0.2 * torch.randn_like(p))
     return model
 
 
@@ -495,10 +499,11 @@ def test_artifacts_from_before_the_new_model_fields_still_load_with_the_features
     old_fields = {k: v for k, v in tg.ModelConfig.from_config(cfg).__dict__.items()
                   if k not in ("bigram_buckets", "bigram_dim", "smear_gate", "unet_skips", "bos_id", "residual_bf16",
                                "gdn_neg_eigval", "mlp_neg_slope", "xsa_last", "qk_gain_init",
-                               "attn_head_gate")}
+                               "attn_head_gate", "resid_mix", "branch_scales")}
     mc = tg.ModelConfig(**old_fields)
     assert (mc.bigram_buckets, mc.smear_gate, mc.unet_skips, mc.residual_bf16, mc.gdn_neg_eigval, mc.mlp_neg_slope,
-            mc.xsa_last, mc.qk_gain_init, mc.attn_head_gate) == (0, False, False, False, False, 0.0, 0, 0.0, False)
+            mc.xsa_last, mc.qk_gain_init, mc.attn_head_gate, mc.resid_mix, mc.branch_scales) == (
+        0, False, False, False, False, 0.0, 0, 0.0, False, False, False)
     assert tg.Config().residual_bf16  # new runs keep the stream in bf16; old artifacts are rescored as trained
 
 
@@ -610,3 +615,56 @@ def test_head_gates_one_row_per_head_of_each_attention_mixer_trained_by_adam_and
     built = tg.GPT(model.mc, tg.Backends("torch", "sdpa"))  # as built, before tiny_model's random init
     assert all(m.head_gate.weight.abs().sum() == 0 for m in built.mixers
                if isinstance(m, tg.Attention))  # zero at the start: every head at sigmoid(0) = 0.5
+
+
+BLOCK_SCALARS = {"RESID_MIX": "1", "BRANCH_SCALES": "1"}
+
+
+def test_residual_mixes_and_branch_scales_start_as_the_model_without_them_and_are_trained_by_adam():
+    """RESID_MIX, BRANCH_SCALES: (L, 2, D) vectors per layer as run (a repeated group's passes each have their own),
+    at their start the same logits as the model without them, routed to Adam's scalar group (fp16 in the artifact,
+    TTT_PARAMS=scalar), every vector reached by the gradient."""
+    layout = "G(SA)2"  # 5 layers as run from 3 mixers
+    torch.manual_seed(0)
+    cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": layout, "VOCAB_SIZE": "97", **BLOCK_SCALARS})
+    model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
+    torch.manual_seed(0)
+    plain = tg.GPT(tg.ModelConfig.from_config(tg.Config.from_env({"PRESET": "tiny", "LAYOUT": layout,
+                                                                    "VOCAB_SIZE": "97"})), tg.Backends("torch", "sdpa"))
+    assert model.resid_mix.shape == model.branch_scale.shape == (5, 2, 64)
+    assert plain.resid_mix is None and plain.branch_scale is None
+    assert tg.count_parameters(model) == tg.count_parameters(plain) + 2 * 5 * 2 * 64
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        for p in model.parameters():  # the same nonzero weights in both (zero projections would hide the layers)
+            if p.ndim == 2 and not p.abs().sum():
+                torch.nn.init.normal_(p, std=0.05)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if k not in ("resid_mix", "branch_scale")})
+        assert torch.equal(model(ids), plain(ids))
+    params = {"resid_mix": model.resid_mix, "branch_scale": model.branch_scale}
+    opts = tg.build_optimizers(model, cfg, CPU)
+    adam = {id(p) for g in opts.adam.param_groups for p in g["params"]}
+    assert all(id(p) in adam and tg.quant_plan(n, p, cfg)[0] == "fp16" for n, p in params.items())
+    assert {id(p) for p in params.values()} <= {id(p) for p in tg.ttt_parameters(model, "scalar")}
+    model(ids, ids).backward()
+    assert all(p.grad.abs().sum(dim=-1).min() > 0 for p in params.values())  # every layer's every vector
+
+
+def test_a_layer_reading_the_embedding_alone_makes_the_layers_before_it_irrelevant():
+    """RESID_MIX's meaning: with layer j's weights (a, b) = (0, 1) it reads the normed embedding x0 alone, so no
+    weight of the layers before it can change the logits; with both of layer i's BRANCH_SCALES at 0 its mixer and
+    MLP add nothing, so their weights cannot either."""
+    ids = torch.randint(0, 97, (2, 24))
+    model = tiny_model("GSAGA", UNET_SKIPS="0", **BLOCK_SCALARS)
+    with torch.no_grad():
+        model.resid_mix[2, 0].zero_()
+        model.resid_mix[2, 1].fill_(1.0)
+        model.branch_scale[3].zero_()
+        before = model(ids)
+        for m in (model.mixers[0], model.mlps[0], model.mixers[1], model.mlps[1], model.mixers[3], model.mlps[3]):
+            for p in m.parameters():
+                p.add_(torch.randn_like(p))
+        assert torch.equal(model(ids), before)
+        for p in model.mlps[2].parameters():  # a layer after the cut still matters: the test can fail
+            p.add_(torch.randn_like(p))
+        assert not torch.allclose(model(ids), before)

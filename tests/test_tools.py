@@ -235,6 +235,10 @@ def test_submission_summary_names_the_gdn_beta_range():
     assert "query gains" not in ms.model_summary({**c, "QK_GAIN_INIT": "0.0"})
     assert ms.model_summary({**c, "ATTN_HEAD_GATE": "True"}).endswith("(negative eigenvalues), sigmoid-gated attention heads")
     assert "gated" not in ms.model_summary({**c, "ATTN_HEAD_GATE": "True", "LAYOUT": "GGGG"})
+    assert ms.model_summary({**c, "RESID_MIX": "True", "BRANCH_SCALES": "True"}).endswith(
+        "(negative eigenvalues), per-layer mixes of the stream with the embedding, per-channel branch scales")
+    assert "embedding" not in ms.model_summary({**c, "RESID_MIX": "False"})
+    assert "branch" not in ms.model_summary({**c, "BRANCH_SCALES": "False"})
 
 
 def _summary_run(seed, **over):

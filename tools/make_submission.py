@@ -199,6 +199,10 @@ def model_summary(c: dict) -> str:
         features.append(f"learnable query gains (from {c['QK_GAIN_INIT']})")
     if c.get("ATTN_HEAD_GATE") == "True" and kinds != ["gdn"]:
         features.append("sigmoid-gated attention heads")
+    if c.get("RESID_MIX") == "True":
+        features.append("per-layer mixes of the stream with the embedding")
+    if c.get("BRANCH_SCALES") == "True":
+        features.append("per-channel branch scales")
     slope = c.get("MLP_NEG_SLOPE", "0.0")
     act = f"LeakyReLU({slope})^2" if float(slope) else "ReLU^2"
     return (f"{len(specs)} layers ({mixers}), layout {c.get('LAYOUT')}, d{c.get('MODEL_DIM')}, "
