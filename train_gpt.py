@@ -89,8 +89,8 @@ class Config:
     # model
     layout: str = "AAAAAAAGAA"  # G = Gated DeltaNet, S = sliding-window attention, A = full attention, N = full
     #   attention without position encoding (NoPE: position comes only from the causal mask and the layers before
-    #   it, e.g. GDN's recurrence and short conv; AAAGNNNNNNGNNN scored 0.0086 worse at 300 s, one seed); lower
-    #   case reuses the mixer weights of the nearest earlier upper-case layer of that kind; '(...)k' runs a group
+    #   it, e.g. GDN's recurrence and short conv; AAAGNNNNNNGNNN scored 0.0086 worse at 300 s, one seed); P = full
+    #   attention and a GDN side by side, outputs summed (ParallelMixer; not measured yet); lower case reuses the mixer weights of the nearest earlier upper-case layer of that kind; '(...)k' runs a group
     #   of layers k times, reusing its mixers and MLPs (depth recurrence, parse_layout). The default: one GDN layer
     #   as the 8th of 10, 576 wide (the stack of 10 beat 576 x 11 by 0.0057 and 0.0014 after TTT on seeds 1337 and
     #   1338, by 4% faster steps; two GDN layers were worse). With MUON_WEIGHT_DECAY 0.06 it is 0.0018 better after
@@ -361,10 +361,10 @@ class Config:
              f"QK_GAIN_INIT={self.qk_gain_init} acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
         need(self.model_from_file or not self.attn_head_gate or bool(kinds - {"gdn"}),
              f"ATTN_HEAD_GATE=1 acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
-        need(self.model_from_file or not self.gdn_neg_eigval or "gdn" in kinds,
-             f"GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G), and LAYOUT={self.layout} has none")
-        need(self.model_from_file or not self.ttt_enabled or self.ttt_params != "gdn" or "gdn" in kinds,
-             f"TTT_PARAMS=gdn adapts Gated DeltaNet layers (G), and LAYOUT={self.layout} has none")
+        need(self.model_from_file or not self.gdn_neg_eigval or bool(kinds & set(GDN_KINDS)),
+             f"GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G or P), and LAYOUT={self.layout} has none")
+        need(self.model_from_file or not self.ttt_enabled or self.ttt_params != "gdn" or bool(kinds & set(GDN_KINDS)),
+             f"TTT_PARAMS=gdn adapts Gated DeltaNet layers (G or P), and LAYOUT={self.layout} has none")
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r} must be auto, 0 or 1")
         need(self.compile_mode in COMPILE_MODES,
              f"COMPILE_MODE={self.compile_mode!r} must be one of {', '.join(COMPILE_MODES)}")
@@ -467,13 +467,14 @@ def _parse_env_value(key: str, raw: str, typ: type):
         raise ValueError(f"environment variable {key}={raw!r} is not a valid {typ.__name__}: {e}") from None
 
 
-LAYER_KINDS = {"G": "gdn", "S": "swa", "A": "attn", "N": "nope"}
-UNBOUNDED_KINDS = ("attn", "nope")  # full attention: state (the keys) grows with the stream
+LAYER_KINDS = {"G": "gdn", "S": "swa", "A": "attn", "N": "nope", "P": "par"}
+UNBOUNDED_KINDS = ("attn", "nope", "par")  # full attention: state (the keys) grows with the stream
+GDN_KINDS = ("gdn", "par")  # layers with a Gated DeltaNet in them
 
 
 @dataclass(frozen=True)
 class LayerSpec:
-    kind: str  # gdn | swa | attn | nope (full attention without rotary)
+    kind: str  # gdn | swa | attn | nope (full attention without rotary) | par (full attention and GDN side by side)
     mixer: int  # index into the model's unique mixers
     shared: bool  # reuses an earlier layer's mixer weights
     mlp: int  # index into the model's unique MLPs
@@ -481,8 +482,8 @@ class LayerSpec:
 
 
 def xsa_mixers(specs: list[LayerSpec], xsa_last: int) -> set[int]:
-    """The mixer indices XSA_LAST gives exclusive self attention: the last `xsa_last` attention mixers (A, N or S) in
-    layout order, a shared or repeated mixer counted once; all of them if there are fewer."""
+    """The mixer indices XSA_LAST gives exclusive self attention: the last `xsa_last` attention mixers (A, N, S or
+    P's attention) in layout order, a shared or repeated mixer counted once; all of them if there are fewer."""
     attn = sorted({s.mixer for s in specs if s.kind != "gdn"})
     return set(attn[len(attn) - min(xsa_last, len(attn)):])
 
@@ -523,8 +524,8 @@ def parse_layout(layout: str) -> list[LayerSpec]:
         pos = len(specs)
         if c.upper() not in LAYER_KINDS:
             raise ValueError(f"LAYOUT={layout!r}: layer {pos} is {c!r}; use G (GDN), S (sliding window), A (attention),"
-                             " N (attention without position encoding), lower case to share the nearest earlier layer's"
-                             " weights, '(...)k' to repeat layers")
+                             " N (attention without position encoding), P (attention and GDN side by side), lower case"
+                             " to share the nearest earlier layer's weights, '(...)k' to repeat layers")
         kind = LAYER_KINDS[c.upper()]
         if c.isupper():
             last_of_kind[kind] = n_mixers
@@ -1359,6 +1360,22 @@ class Attention(nn.Module):
         return y.transpose(1, 2)
 
 
+
+class ParallelMixer(nn.Module):
+    """P layers: full attention and a Gated DeltaNet read the same normed input side by side and their outputs, each
+    through its own output projection, are summed (the parallel hybrid of Hymba and Falcon-H1, in its plainest form:
+    one projection of the two outputs concatenated). Parameters: the attention mixer's plus the GDN mixer's. The
+    attention half is an attention mixer like A's (XSA_LAST, QK_GAIN_INIT and ATTN_HEAD_GATE act on it), the GDN half
+    a GDN mixer like G's (GDN_HEADS, GDN_HEAD_DIM, GDN_NEG_EIGVAL); both output projections start at zero."""
+
+    def __init__(self, attn: Attention, gdn: GatedDeltaNet):
+        super().__init__()
+        self.attn, self.gdn = attn, gdn
+
+    def forward(self, x: torch.Tensor, state: dict | None = None, stream: StreamContext | None = None):
+        """x (B, T, D) -> (B, T, D); no streaming (full attention's state is unbounded)."""
+        return self.attn(x, state, stream) + self.gdn(x, state, stream)
+
 # ------------------------------------------------------------------------------------------------------------------
 # 6. Model
 # ------------------------------------------------------------------------------------------------------------------
@@ -1449,6 +1466,8 @@ class GPT(nn.Module):
 
     def _make_mixer(self, kind: str, backends: Backends, xsa: bool = False) -> nn.Module:
         mc = self.mc
+        if kind == "par":
+            return ParallelMixer(self._make_mixer("attn", backends, xsa), self._make_mixer("gdn", backends))
         if kind == "gdn":
             return GatedDeltaNet(mc.model_dim, mc.gdn_heads, mc.gdn_head_dim, mc.gdn_expand_v, mc.gdn_conv_size,
                                  backends.gdn, backends.conv, neg_eigval=mc.gdn_neg_eigval)
@@ -2559,11 +2578,12 @@ def ttt_chunks(n_tokens: int, cfg: Config) -> list[TTTChunk]:
 
 def ttt_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
     routed = route_parameters(model)
+    in_gdn = {id(p) for m in model.modules() if isinstance(m, GatedDeltaNet) for p in m.parameters()}  # G and P's
     chosen = {
         "all": lambda i, n: True,
         "mlp": lambda i, n: n.startswith("mlps."),
         "scalar": lambda i, n: PARAM_ROUTES[i][0] == "scalar",
-        "gdn": lambda i, n: n.startswith("mixers.") and isinstance(model.mixers[int(n.split(".")[1])], GatedDeltaNet),
+        "gdn": lambda i, n: id(model.get_parameter(n)) in in_gdn,
     }[which]
     params = [p for i, n, p in routed if chosen(i, n)]
     if not params:  # which parameters a model has is known only once it is built (an artifact's: EVAL_ONLY)
@@ -2910,7 +2930,7 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
         raise ValueError(f"GDN_BACKEND={gdn} needs a CUDA GPU")
     if gdn == "qla" and no_qla:
         raise ValueError(f"GDN_BACKEND=qla cannot be used: {no_qla}")
-    if gdn == "fla" and "gdn" in layer_kinds(mc.layout) and importlib.util.find_spec("fla") is None:
+    if gdn == "fla" and layer_kinds(mc.layout) & set(GDN_KINDS) and importlib.util.find_spec("fla") is None:
         raise ValueError(f"GDN_BACKEND={cfg.gdn_backend} chose fla's kernels, and fla is not installed: pip install "
                          "flash-linear-attention (README, Quick start), or GDN_BACKEND=torch for the PyTorch reference "
                          "(much slower)")
@@ -2927,7 +2947,7 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
     if attn in ("fa3", "varlen") and not rt.cuda:
         raise ValueError(f"ATTN_BACKEND={attn} needs a CUDA GPU")
     kinds = layer_kinds(mc.layout)
-    has_gdn, has_swa = "gdn" in kinds, "swa" in kinds
+    has_gdn, has_swa = bool(kinds & set(GDN_KINDS)), "swa" in kinds
     conv = cfg.gdn_conv
     if conv == "auto":  # fla's kernel wherever the delta rule runs on a fast kernel (README, throughput)
         conv = "fla" if gdn in FAST_GDN_BACKENDS and importlib.util.find_spec("fla") is not None else "torch"
@@ -2979,7 +2999,7 @@ def describe_backends(layout: str, backends: Backends, window: int) -> str:
     """What each kind of layer in LAYOUT runs on, for the log: full causal attention (A, N) always runs SDPA's causal
     kernel, and ATTN_BACKEND only the sliding window (S), so a layout names only the kinds it has."""
     kinds = layer_kinds(layout)
-    parts = [f"gdn:{backends.gdn} conv:{backends.conv}"] if "gdn" in kinds else []
+    parts = [f"gdn:{backends.gdn} conv:{backends.conv}"] if kinds & set(GDN_KINDS) else []
     if kinds & set(UNBOUNDED_KINDS):
         parts.append("full attention:sdpa")
     if "swa" in kinds:

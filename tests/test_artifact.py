@@ -393,3 +393,18 @@ def test_an_artifacts_label_is_its_matrices_bits_and_its_compressor(tmp_path, se
     path, _ = export(model, tmp_path, **settings)
     mc, got = tg.artifact_model_and_label(path)
     assert got == label and mc == model.mc  # the model from the metadata alone, as read_artifact reads it
+
+
+def test_artifact_rebuilds_a_parallel_layer_and_a_layer_sharing_its_weights(tmp_path):
+    """P (attention and GDN side by side) and a lower-case p sharing its weights: the artifact alone rebuilds them."""
+    model = tiny_model(layout="GPAp")
+    path, cfg = export(model, tmp_path)
+    mc, state = tg.read_artifact(path)
+    assert mc == model.mc and any(n.startswith("mixers.1.gdn.") for n in state)
+    fresh = tg.GPT(mc, tg.Backends("torch", "sdpa"))
+    tg.load_exported_state(fresh, state, str(path))
+    quantized = tiny_model(layout="GPAp")
+    quantized.load_state_dict(expected_roundtrip(model, cfg))
+    x = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), quantized(x))

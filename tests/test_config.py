@@ -50,8 +50,9 @@ def test_preset_sets_values_and_env_still_wins():
     ({"QK_GAIN_INIT": "nan"}, "QK_GAIN_INIT=nan must be 0 (off) or a positive gain"),
     ({"QK_GAIN_INIT": "4", "LAYOUT": "GGgG"}, "QK_GAIN_INIT=4.0 acts on attention layers (A, N or S), and LAYOUT=GGgG"),
     ({"ATTN_HEAD_GATE": "1", "LAYOUT": "GG"}, "ATTN_HEAD_GATE=1 acts on attention layers (A, N or S), and LAYOUT=GG"),
-    ({"GDN_NEG_EIGVAL": "1", "LAYOUT": "AAS"}, "GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G), and LAYOUT=AAS"),
-    ({"TTT_PARAMS": "gdn", "LAYOUT": "AAS"}, "TTT_PARAMS=gdn adapts Gated DeltaNet layers (G), and LAYOUT=AAS has none"),
+    ({"GDN_NEG_EIGVAL": "1", "LAYOUT": "AAS"}, "GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G or P), and LAYOUT=AAS"),
+    ({"TTT_PARAMS": "gdn", "LAYOUT": "AAS"},
+     "TTT_PARAMS=gdn adapts Gated DeltaNet layers (G or P), and LAYOUT=AAS has none"),
     ({"GRAD_ACCUM_STEPS": "-1"}, "GRAD_ACCUM_STEPS=-1 must be >= 0"),
     ({"TRAIN_LOG_EVERY": "0"}, "TRAIN_LOG_EVERY=0 must be positive"),  # was a ZeroDivisionError after step 1
     ({"GPTQ_BLOCK": "0"}, "GPTQ_BLOCK=0 must be positive"),  # was an error at export, after the whole training
@@ -162,6 +163,7 @@ def test_fast_gdn_backends_refuse_a_machine_or_model_they_cannot_run():
     ("AAAAAAAAAAAAAA", "full attention:sdpa"),
     ("SSSNNN", "full attention:sdpa swa:varlen (window 512)"),
     ("AAGA(AA)2AAGAA", "gdn:fla conv:fla full attention:sdpa"),
+    ("AAPA", "gdn:fla conv:fla full attention:sdpa"),  # P: full attention and a GDN
 ])
 def test_backends_line_names_only_the_layer_kinds_the_layout_has(layout, expected, capsys, tmp_path):
     """Full attention always runs SDPA's causal kernel; ATTN_BACKEND applies to the window only, so a layout without

@@ -131,11 +131,12 @@ def test_compiled_fake_quantization_on_the_gpu_is_the_exports_rounding():
 @needs_fla
 @pytest.mark.parametrize("impl,gates", [("fla", False), ("qla", False), ("fla", True)])
 def test_model_fast_path_matches_torch_path_and_compiles_without_breaks(impl, gates):
-    """gates: the attention mixers' query gains and head gates (QK_GAIN_INIT, ATTN_HEAD_GATE) and the layers'
-    residual mixes and branch scales (RESID_MIX, BRANCH_SCALES) in the one graph too."""
+    """gates: the attention mixers' query gains and head gates (QK_GAIN_INIT, ATTN_HEAD_GATE), the layers' residual
+    mixes and branch scales (RESID_MIX, BRANCH_SCALES) and a P layer (attention and GDN side by side) in the one
+    graph too."""
     torch.manual_seed(0)
     extra = dict(qk_gain_init=2.0, attn_head_gate=True, resid_mix=True, branch_scales=True,
-                 layout="GGSGsA") if gates else {}
+                 layout="GGSGsAP") if gates else {}
     mc = model_config(**{**dict(layout="GGSGs", model_dim=256, gdn_heads=2 if impl == "qla" else 4,
                                 gdn_head_dim=128 if impl == "qla" else 64, num_heads=4, num_kv_heads=2,
                                 swa_window=64), **extra})

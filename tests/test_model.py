@@ -30,7 +30,7 @@ def tiny_model(layout="GSGsA", seed=0, **env) -> tg.GPT:
     return model
 
 
-@pytest.mark.parametrize("layout", ["GSGsA", "NGnA"])
+@pytest.mark.parametrize("layout", ["GSGsA", "NGnA", "GPAp"])
 def test_model_is_causal(layout):
     model = tiny_model(layout)
     x = torch.randint(0, 97, (2, 48))
@@ -668,3 +668,36 @@ def test_a_layer_reading_the_embedding_alone_makes_the_layers_before_it_irreleva
         for p in model.mlps[2].parameters():  # a layer after the cut still matters: the test can fail
             p.add_(torch.randn_like(p))
         assert not torch.allclose(model(ids), before)
+
+
+def test_a_parallel_layer_sums_a_full_attention_and_a_gdn_reading_the_same_input():
+    """P: an attention mixer like A's and a GDN mixer like G's side by side, outputs summed; their parameters are the
+    two mixers' (routed as in A and G layers: the GDN half's gate projections and convs to Adam, matrices to Muon,
+    and under NorMuon on the GDN matrices the GDN half's with them), TTT_PARAMS=gdn adapts the GDN halves too, and
+    XSA, query gains and head gates reach the attention half."""
+    model = tiny_model("GPAp")
+    par = model.mixers[1]
+    assert isinstance(par, tg.ParallelMixer) and model.layer_mixer == [0, 1, 2, 1]
+    assert isinstance(par.attn, tg.Attention) and par.attn.window == 0 and par.attn.rotary is not None
+    assert isinstance(par.gdn, tg.GatedDeltaNet)
+    x = torch.randn(2, 24, 64)
+    with torch.no_grad():
+        assert torch.equal(par(x), par.attn(x) + par.gdn(x))
+        assert par.attn(x).abs().sum() > 0 and par.gdn(x).abs().sum() > 0  # both halves act (tiny_model's init)
+    count = tg.count_parameters
+    assert count(par) == count(model.mixers[2]) + count(model.mixers[0])  # an A's and a G's
+    routes = {n: tg.PARAM_ROUTES[tg.route_index(n, p)][0] for n, p in model.named_parameters() if n.startswith("mixers.1.")}
+    assert routes["mixers.1.gdn.a_proj.weight"] == routes["mixers.1.gdn.q_conv.weight"] == "scalar"
+    assert routes["mixers.1.gdn.q_proj.weight"] == routes["mixers.1.attn.q_proj.weight"] == "muon"
+    gdn_params = {id(p) for p in [*model.mixers[0].parameters(), *par.gdn.parameters()]}
+    assert {id(p) for p in tg.ttt_parameters(model, "gdn")} == gdn_params
+    cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": "GPAp", "MUON_VARIANT": "normuon_gdn"})
+    normuon = tg.build_optimizers(model, cfg, CPU).muon.param_groups[0]
+    assert normuon["row_beta2"] > 0 and id(par.gdn.q_proj.weight) in {id(p) for p in normuon["params"]}
+    assert id(par.attn.q_proj.weight) not in {id(p) for p in normuon["params"]}
+    gated = tiny_model("GPA", XSA_LAST="2", QK_GAIN_INIT="2", ATTN_HEAD_GATE="1")
+    assert gated.mixers[1].attn.xsa and gated.mixers[1].attn.q_gain is not None
+    assert gated.mixers[1].attn.head_gate is not None and not hasattr(gated.mixers[1].gdn, "q_gain")
+    with pytest.raises(ValueError, match="LAYOUT=GPA has full attention"):
+        tg.Config.from_env({"LAYOUT": "GPA", "EVAL_MODE": "stream"})
+    assert tg.Config.from_env({"LAYOUT": "AP", "GDN_NEG_EIGVAL": "1", "TTT_PARAMS": "gdn"}).gdn_neg_eigval

@@ -109,7 +109,7 @@ def test_lanes_cover_the_stream_and_each_is_one_long_forward(features, warmup):
         assert not torch.allclose(tally.nll_at[s + 1: s + 4], full_nll(model, tokens[s: e + 1])[:3], atol=1e-3)
 
 
-@pytest.mark.parametrize("layout", ["GSA", "GSN"])
+@pytest.mark.parametrize("layout", ["GSA", "GSN", "GSP"])
 def test_streaming_rejects_full_attention_layers(layout):
     model = tiny_model(layout=layout)
     with pytest.raises(ValueError, match=f"LAYOUT={layout} has full attention"):

@@ -239,6 +239,9 @@ def test_submission_summary_names_the_gdn_beta_range():
         "(negative eigenvalues), per-layer mixes of the stream with the embedding, per-channel branch scales")
     assert "embedding" not in ms.model_summary({**c, "RESID_MIX": "False"})
     assert "branch" not in ms.model_summary({**c, "BRANCH_SCALES": "False"})
+    assert ms.model_summary({**c, "LAYOUT": "AAPA"}).startswith(
+        "4 layers (3 full attention + 1 full attention + Gated DeltaNet side by side), layout AAPA")
+    assert "negative eigenvalues" in ms.model_summary({**c, "LAYOUT": "AAPA"})  # P's GDN half has them
 
 
 def _summary_run(seed, **over):
