@@ -90,8 +90,9 @@ class Config:
     layout: str = "AAAAAAAGAA"  # G = Gated DeltaNet, S = sliding-window attention, A = full attention, N = full
     #   attention without position encoding (NoPE: position comes only from the causal mask and the layers before
     #   it, e.g. GDN's recurrence and short conv; AAAGNNNNNNGNNN scored 0.0086 worse at 300 s, one seed); P = full
-    #   attention and a GDN side by side, outputs summed (ParallelMixer; not measured yet); lower case reuses the mixer weights of the nearest earlier upper-case layer of that kind; '(...)k' runs a group
-    #   of layers k times, reusing its mixers and MLPs (depth recurrence, parse_layout). The default: one GDN layer
+    #   attention and a GDN side by side, outputs summed (ParallelMixer; not measured yet); lower case reuses the
+    #   mixer weights of the nearest earlier upper-case layer of that kind; '(...)k' runs a group of layers k
+    #   times, reusing its mixers and MLPs (depth recurrence, parse_layout). The default: one GDN layer
     #   as the 8th of 10, 576 wide (the stack of 10 beat 576 x 11 by 0.0057 and 0.0014 after TTT on seeds 1337 and
     #   1338, by 4% faster steps; two GDN layers were worse). With MUON_WEIGHT_DECAY 0.06 it is 0.0018 better after
     #   TTT than the GDN layer as the 7th at 0.08 over seeds 1337-1339, on every seed and at every stage (300 s, one
@@ -111,12 +112,12 @@ class Config:
     rope_dims: int = 0  # 0 = the whole head dimension
     rope_base: float = 10000.0
     xsa_last: int = 0  # exclusive self attention (XSA, Zhai 2026, arXiv:2603.09078) in the last XSA_LAST attention
-    #                    mixers (A, N or S; in layout order, a shared mixer counted once; more than there are = all):
-    #                    each head's output loses its component along the token's own value vector. 0 = off
+    #                    mixers (A, N, S or P's; in layout order, a shared mixer counted once; more than there are
+    #                    = all): each head's output loses its component along the token's own value vector. 0 = off
     #                    At 300 s (RESULTS.md): on every layer, all-attention 0.0118 better (two seeds), the
     #                    two-GDN hybrid 0.0034 worse; on the hybrid's last 4, 0.0046 worse (one seed)
     qk_gain_init: float = 0.0  # a learnable gain per query head, started at this, on the RMS-normed queries of
-    #                            every attention mixer (A, N, S): a head's logits can reach gain x sqrt(head_dim),
+    #                            every attention mixer (A, N, S, P's): a head's logits can reach gain x sqrt(head_dim),
     #                            not sqrt(head_dim) alone. The challenge's baseline script starts its gains at 1.5,
     #                            later records at 4-6. 0 = off: the fixed scale of every run through lease 52.
     #                            Not measured on either stack yet (RESULTS.md)
@@ -356,11 +357,11 @@ class Config:
              "use S (sliding window) layers, or EVAL_MODE=window")  # before training, not after it
         # the layout checks below: with EVAL_ONLY or EXPORT_FROM the model is the file's, whatever LAYOUT says
         need(self.model_from_file or self.xsa_last == 0 or bool(xsa_mixers(specs, self.xsa_last)),
-             f"XSA_LAST={self.xsa_last} acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
+             f"XSA_LAST={self.xsa_last} acts on attention layers (A, N, S or P), and LAYOUT={self.layout} has none")
         need(self.model_from_file or self.qk_gain_init == 0 or bool(kinds - {"gdn"}),
-             f"QK_GAIN_INIT={self.qk_gain_init} acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
+             f"QK_GAIN_INIT={self.qk_gain_init} acts on attention layers (A, N, S or P), and LAYOUT={self.layout} has none")
         need(self.model_from_file or not self.attn_head_gate or bool(kinds - {"gdn"}),
-             f"ATTN_HEAD_GATE=1 acts on attention layers (A, N or S), and LAYOUT={self.layout} has none")
+             f"ATTN_HEAD_GATE=1 acts on attention layers (A, N, S or P), and LAYOUT={self.layout} has none")
         need(self.model_from_file or not self.gdn_neg_eigval or bool(kinds & set(GDN_KINDS)),
              f"GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G or P), and LAYOUT={self.layout} has none")
         need(self.model_from_file or not self.ttt_enabled or self.ttt_params != "gdn" or bool(kinds & set(GDN_KINDS)),
@@ -1360,7 +1361,6 @@ class Attention(nn.Module):
         return y.transpose(1, 2)
 
 
-
 class ParallelMixer(nn.Module):
     """P layers: full attention and a Gated DeltaNet read the same normed input side by side and their outputs, each
     through its own output projection, are summed (the parallel hybrid of Hymba and Falcon-H1, in its plainest form:
@@ -1375,6 +1375,7 @@ class ParallelMixer(nn.Module):
     def forward(self, x: torch.Tensor, state: dict | None = None, stream: StreamContext | None = None):
         """x (B, T, D) -> (B, T, D); no streaming (full attention's state is unbounded)."""
         return self.attn(x, state, stream) + self.gdn(x, state, stream)
+
 
 # ------------------------------------------------------------------------------------------------------------------
 # 6. Model
