@@ -362,9 +362,9 @@ class Config:
              f"QK_GAIN_INIT={self.qk_gain_init} acts on attention layers (A, N, S or P), and LAYOUT={self.layout} has none")
         need(self.model_from_file or not self.attn_head_gate or bool(kinds - {"gdn"}),
              f"ATTN_HEAD_GATE=1 acts on attention layers (A, N, S or P), and LAYOUT={self.layout} has none")
-        need(self.model_from_file or not self.gdn_neg_eigval or bool(kinds & set(GDN_KINDS)),
+        need(self.model_from_file or not self.gdn_neg_eigval or bool(kinds & GDN_KINDS),
              f"GDN_NEG_EIGVAL=1 acts on Gated DeltaNet layers (G or P), and LAYOUT={self.layout} has none")
-        need(self.model_from_file or not self.ttt_enabled or self.ttt_params != "gdn" or bool(kinds & set(GDN_KINDS)),
+        need(self.model_from_file or not self.ttt_enabled or self.ttt_params != "gdn" or bool(kinds & GDN_KINDS),
              f"TTT_PARAMS=gdn adapts Gated DeltaNet layers (G or P), and LAYOUT={self.layout} has none")
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile!r} must be auto, 0 or 1")
         need(self.compile_mode in COMPILE_MODES,
@@ -470,7 +470,7 @@ def _parse_env_value(key: str, raw: str, typ: type):
 
 LAYER_KINDS = {"G": "gdn", "S": "swa", "A": "attn", "N": "nope", "P": "par"}
 UNBOUNDED_KINDS = ("attn", "nope", "par")  # full attention: state (the keys) grows with the stream
-GDN_KINDS = ("gdn", "par")  # layers with a Gated DeltaNet in them
+GDN_KINDS = frozenset({"gdn", "par"})  # layers with a Gated DeltaNet in them
 
 
 @dataclass(frozen=True)
@@ -1742,12 +1742,17 @@ class Optimizers:
             o.load_state_dict(s)
 
 
+def gdn_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of the parameters of every GDN mixer (G layers' and P layers' GDN halves)."""
+    return {id(p) for m in model.modules() if isinstance(m, GatedDeltaNet) for p in m.parameters()}
+
+
 def muon_param_groups(model: nn.Module, matrices: list[nn.Parameter], cfg: Config) -> list[dict]:
     """Muon's groups for MUON_VARIANT: one group, plain (row_beta2 0) or normuon; or, for normuon_gdn, the GDN
     mixers' matrices with normuon and the rest plain (a group left empty by the layout is dropped)."""
     if cfg.muon_variant != "normuon_gdn":
         return [dict(params=matrices, row_beta2=cfg.muon_beta2 if cfg.muon_variant == "normuon" else 0.0)]
-    in_gdn = {id(p) for m in model.modules() if isinstance(m, GatedDeltaNet) for p in m.parameters()}
+    in_gdn = gdn_parameter_ids(model)
     groups = [dict(params=[p for p in matrices if id(p) in in_gdn], row_beta2=cfg.muon_beta2),
               dict(params=[p for p in matrices if id(p) not in in_gdn], row_beta2=0.0)]
     return [g for g in groups if g["params"]]
@@ -2579,14 +2584,14 @@ def ttt_chunks(n_tokens: int, cfg: Config) -> list[TTTChunk]:
 
 def ttt_parameters(model: nn.Module, which: str) -> list[nn.Parameter]:
     routed = route_parameters(model)
-    in_gdn = {id(p) for m in model.modules() if isinstance(m, GatedDeltaNet) for p in m.parameters()}  # G and P's
+    in_gdn = gdn_parameter_ids(model)
     chosen = {
-        "all": lambda i, n: True,
-        "mlp": lambda i, n: n.startswith("mlps."),
-        "scalar": lambda i, n: PARAM_ROUTES[i][0] == "scalar",
-        "gdn": lambda i, n: id(model.get_parameter(n)) in in_gdn,
+        "all": lambda i, n, p: True,
+        "mlp": lambda i, n, p: n.startswith("mlps."),
+        "scalar": lambda i, n, p: PARAM_ROUTES[i][0] == "scalar",
+        "gdn": lambda i, n, p: id(p) in in_gdn,
     }[which]
-    params = [p for i, n, p in routed if chosen(i, n)]
+    params = [p for i, n, p in routed if chosen(i, n, p)]
     if not params:  # which parameters a model has is known only once it is built (an artifact's: EVAL_ONLY)
         raise ValueError(f"TTT_PARAMS={which} selects no parameters of this model (layout {model.mc.layout})")
     return params
@@ -2931,7 +2936,7 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
         raise ValueError(f"GDN_BACKEND={gdn} needs a CUDA GPU")
     if gdn == "qla" and no_qla:
         raise ValueError(f"GDN_BACKEND=qla cannot be used: {no_qla}")
-    if gdn == "fla" and layer_kinds(mc.layout) & set(GDN_KINDS) and importlib.util.find_spec("fla") is None:
+    if gdn == "fla" and layer_kinds(mc.layout) & GDN_KINDS and importlib.util.find_spec("fla") is None:
         raise ValueError(f"GDN_BACKEND={cfg.gdn_backend} chose fla's kernels, and fla is not installed: pip install "
                          "flash-linear-attention (README, Quick start), or GDN_BACKEND=torch for the PyTorch reference "
                          "(much slower)")
@@ -2948,7 +2953,7 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
     if attn in ("fa3", "varlen") and not rt.cuda:
         raise ValueError(f"ATTN_BACKEND={attn} needs a CUDA GPU")
     kinds = layer_kinds(mc.layout)
-    has_gdn, has_swa = bool(kinds & set(GDN_KINDS)), "swa" in kinds
+    has_gdn, has_swa = bool(kinds & GDN_KINDS), "swa" in kinds
     conv = cfg.gdn_conv
     if conv == "auto":  # fla's kernel wherever the delta rule runs on a fast kernel (README, throughput)
         conv = "fla" if gdn in FAST_GDN_BACKENDS and importlib.util.find_spec("fla") is not None else "torch"
@@ -3000,7 +3005,7 @@ def describe_backends(layout: str, backends: Backends, window: int) -> str:
     """What each kind of layer in LAYOUT runs on, for the log: full causal attention (A, N) always runs SDPA's causal
     kernel, and ATTN_BACKEND only the sliding window (S), so a layout names only the kinds it has."""
     kinds = layer_kinds(layout)
-    parts = [f"gdn:{backends.gdn} conv:{backends.conv}"] if kinds & set(GDN_KINDS) else []
+    parts = [f"gdn:{backends.gdn} conv:{backends.conv}"] if kinds & GDN_KINDS else []
     if kinds & set(UNBOUNDED_KINDS):
         parts.append("full attention:sdpa")
     if "swa" in kinds:

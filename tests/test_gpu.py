@@ -1,5 +1,12 @@
 """Fast paths against their references on the GPU in use. Skipped where there is no CUDA GPU (or no fla)."""
 
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -276,13 +283,6 @@ def test_the_packed_copy_runs_on_the_gpu_as_the_script(tmp_path, tiny_data):
     file is read: torch.compile of the training model, the GPU's attention and GDN backends (fla's kernels where
     installed, checked first) and TTT as CUDA graphs. The copy picks the same backends, trains to the same losses
     and scores as the readable script within what CUDA's nondeterministic sums allow, and counts its own bytes."""
-    import json
-    import os
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     packed = tmp_path / "build" / "train_gpt.py"
     subprocess.run([sys.executable, str(root / "tools" / "pack_script.py"), "--out", str(packed)], check=True)

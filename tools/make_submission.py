@@ -189,7 +189,7 @@ def model_summary(c: dict) -> str:
     features = [name for key, name in (("UNET_SKIPS", "U-Net skips"), ("SMEAR_GATE", "SmearGate")) if c.get(key) == "True"]
     if c.get("BIGRAM_BUCKETS", "0") != "0":
         features.append(f"BigramHash ({c['BIGRAM_BUCKETS']} buckets)")
-    if set(kinds) & set(tg.GDN_KINDS) and c.get("GDN_NEG_EIGVAL") == "True":
+    if set(kinds) & tg.GDN_KINDS and c.get("GDN_NEG_EIGVAL") == "True":
         features.append("GDN beta in (0, 2) (negative eigenvalues)")
     n_xsa = len(tg.xsa_mixers(specs, int(c.get("XSA_LAST", "0"))))
     if n_xsa:

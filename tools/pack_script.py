@@ -22,12 +22,14 @@ import argparse
 import base64
 import hashlib
 import lzma
-import os
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_gpt as tg  # noqa: E402  (write_atomically)
+
 XZ_PRESET = 9 | lzma.PRESET_EXTREME
 HEADER = "# train_gpt.py packed by tools/pack_script.py: source sha256 {sha} ({size} bytes)\n"
 BODY = ('import base64, linecache, lzma\n'
@@ -63,13 +65,6 @@ def unpack(packed: bytes, name: str = "the file") -> bytes:
     return source
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--src", type=Path, default=ROOT / "train_gpt.py", help="the readable script (train_gpt.py)")
@@ -99,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{args.src} cannot be packed: {e}") from None
     if unpack(packed) != source:  # never write a copy that would run something else
         raise SystemExit("the packed copy does not decode to the source: not written")
-    write_atomic(args.out, packed)
+    tg.write_atomically(args.out, lambda f: f.write(packed))
     print(f"{args.src} ({len(source):,} bytes) -> {args.out} ({len(packed):,} bytes, "
           f"{len(source) - len(packed):,} fewer counted bytes); source sha256 {hashlib.sha256(source).hexdigest()}")
     return 0
