@@ -120,7 +120,8 @@ class Config:
     #                            every attention mixer (A, N, S, P's): a head's logits can reach gain x sqrt(head_dim),
     #                            not sqrt(head_dim) alone. The challenge's baseline script starts its gains at 1.5,
     #                            later records at 4-6. 0 = off: the fixed scale of every run through lease 52.
-    #                            Not measured on either stack yet (RESULTS.md)
+    #                            At 4 the default was 0.0086 better after TTT at 300 s (one seed; the gains
+    #                            settled at 1.1-3.2); off until its second seed and all-attention's run (RESULTS.md)
     attn_head_gate: bool = False  # every attention mixer's heads gated before the output projection: head h's output
     #                               times sigmoid(w_h . x) of the mixer's input x (Qiu et al. 2025, "Gated Attention
     #                               for Large Language Models", the head-wise form; the GDN mixer has its own gate).
