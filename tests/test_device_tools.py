@@ -158,6 +158,30 @@ def test_wait_that_runs_out_still_sends_what_is_there(lease):
     assert not (Path(env["OUT"]) / "r2.pgz").exists()
 
 
+def test_wait_for_the_whole_job_reports_its_exit_status(lease):
+    """--end waits for the job itself, past its sweeps (the GPU checks a lease runs last), and says how it exited."""
+    checkout, env, _ = lease
+    job = checkout / ".gpujobs" / "job.sh"
+    job.write_text(JOB + 'sleep 1\necho "checks: 3 passed" | tee logs/checks.txt\nexit 7\n')
+    assert run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env).returncode == 0
+    early = run([TOOLS / "wait.sh", "job", "--end", "0"], checkout, env)
+    assert early.returncode == 3 and "the job has not ended" in early.stdout
+    waited = run([TOOLS / "wait.sh", "job", "--end", "30"], checkout, env)
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert "the job ended (exit 7)" in waited.stdout and "checks: 3 passed" in waited.stdout
+    with tarfile.open(Path(env["OUT"]) / "logs.tgz") as tar:
+        assert {"logs/r1.txt", "logs/job.out", "logs/checks.txt"} <= set(tar.getnames())
+
+
+def test_a_second_start_forgets_the_last_jobs_end(lease):
+    checkout, env, _ = lease
+    assert run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env).returncode == 0
+    assert run([TOOLS / "wait.sh", "job", "--end", "30"], checkout, env).returncode == 0
+    (checkout / ".gpujobs" / "job.sh").write_text("sleep 3\n")
+    assert run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env).returncode == 0
+    assert run([TOOLS / "wait.sh", "job", "--end", "0"], checkout, env).returncode == 3
+
+
 def test_start_puts_carried_artifacts_where_the_job_reads_them(lease):
     """Artifacts the first call left in EXTRA (pack.sh's ARTIFACTS) land in the job's artifacts/, each sha256 said."""
     import hashlib
