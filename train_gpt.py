@@ -1327,15 +1327,18 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(B, T, self.heads * self.head_dim))
 
     def queries_keys(self, x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q (B, T, H, hd), k (B, T, KV, hd)) as attention uses them: RMS-normed, rotated from position `offset`,
-        q times its head's gain."""
+        """(q (B, T, H, hd), k (B, T, KV, hd)) as attention uses them: RMS-normed, q times its head's gain, rotated
+        from position `offset`."""
         B, T, _ = x.shape
         q = rms_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim))
         k = rms_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim))
+        if self.q_gain is not None:
+            # (H, 1): each head's queries. Before the rotation (linear, so the same q): the gain's gradient then
+            # needs the normed q, which torch.compile recomputes from what the norm keeps; after it, the rotated q
+            # was kept as well, one more (B, T, H, hd) tensor per layer (about 1.3 GB at the default's micro-batch).
+            q = q * self.q_gain[:, None]
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
-        if self.q_gain is not None:
-            q = q * self.q_gain[:, None]  # (H, 1): each head's queries
         return q, k
 
     def _attend_with_cache(self, q, k, v, state: dict, stream: StreamContext) -> torch.Tensor:
