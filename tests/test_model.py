@@ -595,57 +595,6 @@ def test_query_gains_one_per_head_of_each_attention_mixer_trained_by_adam():
     assert not any(n.endswith("q_gain") for n, _ in plain.named_parameters())
 
 
-def test_query_gain_multiplies_each_heads_logits_written_out():
-    """QK_GAIN_INIT: head h's logits are g_h * rot(rmsnorm(q)) . rot(rmsnorm(k)) / sqrt(hd), written out here in
-    float64 (causal softmax, grouped KV heads, the output projection), with a different gain in every head."""
-    torch.manual_seed(0)
-    B, T, D, H, KV, hd = 2, 12, 32, 4, 2, 8
-    attn = tg.Attention(D, H, KV, 0, 0, 10000.0, "sdpa", qk_gain=2.0).double()
-    with torch.no_grad():
-        attn.q_gain.copy_(torch.tensor([0.5, 1.0, 3.0, 7.0]))
-        torch.nn.init.normal_(attn.o_proj.weight)
-    x = torch.randn(B, T, D, dtype=torch.float64)
-
-    def normed_rotated(t):
-        t = t * torch.rsqrt(t.square().mean(-1, keepdim=True) + 1e-6)
-        ang = torch.arange(T, dtype=torch.float64)[:, None] / 10000.0 ** (torch.arange(0, hd, 2) / hd)
-        cos, sin = ang.cos()[None, :, None], ang.sin()[None, :, None]
-        return torch.cat([t[..., :hd // 2] * cos - t[..., hd // 2:] * sin,
-                          t[..., hd // 2:] * cos + t[..., :hd // 2] * sin], dim=-1)
-
-    q = normed_rotated((x @ attn.q_proj.weight.T).view(B, T, H, hd))
-    k = normed_rotated((x @ attn.k_proj.weight.T).view(B, T, KV, hd)).repeat_interleave(H // KV, dim=2)
-    v = (x @ attn.v_proj.weight.T).view(B, T, KV, hd).repeat_interleave(H // KV, dim=2)
-    logits = torch.einsum("bthd,bshd->bhts", q, k) / hd ** 0.5 * attn.q_gain[None, :, None, None]
-    logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    y = torch.einsum("bhts,bshd->bthd", logits.softmax(-1), v).reshape(B, T, H * hd) @ attn.o_proj.weight.T
-    assert torch.allclose(attn(x), y, atol=1e-10)
-
-
-def test_compiled_query_gain_keeps_no_second_copy_of_the_queries_for_the_backward():
-    """With the gain applied before the rotation, torch.compile's backward recomputes the normed queries the gain's
-    gradient needs instead of keeping them: with QK_GAIN_INIT on, the tensors saved for the backward are those
-    without it plus the gains. Applied after the rotation it kept one more (B, T, H, hd) tensor per layer (1.3 GB
-    more peak memory at the default's micro-batch, lease 53)."""
-    B, T, D, H, KV = 2, 64, 64, 4, 2
-
-    def saved(gain: float) -> list[tuple]:
-        torch.manual_seed(0)
-        torch._dynamo.reset()
-        attn = torch.compile(tg.Attention(D, H, KV, 0, 0, 10000.0, "sdpa", xsa=True, qk_gain=gain))
-        kept = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, tuple(t.shape))) or t,
-                                                      lambda t: t):
-            attn(torch.randn(B, T, D, requires_grad=True)).square().sum().backward()
-        return kept
-
-    plain, gained = saved(0.0), saved(4.0)
-    extra = list(gained)
-    for item in plain:
-        extra.remove(item)
-    assert extra == [(torch.float32, (H,))]
-
-
 def test_head_gates_one_row_per_head_of_each_attention_mixer_trained_by_adam_and_exported_fp16():
     """ATTN_HEAD_GATE: an (H, D) gate projection in every attention mixer (a shared one counted once), none in GDN
     mixers; routed to Adam's scalar group like the GDN's a_proj / b_proj (so fp16 in the artifact, no QAT), every

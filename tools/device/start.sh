@@ -51,7 +51,7 @@ for folder, splits in folders:
         for f in tg.shard_files(folder, split):
             print(f"start.sh: {f} {len(tg.read_shard(f)):,} tokens")
 PY
-name=$(basename "$JOB" .sh); mkdir -p logs; touch .start_marker; rm -f .job_rc
+name=$(basename "$JOB" .sh); mkdir -p logs; touch .start_marker
 # .job_rc, written when the job exits, holds its exit status (wait.sh JOBNAME --end waits for it)
 setsid nohup bash -c 'bash "$1"; echo $? > .job_rc' job "$JOB" > "logs/$name.out" 2>&1 < /dev/null &
 echo "start.sh: $JOB started in $WORK after $(( $(date +%s) - t0 )) s, output in $WORK/logs/$name.out"
