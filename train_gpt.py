@@ -121,7 +121,10 @@ class Config:
     #                            not sqrt(head_dim) alone. The challenge's baseline script starts its gains at 1.5,
     #                            later records at 4-6. 0 = off: the fixed scale of every run through lease 52.
     #                            At 4 the default was 0.0086 better after TTT at 300 s (one seed; the gains
-    #                            settled at 1.1-3.2); off until its second seed and all-attention's run (RESULTS.md)
+    #                            settled at 1.1-3.2). On the same batches before the warmdown they lower the
+    #                            training loss more on all-attention (0.033 nats) than on the default (0.016-0.023):
+    #                            the hybrid's lead there falls from 0.018 to 0.001 (RESULTS.md, lease 54). Off until
+    #                            both stacks' scores with the gains are in
     attn_head_gate: bool = False  # every attention mixer's heads gated before the output projection: head h's output
     #                               times sigmoid(w_h . x) of the mixer's input x (Qiu et al. 2025, "Gated Attention
     #                               for Large Language Models", the head-wise form; the GDN mixer has its own gate).
@@ -1327,18 +1330,18 @@ class Attention(nn.Module):
         return self.o_proj(y.reshape(B, T, self.heads * self.head_dim))
 
     def queries_keys(self, x: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(q (B, T, H, hd), k (B, T, KV, hd)) as attention uses them: RMS-normed, q times its head's gain, rotated
-        from position `offset`."""
+        """(q (B, T, H, hd), k (B, T, KV, hd)) as attention uses them: RMS-normed, rotated from position `offset`,
+        q times its head's gain."""
         B, T, _ = x.shape
         q = rms_norm(self.q_proj(x).view(B, T, self.heads, self.head_dim))
         k = rms_norm(self.k_proj(x).view(B, T, self.kv_heads, self.head_dim))
-        if self.q_gain is not None:
-            # (H, 1): each head's queries. Before the rotation (linear, so the same q): the gain's gradient then
-            # needs the normed q, which torch.compile recomputes from what the norm keeps; after it, the rotated q
-            # was kept as well, one more (B, T, H, hd) tensor per layer (about 1.3 GB at the default's micro-batch).
-            q = q * self.q_gain[:, None]
         if self.rotary is not None:
             q, k = self.rotary(q, offset), self.rotary(k, offset)
+        if self.q_gain is not None:
+            # (H, 1): each head's queries. After the rotation torch.compile keeps the rotated q for the gain's
+            # gradient (1.3 GB more at the default's micro-batch); before it (the same function) it keeps nothing
+            # more but the step was 19% slower on an H200 (252.6 against 213.0 ms, lease 54, RESULTS.md).
+            q = q * self.q_gain[:, None]
         return q, k
 
     def _attend_with_cache(self, q, k, v, state: dict, stream: StreamContext) -> torch.Tensor:

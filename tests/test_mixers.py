@@ -254,30 +254,6 @@ def test_query_gains_scale_each_heads_logits(window):
         assert torch.equal(mixer(x), plain(x))
 
 
-def test_compiled_query_gain_keeps_no_second_copy_of_the_queries_for_the_backward():
-    """With the gain applied before the rotation, torch.compile's backward recomputes the normed queries the gain's
-    gradient needs instead of keeping them: with QK_GAIN_INIT on, the tensors saved for the backward are those
-    without it plus the gains. Applied after the rotation it kept one more (B, T, H, hd) tensor per layer (1.3 GB
-    more peak memory at the default's micro-batch, lease 53)."""
-    B, T, D, H, KV = 2, 64, 64, 4, 2
-
-    def saved(gain: float) -> list[tuple]:
-        torch.manual_seed(0)
-        torch._dynamo.reset()
-        attn = torch.compile(tg.Attention(D, H, KV, 0, 0, 10000.0, "sdpa", xsa=True, qk_gain=gain))
-        kept = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append((t.dtype, tuple(t.shape))) or t,
-                                                      lambda t: t):
-            attn(torch.randn(B, T, D, requires_grad=True)).square().sum().backward()
-        return kept
-
-    plain, gained = saved(0.0), saved(4.0)
-    extra = list(gained)
-    for item in plain:
-        extra.remove(item)
-    assert extra == [(torch.float32, (H,))]
-
-
 @pytest.mark.parametrize("xsa", [False, True])
 def test_head_gates_scale_each_heads_output_by_a_sigmoid_of_the_input(xsa):
     """ATTN_HEAD_GATE: head h's output (after XSA, if on) times sigmoid(w_h . x) before the output projection, in
