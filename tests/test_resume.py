@@ -168,7 +168,17 @@ def test_a_resumed_run_goes_on_from_its_clock_steps_and_qat_switch(monkeypatch):
     assert stats.tokens == stats.steps * cfg.train_batch_tokens
 
 
-def test_ctrl_c_on_one_process_finishes_the_step_writes_the_state_and_stops(tmp_path, tiny_data, monkeypatch):
+@pytest.fixture
+def default_sigint():
+    """Python's own Ctrl-C handler for the test: a job a shell starts in the background inherits SIGINT ignored, and
+    Python then installs none, so a plain run would not see the signal at all."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_ctrl_c_on_one_process_finishes_the_step_writes_the_state_and_stops(tmp_path, tiny_data, monkeypatch,
+                                                                            default_sigint):
     """With STATE_PATH on one process, SIGINT during step 5 lets the step finish, writes the state (STATE_EVERY
     would not have: 100) and stops, the handlers put back; resumed, the run ends with the weights of a run never
     stopped. A second signal stops at once; without STATE_PATH, Ctrl-C is Python's KeyboardInterrupt as always."""
