@@ -359,18 +359,21 @@ def test_a_log_that_did_not_train_is_no_submission(tmp_path, extra, message):
 
 
 def _train_log(run_id: str, step_losses: list[float], log_every: int, seed: int = 1337, world: str = "1",
-               accum: str = "2", data: str = "1 shard, 93,535,700 tokens", eval_only: bool = False) -> str:
-    """A train_gpt.py log as the script writes one: header lines, config lines, and a `step:` line every `log_every`
-    steps (and at the last) with the mean loss of the steps since the line before."""
+               accum: str = "2", data: str = "1 shard, 93,535,700 tokens", eval_only: bool = False,
+               ms_per_step: int = 1, schedule: dict[str, str] | None = None) -> str:
+    """A train_gpt.py log as the script writes one: header lines, config lines (`schedule`: more of them), and a
+    `step:` line every `log_every` steps (and at the last) with the mean loss of the steps since the line before and
+    the training time so far."""
     lines = [f"run_id:{run_id}", f"runtime: world_size:{world} grad_accum_steps:{accum} device:cpu",
              f"config EVAL_ONLY={eval_only}", f"config SEED={seed}", "config TRAIN_BATCH_TOKENS=262144",
-             "config TRAIN_SEQ_LEN=2048", f"train_data: {data}",
-             "step:0/100 val_loss:7.0000 val_bpb:4.0000 train_time:0ms"]
+             "config TRAIN_SEQ_LEN=2048", *(f"config {k}={v}" for k, v in (schedule or {}).items()),
+             f"train_data: {data}", "step:0/100 val_loss:7.0000 val_bpb:4.0000 train_time:0ms"]
     first = 0
     for step in range(1, len(step_losses) + 1):
         if step % log_every == 0 or step == len(step_losses):
             mean = sum(step_losses[first:step]) / (step - first)
-            lines.append(f"step:{step}/100 train_loss:{mean:.6f} train_time:{step}ms step_avg:1.00ms tok/s:1")
+            lines.append(f"step:{step}/100 train_loss:{mean:.6f} train_time:{step * ms_per_step}ms "
+                         f"step_avg:{ms_per_step}.00ms tok/s:1")
             first = step
     return "\n".join(lines) + "\n"
 
@@ -396,7 +399,7 @@ def test_loss_diff_is_the_mean_over_the_ranges_steps_of_a_minus_b(tmp_path):
         want = sum(a_steps[s - 1] - b_steps[s - 1] for s in steps) / len(steps)
         assert row["steps"] == len(steps) and row["windows"] == len(steps) // 10
         assert row["diff"] == pytest.approx(want, abs=1e-5)  # the log rounds each window's mean to 6 decimals
-    assert rows[2] == dict(first=95, last=103, windows=0, steps=0, a=None, b=None, diff=None)
+    assert rows[2] == dict(first=95, last=103, windows=0, steps=0, a=None, b=None, diff=None, a_lr=None, b_lr=None)
     # a run with A's 97 steps shares A's short last window, which counts by its 7 steps, not as one of two windows
     c_steps = b_steps[:97]
     (tmp_path / "c.txt").write_text(_train_log("c", c_steps, 10))
@@ -429,7 +432,9 @@ def test_loss_diff_reads_the_last_run_of_a_log_and_refuses_what_has_no_training_
     a.write_text(_train_log("a", [9.0] * 20, 5, seed=1) + _train_log("a", [3.0] * 20, 5))  # a rerun of RUN_ID a
     b.write_text(_train_log("b", [2.5] * 20, 5))
     assert loss_diff.main([str(a), str(b), "--ranges", "0-20"]) == 0
-    assert "| 0–20 | 4 | 20 | 3.0000 | 2.5000 | +0.5000 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| 0–20 | 4 | 20 | 3.0000 | 2.5000 | +0.5000 | — / — |" in out
+    assert "A: its log does not give the schedule settings or step times; its rate is not known" in out
     for bad in ("20-10", "x", ","):
         assert loss_diff.main([str(a), str(b), "--ranges", bad]) == 2
         assert "--ranges" in capsys.readouterr().err
@@ -445,6 +450,43 @@ def test_loss_diff_reads_the_last_run_of_a_log_and_refuses_what_has_no_training_
     b.write_text(_train_log("b", [2.5] * 20, 4))
     with pytest.raises(ValueError, match="no window of the same steps"):
         loss_diff.compare(loss_diff.read_train_log(a), loss_diff.read_train_log(b))
+
+
+def test_loss_diff_gives_each_rows_learning_rates_as_train_gpt_set_them(tmp_path, capsys):
+    """Two runs under one wallclock cap at 10 and 20 ms a step: each row's mean learning-rate multiplier is the mean
+    of train_gpt.lr_multiplier over its steps, each read with the training time before the step (exact here: the
+    step time is constant, so interpolating between the logged lines loses nothing), and each run's last step at
+    the full rate is the last where lr_multiplier gives 1. A log without a schedule setting gives none."""
+    import loss_diff
+
+    schedule = {"ITERATIONS": "100", "LR_WARMUP_STEPS": "5", "WARMDOWN_FRAC": "0.5", "WARMDOWN_SHAPE": "cosine",
+                "MAX_WALLCLOCK_SECONDS": "1.2", "GPTQ_RESERVE_SECONDS": "0.2", "QUANT_METHOD": "gptq"}
+    cfg = tg.Config(iterations=100, lr_warmup_steps=5, warmdown_frac=0.5, warmdown_shape="cosine",
+                    max_wallclock_seconds=1.2, gptq_reserve_seconds=0.2, quant_method="gptq")
+    losses = [3.0 - 0.01 * s for s in range(60)]
+    for name, ms in (("a", 10), ("b", 20)):
+        (tmp_path / f"{name}.txt").write_text(_train_log(name, losses, 10, ms_per_step=ms, schedule=schedule))
+    assert loss_diff.main([str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--ranges", "1-10,11-30,31-60"]) == 0
+    out = capsys.readouterr().out
+    a, b = (loss_diff.read_train_log(tmp_path / f"{r}.txt") for r in "ab")
+    for log, ms in ((a, 10), (b, 20)):
+        want = {s: tg.lr_multiplier(s - 1, (s - 1) * ms / 1000, cfg) for s in range(1, 61)}
+        assert log.rates == pytest.approx(want, abs=1e-12)
+        assert {s for s in want if want[s] < 1} & set(range(6, 61))  # the warmdown begins within the 60 steps
+    rows = loss_diff.compare(a, b, [(1, 10), (11, 30), (31, 60)])
+    for row, steps in zip(rows, (range(1, 11), range(11, 31), range(31, 61))):
+        assert row["a_lr"] == pytest.approx(sum(a.rates[s] for s in steps) / len(steps), abs=1e-12)
+        assert row["b_lr"] == pytest.approx(sum(b.rates[s] for s in steps) / len(steps), abs=1e-12)
+        assert f"| {row['a_lr']:.3f} / {row['b_lr']:.3f} |" in out
+    for name, log in (("A", a), ("B", b)):
+        full = max(s for s in range(5, 61) if all(log.rates[t] == 1.0 for t in range(5, s + 1)))
+        assert f"{name}: at its full learning rate through step {full}" in out
+    assert rows[2]["a_lr"] != pytest.approx(rows[2]["b_lr"])  # the slower run's warmdown is further on
+    del schedule["WARMDOWN_FRAC"]
+    (tmp_path / "b.txt").write_text(_train_log("b", losses, 10, ms_per_step=20, schedule=schedule))
+    assert loss_diff.read_train_log(tmp_path / "b.txt").rates is None
+    [row] = loss_diff.compare(a, loss_diff.read_train_log(tmp_path / "b.txt"), [(1, 60)])
+    assert row["a_lr"] is not None and row["b_lr"] is None
 
 
 def _random_stream(seed: int, n: int, vocab: int, bos: int) -> torch.Tensor:

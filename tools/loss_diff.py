@@ -16,6 +16,13 @@ same world size and gradient accumulation (the `runtime:` line; each micro-batch
 pair that differs in any of these is refused, with what differs. The last run of each log is read (train_gpt.py
 appends a rerun of a RUN_ID to its log); it need not have finished.
 
+Each row also gives both runs' mean learning-rate multiplier over its steps (train_gpt.py's lr_multiplier: the
+warmup, then 1, then the warmdown over the last WARMDOWN_FRAC of the run in steps or wallclock, whichever is
+further), from each log's schedule settings and its step lines' training times (the time before a step between two
+lines interpolated). Two runs at different speeds under the same wallclock cap start their warmdowns at different
+steps, and from there the same step is taken at different rates: only rows whose multipliers agree compare the
+runs at the same rate (lease 54's comparison of a slowed run, RESULTS.md). A log without those settings shows —.
+
 Why: on a text read several times in a run, the training loss and the validation score can disagree (RESULTS.md,
 issue 6 at 600 s: the hybrid's training loss ends 0.013 below all-attention's while its validation score is worse);
 this prints that comparison from the logs instead of by hand.
@@ -28,11 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from make_submission import last_run, logged_config, trained  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
 DEFAULT_RANGE_STEPS = 400
 SAME_BATCH_SETTINGS = ("SEED", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN")
-STEP_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:([0-9.eE+-]+|nan|inf) ", flags=re.M)
+STEP_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:([0-9.eE+-]+|nan|inf) (?:train_time:(\d+)ms)?", flags=re.M)
+# what lr_multiplier reads, as each is logged (config KEY=VALUE) -> the Config field and its type
+SCHEDULE_SETTINGS = {"ITERATIONS": ("iterations", int), "LR_WARMUP_STEPS": ("lr_warmup_steps", int),
+                     "WARMDOWN_FRAC": ("warmdown_frac", float), "WARMDOWN_SHAPE": ("warmdown_shape", str),
+                     "MAX_WALLCLOCK_SECONDS": ("max_wallclock_seconds", float),
+                     "GPTQ_RESERVE_SECONDS": ("gptq_reserve_seconds", float), "QUANT_METHOD": ("quant_method", str)}
 
 
 @dataclass
@@ -40,6 +54,29 @@ class TrainLog:
     path: Path
     settings: dict[str, str]  # what decides the batches, as logged
     windows: dict[tuple[int, int], float]  # (first step, last step) -> the mean training loss over those steps
+    rates: dict[int, float] | None  # step -> its learning-rate multiplier (None: the log does not say)
+
+
+def learning_rates(config: dict[str, str], times_ms: dict[int, int]) -> dict[int, float] | None:
+    """Each step's learning-rate multiplier (steps 1 to the last logged), as train_gpt.lr_multiplier gave it: step
+    s is the loop's step s - 1, read with the training time before it, which between two logged step lines is
+    interpolated linearly (from 0 at step 0). None when the log lacks a schedule setting or the step times."""
+    if not times_ms or any(key not in config for key in SCHEDULE_SETTINGS):
+        return None
+    try:
+        cfg = tg.Config(**{field: kind(config[key]) for key, (field, kind) in SCHEDULE_SETTINGS.items()})
+    except (TypeError, ValueError):
+        return None
+    known = sorted({0: 0, **times_ms}.items())
+    rates, i = {}, 0
+    for step in range(1, known[-1][0] + 1):
+        done = step - 1  # steps finished before this one
+        while known[i + 1][0] < done:
+            i += 1
+        (s0, t0), (s1, t1) = known[i], known[i + 1]
+        elapsed_ms = t0 + (t1 - t0) * (done - s0) / (s1 - s0)
+        rates[step] = tg.lr_multiplier(done, elapsed_ms / 1000, cfg)
+    return rates
 
 
 def read_train_log(path: Path) -> TrainLog:
@@ -53,15 +90,18 @@ def read_train_log(path: Path) -> TrainLog:
     data = re.search(r"^train_data: (\d+) shards?, ([\d,]+) tokens", text, flags=re.M)  # older logs: "1 shards"
     settings["world size x gradient accumulation"] = f"{runtime[1]} x {runtime[2]}" if runtime else "(not logged)"
     settings["training text"] = f"{data[1]} shard(s), {data[2]} tokens" if data else "(not logged)"
-    windows, previous = {}, 0
+    windows, times_ms, previous = {}, {}, 0
     for match in STEP_LINE.finditer(text):
         step = int(match[1])
         if step > previous:  # a step line repeated (a warm-up's) or out of order would make a window of no steps
             windows[(previous + 1, step)] = float(match[2])
+            if match[3] is not None:
+                times_ms[step] = int(match[3])
             previous = step
     if not windows:
         raise ValueError(f"{path}: no `step:N/M train_loss:...` lines in its last run; did it train?")
-    return TrainLog(path, settings, windows)
+    timed = len(times_ms) == len(windows)
+    return TrainLog(path, settings, windows, learning_rates(config, times_ms) if timed else None)
 
 
 def check_same_batches(a: TrainLog, b: TrainLog) -> None:
@@ -91,7 +131,8 @@ def default_ranges(last_step: int, size: int = DEFAULT_RANGE_STEPS) -> list[tupl
 
 
 def compare(a: TrainLog, b: TrainLog, ranges: list[tuple[int, int]] | None = None) -> list[dict]:
-    """One row per range: its windows, steps, each run's mean loss over those steps and the difference A - B."""
+    """One row per range: its windows, steps, each run's mean loss over those steps and the difference A - B, and
+    each run's mean learning-rate multiplier over those steps (None where its log does not say)."""
     common = sorted(set(a.windows) & set(b.windows), key=lambda w: w[1])
     if not common:
         raise ValueError(f"{a.path} and {b.path} log no window of the same steps (TRAIN_LOG_EVERY differs?)")
@@ -99,10 +140,14 @@ def compare(a: TrainLog, b: TrainLog, ranges: list[tuple[int, int]] | None = Non
     for lo, hi in ranges or default_ranges(common[-1][1]):
         inside = [w for w in common if lo <= w[1] <= hi]
         steps = sum(w[1] - w[0] + 1 for w in inside)
-        row = dict(first=lo, last=hi, windows=len(inside), steps=steps, a=None, b=None, diff=None)
+        row = dict(first=lo, last=hi, windows=len(inside), steps=steps, a=None, b=None, diff=None, a_lr=None,
+                   b_lr=None)
         if inside:
             row["a"], row["b"] = (sum(log.windows[w] * (w[1] - w[0] + 1) for w in inside) / steps for log in (a, b))
             row["diff"] = row["a"] - row["b"]
+            for key, log in (("a_lr", a), ("b_lr", b)):
+                if log.rates is not None:
+                    row[key] = sum(log.rates[s] for w in inside for s in range(w[0], w[1] + 1)) / steps
         rows.append(row)
     return rows
 
@@ -111,11 +156,19 @@ def markdown(rows: list[dict], a: TrainLog, b: TrainLog) -> str:
     def cell(value: float | None, fmt: str) -> str:
         return "—" if value is None else format(value, fmt)
 
-    lines = [f"| window ends at steps | windows | steps | A {a.path.stem} | B {b.path.stem} | A - B |",
-             "|---|---|---|---|---|---|"]
+    lines = [f"| window ends at steps | windows | steps | A {a.path.stem} | B {b.path.stem} | A - B | "
+             "LR multiplier A / B |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['first']:,}–{r['last']:,} | {r['windows']} | {r['steps']:,} | {cell(r['a'], '.4f')} | "
-                     f"{cell(r['b'], '.4f')} | {cell(r['diff'], '+.4f')} |")
+                     f"{cell(r['b'], '.4f')} | {cell(r['diff'], '+.4f')} | {cell(r['a_lr'], '.3f')} / "
+                     f"{cell(r['b_lr'], '.3f')} |")
+    for log, name in ((a, "A"), (b, "B")):
+        if log.rates is None:
+            lines.append(f"{name}: its log does not give the schedule settings or step times; its rate is not known")
+        else:
+            warmdown = [s for s, m in log.rates.items() if s > 1 and m < 1.0 and log.rates[s - 1] == 1.0]
+            lines.append(f"{name}: at its full learning rate through step {warmdown[0] - 1:,}" if warmdown else
+                         f"{name}: no warmdown in its {max(log.rates):,} logged steps")
     return "\n".join(lines)
 
 
