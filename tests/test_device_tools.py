@@ -1,5 +1,6 @@
-"""tools/device/: a lease's staging (pack.sh), its start on the GPU machine (start.sh) and the waits that bring
-results back (wait.sh), run here against a fake checkout, fake shared data and a fake setup.sh."""
+"""tools/device/: a lease's staging (pack.sh), its start on the GPU machine (start.sh), the waits that bring
+results back (wait.sh) and the stop of a job (stop.sh), run here against a fake checkout, fake shared data and a
+fake setup.sh."""
 
 import json
 import os
@@ -171,6 +172,68 @@ def test_wait_for_the_whole_job_reports_its_exit_status(lease):
     assert "the job ended (exit 7)" in waited.stdout and "checks: 3 passed" in waited.stdout
     with tarfile.open(Path(env["OUT"]) / "logs.tgz") as tar:
         assert {"logs/r1.txt", "logs/job.out", "logs/checks.txt"} <= set(tar.getnames())
+
+
+STOPPABLE_JOB = """#!/usr/bin/env bash
+mkdir -p logs
+echo "sweep: r1 started on GPU 0"
+python3 -c "
+import pathlib, signal, sys, time
+def stop(*_):  # as tools/sweep.py does: its runs stopped first, then its own exit
+    time.sleep(1)
+    pathlib.Path('logs/stopped.txt').write_text('runs stopped')
+    sys.exit(128 + signal.SIGTERM)
+signal.signal(signal.SIGTERM, stop)
+print('ready', flush=True)
+time.sleep(300)
+"
+echo "the job went on" > logs/after.txt
+"""
+
+
+def group_alive(work: Path) -> bool:
+    try:
+        os.killpg(int((work / ".job_pid").read_text()), 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_stop_ends_the_job_after_its_sweep_has_stopped_and_records_the_end(lease):
+    """stop.sh: SIGTERM to the job's process group, returning once every process of it has ended (the sweep-like
+    child's own stopping, a second long, included); the job does not go on past the stopped sweep, its end (143) is
+    recorded for wait.sh --end, and a second stop finds it ended. Without a start it names what is missing."""
+    checkout, env, _ = lease
+    work = Path(env["WORK"])
+    missing = run([TOOLS / "stop.sh"], checkout, env)
+    assert missing.returncode == 1 and f"no {work}/.job_pid" in missing.stderr
+    (checkout / ".gpujobs" / "job.sh").write_text(STOPPABLE_JOB)
+    assert run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env).returncode == 0
+    wait_for(work / "logs" / "job.out", "ready")
+    assert group_alive(work)
+    stopped = run([TOOLS / "stop.sh", "30"], checkout, env)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "the job ended (exit 143)" in stopped.stdout
+    assert (work / "logs" / "stopped.txt").read_text() == "runs stopped" and not group_alive(work)
+    assert not (work / "logs" / "after.txt").exists()
+    waited = run([TOOLS / "wait.sh", "job", "--end", "0"], checkout, env)
+    assert waited.returncode == 0 and "the job ended (exit 143)" in waited.stdout
+    again = run([TOOLS / "stop.sh"], checkout, env)
+    assert again.returncode == 0 and "had already ended (exit 143)" in again.stdout
+
+
+def test_stop_kills_a_job_that_ignores_sigterm_after_the_limit(lease):
+    checkout, env, _ = lease
+    work = Path(env["WORK"])
+    (checkout / ".gpujobs" / "job.sh").write_text("trap '' TERM\necho ready\nsleep 300\n")
+    assert run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env).returncode == 0
+    wait_for(work / "logs" / "job.out", "ready")
+    stopped = run([TOOLS / "stop.sh", "2"], checkout, env)
+    assert stopped.returncode == 3 and "did not end within 2 s of SIGTERM" in stopped.stderr
+    end = time.time() + 10
+    while group_alive(work) and time.time() < end:  # until the killed processes are reaped
+        time.sleep(0.1)
+    assert not group_alive(work)
 
 
 def test_a_second_start_forgets_the_last_jobs_end(lease):

@@ -52,6 +52,11 @@ for folder, splits in folders:
             print(f"start.sh: {f} {len(tg.read_shard(f)):,} tokens")
 PY
 name=$(basename "$JOB" .sh); mkdir -p logs; touch .start_marker
-# .job_rc, written when the job exits, holds its exit status (wait.sh JOBNAME --end waits for it)
-setsid nohup bash -c 'bash "$1"; echo $? > .job_rc' job "$JOB" > "logs/$name.out" 2>&1 < /dev/null &
+# .job_rc, written when the job exits, holds its exit status (wait.sh JOBNAME --end waits for it). The wrapper leads
+# the job's session and process group, whose id it leaves in .job_pid for stop.sh; it traps TERM (a handler, which
+# the job does not inherit) so that a stopped job's end is recorded too.
+setsid nohup bash -c 'echo $$ > .job_pid; trap : TERM; bash "$1"; echo $? > .job_rc' job "$JOB" \
+    > "logs/$name.out" 2>&1 < /dev/null &
+for _ in $(seq 50); do [ -s .job_pid ] && break; sleep 0.1; done
+[ -s .job_pid ] || die "the job did not start (no .job_pid after 5 s)"
 echo "start.sh: $JOB started in $WORK after $(( $(date +%s) - t0 )) s, output in $WORK/logs/$name.out"
