@@ -476,6 +476,8 @@ def test_loss_diff_reads_the_scripts_training_losses(trained, tmp_path, tiny_dat
     loss_diff.check_same_batches(first, again)
     [row] = loss_diff.compare(first, again)
     assert row["steps"] == STEPS and row["diff"] == 0.0 and row["a"] > 0
+    # the script logs every setting of its schedule and the step times, so each step's learning rate is known
+    assert sorted(first.rates) == list(range(1, STEPS + 1)) and 0 < row["a_lr"] <= 1 and row["b_lr"] is not None
 
 
 def test_submission_tool_reads_the_logs(trained, tmp_path, tiny_data):

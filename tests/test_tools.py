@@ -489,6 +489,31 @@ def test_loss_diff_gives_each_rows_learning_rates_as_train_gpt_set_them(tmp_path
     assert row["a_lr"] is not None and row["b_lr"] is None
 
 
+def test_loss_diff_starts_a_resumed_runs_windows_and_clock_where_it_resumed(tmp_path):
+    """A run resumed after step 35 logs its first window at step 40 over steps 36-40 only (README, resuming): that
+    window is its own, not steps 1-40, so it matches no window of the run that went on; its learning rates start
+    from the logged training time at the resume and equal the unbroken run's step for step."""
+    import loss_diff
+
+    schedule = {"ITERATIONS": "60", "LR_WARMUP_STEPS": "5", "WARMDOWN_FRAC": "0.5", "WARMDOWN_SHAPE": "linear",
+                "MAX_WALLCLOCK_SECONDS": "0", "GPTQ_RESERVE_SECONDS": "10", "QUANT_METHOD": "gptq"}
+    losses = [3.0 - 0.01 * s for s in range(60)]
+    whole = _train_log("a", losses, 10, ms_per_step=7, schedule=schedule)
+    head, _, steps = whole.partition("step:0/100 val_loss:7.0000 val_bpb:4.0000 train_time:0ms\n")
+    resumed_lines = ["resume: state.pt after step 35 (245ms trained, 0 stream tokens read); the settings are the "
+                     f"same as then", f"step:40/100 train_loss:{sum(losses[35:40]) / 5:.6f} train_time:280ms "
+                     "step_avg:7.00ms tok/s:1"]
+    resumed_lines += [line for line in steps.splitlines() if int(line.split("/")[0][5:]) > 40]
+    (tmp_path / "a.txt").write_text(whole)
+    (tmp_path / "b.txt").write_text(head.replace("run_id:a", "run_id:b") + "\n".join(resumed_lines) + "\n")
+    a, b = (loss_diff.read_train_log(tmp_path / f"{r}.txt") for r in "ab")
+    assert sorted(b.windows) == [(36, 40), (41, 50), (51, 60)]
+    assert b.windows[(36, 40)] == pytest.approx(sum(losses[35:40]) / 5, abs=1e-6)
+    assert sorted(b.rates) == list(range(36, 61)) and b.rates == {s: a.rates[s] for s in range(36, 61)}
+    [row] = loss_diff.compare(a, b, [(1, 60)])
+    assert row["windows"] == 2 and row["steps"] == 20 and row["diff"] == pytest.approx(0.0, abs=1e-6)
+
+
 def _random_stream(seed: int, n: int, vocab: int, bos: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, vocab, (n,), generator=g)

@@ -22,6 +22,8 @@ further), from each log's schedule settings and its step lines' training times (
 lines interpolated). Two runs at different speeds under the same wallclock cap start their warmdowns at different
 steps, and from there the same step is taken at different rates: only rows whose multipliers agree compare the
 runs at the same rate (lease 54's comparison of a slowed run, RESULTS.md). A log without those settings shows —.
+A resumed run's windows and clock begin at the step it resumed after (its `resume:` line), so its first window,
+shorter than the run that went on had there, matches none of that run's.
 
 Why: on a text read several times in a run, the training loss and the validation score can disagree (RESULTS.md,
 issue 6 at 600 s: the hybrid's training loss ends 0.013 below all-attention's while its validation score is worse);
@@ -57,19 +59,21 @@ class TrainLog:
     rates: dict[int, float] | None  # step -> its learning-rate multiplier (None: the log does not say)
 
 
-def learning_rates(config: dict[str, str], times_ms: dict[int, int]) -> dict[int, float] | None:
-    """Each step's learning-rate multiplier (steps 1 to the last logged), as train_gpt.lr_multiplier gave it: step
-    s is the loop's step s - 1, read with the training time before it, which between two logged step lines is
-    interpolated linearly (from 0 at step 0). None when the log lacks a schedule setting or the step times."""
+def learning_rates(config: dict[str, str], times_ms: dict[int, int], first: int = 0,
+                   first_ms: int = 0) -> dict[int, float] | None:
+    """Each step's learning-rate multiplier (the steps after `first`, where a resumed run began, to the last
+    logged), as train_gpt.lr_multiplier gave it: step s is the loop's step s - 1, read with the training time
+    before it, which between two logged step lines is interpolated linearly (from `first_ms` at step `first`).
+    None when the log lacks a schedule setting or the step times."""
     if not times_ms or any(key not in config for key in SCHEDULE_SETTINGS):
         return None
     try:
         cfg = tg.Config(**{field: kind(config[key]) for key, (field, kind) in SCHEDULE_SETTINGS.items()})
     except (TypeError, ValueError):
         return None
-    known = sorted({0: 0, **times_ms}.items())
+    known = sorted({first: first_ms, **times_ms}.items())
     rates, i = {}, 0
-    for step in range(1, known[-1][0] + 1):
+    for step in range(first + 1, known[-1][0] + 1):
         done = step - 1  # steps finished before this one
         while known[i + 1][0] < done:
             i += 1
@@ -90,7 +94,10 @@ def read_train_log(path: Path) -> TrainLog:
     data = re.search(r"^train_data: (\d+) shards?, ([\d,]+) tokens", text, flags=re.M)  # older logs: "1 shards"
     settings["world size x gradient accumulation"] = f"{runtime[1]} x {runtime[2]}" if runtime else "(not logged)"
     settings["training text"] = f"{data[1]} shard(s), {data[2]} tokens" if data else "(not logged)"
-    windows, times_ms, previous = {}, {}, 0
+    # a resumed run's first step line averages the steps since the one it resumed after, its clock goes on from there
+    resumed = re.search(r"^resume: .* after step (\d+) \((\d+)ms trained", text, flags=re.M)
+    first, first_ms = (int(resumed[1]), int(resumed[2])) if resumed else (0, 0)
+    windows, times_ms, previous = {}, {}, first
     for match in STEP_LINE.finditer(text):
         step = int(match[1])
         if step > previous:  # a step line repeated (a warm-up's) or out of order would make a window of no steps
@@ -101,7 +108,7 @@ def read_train_log(path: Path) -> TrainLog:
     if not windows:
         raise ValueError(f"{path}: no `step:N/M train_loss:...` lines in its last run; did it train?")
     timed = len(times_ms) == len(windows)
-    return TrainLog(path, settings, windows, learning_rates(config, times_ms) if timed else None)
+    return TrainLog(path, settings, windows, learning_rates(config, times_ms, first, first_ms) if timed else None)
 
 
 def check_same_batches(a: TrainLog, b: TrainLog) -> None:
@@ -166,7 +173,7 @@ def markdown(rows: list[dict], a: TrainLog, b: TrainLog) -> str:
         if log.rates is None:
             lines.append(f"{name}: its log does not give the schedule settings or step times; its rate is not known")
         else:
-            warmdown = [s for s, m in log.rates.items() if s > 1 and m < 1.0 and log.rates[s - 1] == 1.0]
+            warmdown = [s for s, m in log.rates.items() if m < 1.0 and log.rates.get(s - 1) == 1.0]
             lines.append(f"{name}: at its full learning rate through step {warmdown[0] - 1:,}" if warmdown else
                          f"{name}: no warmdown in its {max(log.rates):,} logged steps")
     return "\n".join(lines)
