@@ -123,8 +123,8 @@ class Config:
     #                            At 4 the default was 0.0086 better after TTT at 300 s (one seed; the gains
     #                            settled at 1.1-3.2). On the same batches before the warmdown they lower the
     #                            training loss more on all-attention (0.033 nats) than on the default (0.016-0.023):
-    #                            the hybrid's lead there falls from about 0.017 to 0.001 (RESULTS.md, lease 54). Off until
-    #                            both stacks' scores with the gains are in
+    #                            the hybrid's lead there falls from about 0.017 to 0.001 (RESULTS.md, lease 54).
+    #                            Off until both stacks' scores with the gains are in
     attn_head_gate: bool = False  # every attention mixer's heads gated before the output projection: head h's output
     #                               times sigmoid(w_h . x) of the mixer's input x (Qiu et al. 2025, "Gated Attention
     #                               for Large Language Models", the head-wise form; the GDN mixer has its own gate).

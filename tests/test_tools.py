@@ -461,8 +461,7 @@ def test_loss_diff_gives_each_rows_learning_rates_as_train_gpt_set_them(tmp_path
 
     schedule = {"ITERATIONS": "100", "LR_WARMUP_STEPS": "5", "WARMDOWN_FRAC": "0.5", "WARMDOWN_SHAPE": "cosine",
                 "MAX_WALLCLOCK_SECONDS": "1.2", "GPTQ_RESERVE_SECONDS": "0.2", "QUANT_METHOD": "gptq"}
-    cfg = tg.Config(iterations=100, lr_warmup_steps=5, warmdown_frac=0.5, warmdown_shape="cosine",
-                    max_wallclock_seconds=1.2, gptq_reserve_seconds=0.2, quant_method="gptq")
+    cfg = tg.Config.from_env(schedule)
     losses = [3.0 - 0.01 * s for s in range(60)]
     for name, ms in (("a", 10), ("b", 20)):
         (tmp_path / f"{name}.txt").write_text(_train_log(name, losses, 10, ms_per_step=ms, schedule=schedule))

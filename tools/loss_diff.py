@@ -33,7 +33,7 @@ this prints that comparison from the logs instead of by hand.
 import argparse
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,11 +44,10 @@ import train_gpt as tg  # noqa: E402
 DEFAULT_RANGE_STEPS = 400
 SAME_BATCH_SETTINGS = ("SEED", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN")
 STEP_LINE = re.compile(r"^step:(\d+)/\d+ train_loss:([0-9.eE+-]+|nan|inf) (?:train_time:(\d+)ms)?", flags=re.M)
-# what lr_multiplier reads, as each is logged (config KEY=VALUE) -> the Config field and its type
-SCHEDULE_SETTINGS = {"ITERATIONS": ("iterations", int), "LR_WARMUP_STEPS": ("lr_warmup_steps", int),
-                     "WARMDOWN_FRAC": ("warmdown_frac", float), "WARMDOWN_SHAPE": ("warmdown_shape", str),
-                     "MAX_WALLCLOCK_SECONDS": ("max_wallclock_seconds", float),
-                     "GPTQ_RESERVE_SECONDS": ("gptq_reserve_seconds", float), "QUANT_METHOD": ("quant_method", str)}
+# the Config fields lr_multiplier reads (each logged as `config FIELD_IN_CAPITALS=value`)
+SCHEDULE_FIELDS = {f.name: f.type for f in fields(tg.Config)
+                   if f.name in ("iterations", "lr_warmup_steps", "warmdown_frac", "warmdown_shape",
+                                 "max_wallclock_seconds", "gptq_reserve_seconds", "quant_method")}
 
 
 @dataclass
@@ -65,11 +64,12 @@ def learning_rates(config: dict[str, str], times_ms: dict[int, int], first: int 
     logged), as train_gpt.lr_multiplier gave it: step s is the loop's step s - 1, read with the training time
     before it, which between two logged step lines is interpolated linearly (from `first_ms` at step `first`).
     None when the log lacks a schedule setting or the step times."""
-    if not times_ms or any(key not in config for key in SCHEDULE_SETTINGS):
+    if not times_ms or any(name.upper() not in config for name in SCHEDULE_FIELDS):
         return None
-    try:
-        cfg = tg.Config(**{field: kind(config[key]) for key, (field, kind) in SCHEDULE_SETTINGS.items()})
-    except (TypeError, ValueError):
+    try:  # read as train_gpt.py reads its environment
+        cfg = tg.Config(**{name: tg._parse_env_value(name.upper(), config[name.upper()], typ)
+                           for name, typ in SCHEDULE_FIELDS.items()})
+    except ValueError:
         return None
     known = sorted({first: first_ms, **times_ms}.items())
     rates, i = {}, 0
