@@ -552,6 +552,32 @@ def test_attention_sharpness_tool_reads_the_artifact_and_scores_every_attention_
         assert 1 / 16 <= m["top_p"][0] <= m["top_p"][1] <= 1 and 0 < m["entropy"] <= math.log(16)
 
 
+def test_layer_ablation_tool_reads_the_artifact_and_scores_every_module(trained, tiny_data):
+    """tools/layer_ablation.py on the run's artifact (GSGs): its unablated loss is the loaded model's own loss on
+    the same tokens, and it has a row for each of the three mixers (the S mixer run by layers 1 and 3) and four
+    MLPs; too few validation tokens for the sequences asked is an error that says so."""
+    cwd, _ = trained
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **tiny_env(tiny_data, "unused")}
+    tool = [sys.executable, str(ROOT / "tools" / "layer_ablation.py"), str(cwd / "artifacts" / "e2e.pgz")]
+    proc = subprocess.run(tool + ["--seqs", "2", "--seq-len", "64", "--mode", "zero"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("layer_ablation "))[15:])
+    assert [(m["module"], m["kind"], m["layers"]) for m in out["modules"]] == [
+        ("mixers.0", "gdn", [0]), ("mixers.1", "swa", [1, 3]), ("mixers.2", "gdn", [2]),
+        ("mlps.0", "mlp", [0]), ("mlps.1", "mlp", [1]), ("mlps.2", "mlp", [2]), ("mlps.3", "mlp", [3])]
+    mc, state = tg.read_artifact(cwd / "artifacts" / "e2e.pgz")
+    model = tg.GPT(mc, tg.Backends("torch", "sdpa"))
+    tg.load_exported_state(model, state, "e2e.pgz")
+    tokens = tg.load_val_tokens(tg.Config.from_env(env))
+    with torch.no_grad():
+        loss = float(model.eval()(tokens[:128].view(2, 64), tokens[1:129].view(2, 64)))
+    assert out["loss"] == pytest.approx(loss, abs=1e-5)
+    assert all(m["delta"] == pytest.approx(m["loss"] - out["loss"], abs=2e-6) for m in out["modules"])
+    proc = subprocess.run(tool + ["--seqs", "100000"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "the validation split has" in proc.stderr
+
+
 def test_context_tool_splits_the_scripts_own_scores(trained, tiny_data):
     """tools/eval_by_context.py: its two totals are the script's EVAL_ONLY scores in those modes, and its rows
     partition the targets, bytes and losses of both."""

@@ -177,6 +177,108 @@ def test_attention_sharpness_per_query_against_a_written_out_softmax(window):
                 assert math.isclose(entropy[b, h, t - skip], -sum(p * math.log(p) for p in probs), rel_tol=1e-9)
 
 
+def ablation_model(layout: str) -> tg.GPT:
+    """A tiny model of `layout` with every output projection given weight (they start at zero)."""
+    torch.manual_seed(5)
+    cfg = tg.Config.from_env({"PRESET": "tiny", "LAYOUT": layout, "VOCAB_SIZE": "97"})
+    model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
+    for p in model.parameters():
+        if p.ndim == 2 and not p.abs().sum():  # large enough that every module moves the loss
+            torch.nn.init.normal_(p, std=0.5)
+    return model.eval()
+
+
+def output_projections(module: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(owner, attribute) of the projections whose outputs sum to the module's output."""
+    if isinstance(module, tg.ParallelMixer):
+        return output_projections(module.attn) + output_projections(module.gdn)
+    return [(module, "proj" if isinstance(module, tg.MLP) else "o_proj")]
+
+
+def test_layer_ablation_names_every_mixer_half_and_mlp_with_the_layers_that_run_it():
+    """GPAp: the P mixer is run by layers 1 and 3 (p shares it) and listed whole and as its two halves; every
+    layer has its own MLP."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import layer_ablation
+
+    targets = layer_ablation.ablation_targets(ablation_model("GPAp"))
+    assert [(name, kind, layers) for name, kind, layers, _ in targets] == [
+        ("mixers.0", "gdn", [0]), ("mixers.1", "par", [1, 3]), ("mixers.1.attn", "attn", [1, 3]),
+        ("mixers.1.gdn", "gdn", [1, 3]), ("mixers.2", "attn", [2]),
+        ("mlps.0", "mlp", [0]), ("mlps.1", "mlp", [1]), ("mlps.2", "mlp", [2]), ("mlps.3", "mlp", [3])]
+
+
+def test_layer_ablation_zero_mode_is_the_model_with_that_modules_output_projections_zeroed():
+    """Each row of --mode zero against a copy of the model whose module's output projection(s) are zero (both
+    halves' for a whole P mixer; at both of its layers for the shared one), scored by the model itself."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import copy
+
+    import layer_ablation
+
+    model = ablation_model("GPAp")
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 97, (2, 40), generator=gen), torch.randint(0, 97, (2, 40), generator=gen)
+    base, rows = layer_ablation.ablation_rows(model, x, y, "zero")
+    with torch.no_grad():
+        assert base == pytest.approx(float(model(x, y)), rel=1e-7)
+        for row in rows:
+            ablated = copy.deepcopy(model)
+            for owner, attr in output_projections(ablated.get_submodule(row["module"])):
+                getattr(owner, attr).weight.zero_()
+            expected = float(ablated(x, y))
+            assert row["loss"] == pytest.approx(expected, abs=2e-6), row
+            assert row["delta"] == pytest.approx(expected - base, abs=2e-6) and abs(row["delta"]) > 1e-4, row
+
+
+def test_layer_ablation_mean_mode_is_each_calls_unablated_mean_as_a_constant_output():
+    """Each row of --mode mean against the same model without sharing (GPAP, the 4th layer's mixer a copy of the
+    2nd's), whose module's output projections are replaced, at each layer that ran it, by a constant: the mean over
+    batch and position of what they put out at that layer in the unablated pass (read at the projections, a
+    projection's output summed over a P mixer's halves for the whole mixer)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import copy
+
+    import layer_ablation
+
+    shared = ablation_model("GPAp")
+    unshared = tg.GPT(tg.ModelConfig(**{**shared.mc.__dict__, "layout": "GPAP"}), tg.Backends("torch", "sdpa")).eval()
+    state = shared.state_dict()
+    state.update({k.replace("mixers.1.", "mixers.3.", 1): v for k, v in state.items() if k.startswith("mixers.1.")})
+    unshared.load_state_dict(state)
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randint(0, 97, (2, 40), generator=gen), torch.randint(0, 97, (2, 40), generator=gen)
+    base, rows = layer_ablation.ablation_rows(shared, x, y, "mean")
+    with torch.no_grad():
+        assert base == pytest.approx(float(unshared(x, y)), rel=1e-6)
+        for row in rows:
+            names = [row["module"]] + ([row["module"].replace("mixers.1", "mixers.3", 1)]
+                                       if row["module"].startswith("mixers.1") else [])
+            projections = {name: output_projections(unshared.get_submodule(name)) for name in names}
+            outputs = {name: [] for name in names}
+
+            def keep(name):
+                return lambda _mod, _args, out: outputs[name].append(out)
+
+            hooks = [getattr(owner, attr).register_forward_hook(keep(name))
+                     for name in names for owner, attr in projections[name]]
+            unshared(x, y)
+            for h in hooks:
+                h.remove()
+            ablated = copy.deepcopy(unshared)
+            for name in names:
+                mean = sum(outputs[name]).mean(dim=(0, 1))  # the halves' outputs summed, then averaged
+                for n, (owner, attr) in enumerate(output_projections(ablated.get_submodule(name))):
+                    old = getattr(owner, attr)
+                    constant = torch.nn.Linear(old.in_features, old.out_features)
+                    constant.weight.data.zero_()
+                    constant.bias.data.copy_(mean if n == 0 else torch.zeros_like(mean))
+                    setattr(owner, attr, constant)
+            expected = float(ablated(x, y))
+            assert row["loss"] == pytest.approx(expected, abs=2e-6), row
+            assert abs(row["delta"]) > 1e-4, row
+
+
 def test_bench_state_writes_reads_back_and_removes_the_state(tmp_path):
     """tools/bench_state.py on the tiny preset with a second average: each pass writes the state (the same size
     each time), reads it into a fresh model with the weights back, and the file is gone at the end."""
