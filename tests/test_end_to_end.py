@@ -555,12 +555,13 @@ def test_attention_sharpness_tool_reads_the_artifact_and_scores_every_attention_
 def test_layer_ablation_tool_reads_the_artifact_and_scores_every_module(trained, tiny_data):
     """tools/layer_ablation.py on the run's artifact (GSGs): its unablated loss is the loaded model's own loss on
     the same tokens, and it has a row for each of the three mixers (the S mixer run by layers 1 and 3) and four
-    MLPs; too few validation tokens for the sequences asked is an error that says so."""
+    MLPs, whose increases over targets 0-15 and 16-63 average to the whole; too few validation tokens for the
+    sequences asked is an error that says so."""
     cwd, _ = trained
     env = {**os.environ, "OMP_NUM_THREADS": "1", **tiny_env(tiny_data, "unused")}
     tool = [sys.executable, str(ROOT / "tools" / "layer_ablation.py"), str(cwd / "artifacts" / "e2e.pgz")]
-    proc = subprocess.run(tool + ["--seqs", "2", "--seq-len", "64", "--mode", "zero"], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    args = ["--seqs", "2", "--seq-len", "64", "--mode", "zero", "--positions", "0,16"]
+    proc = subprocess.run(tool + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("layer_ablation "))[15:])
     assert [(m["module"], m["kind"], m["layers"]) for m in out["modules"]] == [
@@ -573,7 +574,10 @@ def test_layer_ablation_tool_reads_the_artifact_and_scores_every_module(trained,
     with torch.no_grad():
         loss = float(model.eval()(tokens[:128].view(2, 64), tokens[1:129].view(2, 64)))
     assert out["loss"] == pytest.approx(loss, abs=1e-5)
-    assert all(m["delta"] == pytest.approx(m["loss"] - out["loss"], abs=2e-6) for m in out["modules"])
+    assert [(r["start"], r["end"]) for r in out["by_position"]] == [(0, 16), (16, 64)]
+    for m in out["modules"]:
+        assert m["delta"] == pytest.approx(m["loss"] - out["loss"], abs=2e-6)
+        assert m["delta"] == pytest.approx((16 * m["by_position"][0] + 48 * m["by_position"][1]) / 64, abs=2e-6)
     proc = subprocess.run(tool + ["--seqs", "100000"], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "the validation split has" in proc.stderr
 

@@ -195,6 +195,18 @@ def output_projections(module: torch.nn.Module) -> list[tuple[torch.nn.Module, s
     return [(module, "proj" if isinstance(module, tg.MLP) else "o_proj")]
 
 
+def test_layer_ablation_position_ranges_are_checked():
+    """--positions must start at 0, increase and stay below the sequence length; the last range ends there."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import layer_ablation
+
+    assert layer_ablation.position_ranges([0, 64, 256], 300) == [(0, 64), (64, 256), (256, 300)]
+    assert layer_ablation.position_ranges([0], 8) == [(0, 8)]
+    for starts in ([], [1, 64], [0, 64, 64], [0, 300]):
+        with pytest.raises(ValueError, match="need increasing starts from 0"):
+            layer_ablation.position_ranges(starts, 300)
+
+
 def test_layer_ablation_names_every_mixer_half_and_mlp_with_the_layers_that_run_it():
     """GPAp: the P mixer is run by layers 1 and 3 (p shares it) and listed whole and as its two halves; every
     layer has its own MLP."""
@@ -210,7 +222,8 @@ def test_layer_ablation_names_every_mixer_half_and_mlp_with_the_layers_that_run_
 
 def test_layer_ablation_zero_mode_is_the_model_with_that_modules_output_projections_zeroed():
     """Each row of --mode zero against a copy of the model whose module's output projection(s) are zero (both
-    halves' for a whole P mixer; at both of its layers for the shared one), scored by the model itself."""
+    halves' for a whole P mixer; at both of its layers for the shared one), scored by the model itself: the mean
+    increase and the increase over targets 0-9, 10-24 and 25-39."""
     sys.path.insert(0, str(ROOT / "tools"))
     import copy
 
@@ -219,16 +232,23 @@ def test_layer_ablation_zero_mode_is_the_model_with_that_modules_output_projecti
     model = ablation_model("GPAp")
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randint(0, 97, (2, 40), generator=gen), torch.randint(0, 97, (2, 40), generator=gen)
-    base, rows = layer_ablation.ablation_rows(model, x, y, "zero")
+    unablated, rows = layer_ablation.ablation_rows(model, x, y, "zero", [0, 10, 25])
     with torch.no_grad():
-        assert base == pytest.approx(float(model(x, y)), rel=1e-7)
+        base = model(x, y, reduction="none")
+        assert unablated["loss"] == pytest.approx(float(base.mean()), abs=1e-6)
+        assert [(r["start"], r["end"]) for r in unablated["by_position"]] == [(0, 10), (10, 25), (25, 40)]
+        for r in unablated["by_position"]:
+            assert r["loss"] == pytest.approx(float(base[:, r["start"]:r["end"]].mean()), abs=1e-6)
         for row in rows:
             ablated = copy.deepcopy(model)
             for owner, attr in output_projections(ablated.get_submodule(row["module"])):
                 getattr(owner, attr).weight.zero_()
-            expected = float(ablated(x, y))
-            assert row["loss"] == pytest.approx(expected, abs=2e-6), row
-            assert row["delta"] == pytest.approx(expected - base, abs=2e-6) and abs(row["delta"]) > 1e-4, row
+            loss = ablated(x, y, reduction="none")
+            assert row["loss"] == pytest.approx(float(loss.mean()), abs=2e-6), row
+            assert row["delta"] == pytest.approx(float((loss - base).mean()), abs=2e-6), row
+            assert abs(row["delta"]) > 1e-4, row
+            assert row["by_position"] == pytest.approx([float((loss - base)[:, a:b].mean())
+                                                        for a, b in ((0, 10), (10, 25), (25, 40))], abs=2e-6), row
 
 
 def test_layer_ablation_mean_mode_is_each_calls_unablated_mean_as_a_constant_output():
@@ -248,9 +268,9 @@ def test_layer_ablation_mean_mode_is_each_calls_unablated_mean_as_a_constant_out
     unshared.load_state_dict(state)
     gen = torch.Generator().manual_seed(2)
     x, y = torch.randint(0, 97, (2, 40), generator=gen), torch.randint(0, 97, (2, 40), generator=gen)
-    base, rows = layer_ablation.ablation_rows(shared, x, y, "mean")
+    unablated, rows = layer_ablation.ablation_rows(shared, x, y, "mean")
     with torch.no_grad():
-        assert base == pytest.approx(float(unshared(x, y)), rel=1e-6)
+        assert unablated["loss"] == pytest.approx(float(unshared(x, y)), abs=1e-6)
         for row in rows:
             names = [row["module"]] + ([row["module"].replace("mixers.1", "mixers.3", 1)]
                                        if row["module"].startswith("mixers.1") else [])
