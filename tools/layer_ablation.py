@@ -22,6 +22,7 @@ print as one `layer_ablation {json}` line.
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -98,7 +99,7 @@ def position_ranges(starts: list[int], seq_len: int) -> list[tuple[int, int]]:
 
 
 def ablation_rows(model: tg.GPT, x: torch.Tensor, y: torch.Tensor, mode: str,
-                  starts: list[int] = (0,)) -> tuple[dict, list[dict]]:
+                  starts: Sequence[int] = (0,)) -> tuple[dict, list[dict]]:
     """The unablated loss (nats per target: `loss`, and `by_position`, one per range of target positions that
     `starts` begins) and one row per ablation target: module, kind, layers, loss, delta, by_position (the delta
     in each range)."""
