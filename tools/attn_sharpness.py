@@ -67,6 +67,22 @@ def layer_rows(model: tg.GPT, x: torch.Tensor, skip: int) -> list[dict]:
     return rows
 
 
+def reference_model_and_text(artifact: str, need: int,
+                             what: str) -> tuple[tg.Config, tg.ModelConfig, tg.GPT, torch.Tensor]:
+    """For the analysis tools (this one, layer_ablation.py): the settings from the environment, the artifact's model
+    on the PyTorch reference paths in eval mode (on the GPU if there is one), and the first `need` tokens of the
+    validation split on the same device; too few tokens is an error naming `what` asked for them."""
+    cfg = tg.Config.from_env()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mc, state = tg.read_artifact(Path(artifact))
+    model = tg.GPT(mc, tg.Backends("torch", "sdpa")).to(device)
+    tg.load_exported_state(model, state, artifact)
+    tokens = tg.load_val_tokens(cfg)
+    if len(tokens) < need:
+        raise SystemExit(f"the validation split has {len(tokens):,} tokens; {what} needs {need:,}")
+    return cfg, mc, model.eval(), tokens[:need].to(device)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("artifact")
@@ -76,17 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not 0 <= args.skip < args.seq_len:
         raise SystemExit(f"--skip {args.skip} must be in [0, --seq-len {args.seq_len})")
-    cfg = tg.Config.from_env()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    mc, state = tg.read_artifact(Path(args.artifact))
-    model = tg.GPT(mc, tg.Backends("torch", "sdpa")).to(device)
-    tg.load_exported_state(model, state, args.artifact)
-    model.eval()
-    tokens = tg.load_val_tokens(cfg)
-    need = args.seqs * args.seq_len
-    if len(tokens) < need:
-        raise SystemExit(f"the validation split has {len(tokens):,} tokens; --seqs x --seq-len needs {need:,}")
-    x = tokens[:need].view(args.seqs, args.seq_len).to(device)
+    cfg, mc, model, tokens = reference_model_and_text(args.artifact, args.seqs * args.seq_len, "--seqs x --seq-len")
+    x = tokens.view(args.seqs, args.seq_len)
     rows = layer_rows(model, x, args.skip)
     print(f"{args.artifact}: layout {mc.layout}, {args.seqs} x {args.seq_len} tokens from {cfg.data_path}, queries "
           f"from position {args.skip}")

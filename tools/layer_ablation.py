@@ -30,6 +30,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
+from attn_sharpness import reference_model_and_text  # noqa: E402  (this file's folder is on the path)
 
 MODES = ("mean", "zero")
 
@@ -141,18 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         ranges = position_ranges(starts, args.seq_len)
     except ValueError as e:
         raise SystemExit(f"--positions {args.positions!r}: {e}") from None
-    cfg = tg.Config.from_env()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    mc, state = tg.read_artifact(Path(args.artifact))
-    model = tg.GPT(mc, tg.Backends("torch", "sdpa")).to(device)
-    tg.load_exported_state(model, state, args.artifact)
-    model.eval()
-    tokens = tg.load_val_tokens(cfg)
-    need = args.seqs * args.seq_len + 1
-    if len(tokens) < need:
-        raise SystemExit(f"the validation split has {len(tokens):,} tokens; --seqs x --seq-len + 1 needs {need:,}")
-    x = tokens[:need - 1].view(args.seqs, args.seq_len).to(device)
-    y = tokens[1:need].view(args.seqs, args.seq_len).to(device)
+    cfg, mc, model, tokens = reference_model_and_text(args.artifact, args.seqs * args.seq_len + 1,
+                                                      "--seqs x --seq-len + 1")
+    x, y = tokens[:-1].view(args.seqs, args.seq_len), tokens[1:].view(args.seqs, args.seq_len)
     unablated, rows = ablation_rows(model, x, y, args.mode, starts)
     print(f"{args.artifact}: layout {mc.layout}, {args.seqs} x {args.seq_len} tokens from {cfg.data_path}; "
           f"each module's output replaced by its {'mean' if args.mode == 'mean' else 'zeros'}")
