@@ -68,7 +68,7 @@ def lease(tmp_path):
     extra.mkdir()
     (extra / "train_docs_000.jsonl.zst").write_bytes(b"first training file")
     env = {"WORK": str(tmp_path / "w"), "EXTRA": str(extra), "OUT": str(tmp_path / "out"),
-           "PYTHONPATH": str(ROOT)}
+           "CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
     (tmp_path / "out").mkdir()
     return checkout, env, tmp_path
 
@@ -364,3 +364,123 @@ def test_pack_names_missing_shared_data(tmp_path):
     repo = git_checkout(tmp_path)
     packed = run([TOOLS / "pack.sh"], repo, {"SHARED": str(tmp_path / "nowhere")})
     assert packed.returncode == 1 and "is missing" in packed.stderr
+
+
+# The compile cache: filled by a lease's runs, sent back by cache.sh, staged by pack.sh, unpacked by the next start.sh
+
+CACHE_JOB = """#!/usr/bin/env bash
+# a lease's runs in small: they compile into the caches start.sh names
+mkdir -p logs "$TRITON_CACHE_DIR/k1" "$TORCHINDUCTOR_CACHE_DIR/fxgraph"
+echo "$TRITON_CACHE_DIR $TORCHINDUCTOR_CACHE_DIR" > logs/cache_env.txt
+head -c 5000 /dev/urandom > "$TRITON_CACHE_DIR/k1/kernel.cubin"
+echo graph > "$TORCHINDUCTOR_CACHE_DIR/fxgraph/g1"
+"""
+
+
+def save_cache(cache: Path, out: Path, part_bytes: int = 1000, max_parts: int = 20):
+    out.mkdir(exist_ok=True)
+    return run([TOOLS / "cache.sh"], ROOT, {"CACHE_DIR": str(cache), "OUT": str(out),
+                                           "CACHE_PART_BYTES": str(part_bytes), "CACHE_MAX_PARTS": str(max_parts)})
+
+
+def cache_files(cache: Path) -> dict:
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+
+def test_compile_cache_goes_from_one_lease_to_the_next(lease):
+    """Lease A's runs compile into start.sh's CACHE_DIR; cache.sh sends it back in parts; pack.sh joins them into
+    .devextra1; lease B's start.sh unpacks the same files where its runs compile."""
+    checkout, env, tmp = lease
+    (checkout / ".gpujobs" / "cachejob.sh").write_text(CACHE_JOB)
+    started = run([TOOLS / "start.sh", ".gpujobs/cachejob.sh"], checkout, env)
+    assert started.returncode == 0, started.stderr
+    assert "no compile cache carried" in started.stdout
+    work, cache = Path(env["WORK"]), Path(env["CACHE_DIR"])
+    wait_for(work / ".job_rc", "0")
+    assert (work / "logs" / "cache_env.txt").read_text() == f"{cache}/triton {cache}/inductor\n"
+    compiled = cache_files(cache)
+    assert set(compiled) == {"triton/k1/kernel.cubin", "inductor/fxgraph/g1"}
+
+    out = tmp / "out"
+    saved = save_cache(cache, out)
+    assert saved.returncode == 0, saved.stderr
+    parts = sorted(out.glob("compile_cache.tgz.part*"))
+    assert len(parts) > 1 and all(p.stat().st_size <= 1000 for p in parts)
+    assert [p.name for p in parts][:2] == ["compile_cache.tgz.part00", "compile_cache.tgz.part01"]
+    origin = (cache / "ORIGIN").read_text()
+    assert origin.startswith("saved ") and origin.endswith("; 2 files\n")
+    assert f"cache.sh: {parts[-1].name} {parts[-1].stat().st_size} bytes" in saved.stdout
+
+    shared, repo = fake_shared(tmp, 1000), git_checkout(tmp)
+    packed = run([TOOLS / "pack.sh"], repo, {"SHARED": str(shared), "COMPILE_CACHE": str(out)})
+    assert packed.returncode == 0, packed.stderr
+    assert f"compile cache of {len(parts)} parts" in packed.stdout and origin.strip() in packed.stdout
+    assert "the compile cache travels in .devextra1" in packed.stdout
+    assert not (repo / ".devextra2").exists()
+    carried = repo / ".devextra1" / "compile_cache.tgz"
+    assert carried.read_bytes() == b"".join(p.read_bytes() for p in parts)
+
+    extra_b = tmp / "extra_b"                  # lease B's first call: cp .devextra1/* /tmp/extra/
+    shutil.copytree(repo / ".devextra1", extra_b)
+    env_b = {**env, "WORK": str(tmp / "w_b"), "EXTRA": str(extra_b), "CACHE_DIR": str(tmp / "cache_b")}
+    started_b = run([TOOLS / "start.sh", ".gpujobs/job.sh"], checkout, env_b)
+    assert started_b.returncode == 0, started_b.stderr
+    assert f"compile cache unpacked into {tmp / 'cache_b'} (3 files): {origin.strip()};" in started_b.stdout
+    assert cache_files(tmp / "cache_b") == {**compiled, "ORIGIN": origin.encode()}
+
+
+def test_start_refuses_a_carried_compile_cache_it_cannot_read(lease):
+    checkout, env, _ = lease
+    (Path(env["EXTRA"]) / "compile_cache.tgz").write_bytes(b"not a tarball")
+    assert refused_start(checkout, env, "is not one cache.sh wrote") == 1
+
+
+@pytest.mark.parametrize("setup, max_parts, message", [
+    ("missing", 20, "no compile cache at"),
+    ("empty", 20, "is empty: no run compiled anything"),
+    ("large", 2, "more than CACHE_MAX_PARTS=2"),
+])
+def test_cache_refuses_what_it_cannot_send(tmp_path, setup, max_parts, message):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    if setup != "missing":
+        (cache / "triton").mkdir(parents=True)
+    if setup == "large":
+        (cache / "triton" / "k.cubin").write_bytes(os.urandom(5000))
+    saved = save_cache(cache, out, max_parts=max_parts)
+    assert saved.returncode == 1 and message in saved.stderr
+    assert list(out.iterdir()) == []                # no parts left behind to be mistaken for a cache
+
+
+def test_pack_refuses_compile_cache_parts_that_do_not_join(tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    (cache / "triton").mkdir(parents=True)
+    (cache / "triton" / "k.cubin").write_bytes(os.urandom(5000))
+    assert save_cache(cache, out).returncode == 0
+    (out / "compile_cache.tgz.part01").unlink()
+    shared, repo = fake_shared(tmp_path, 1000), git_checkout(tmp_path)
+    (repo / ".devextra1").mkdir()
+    (repo / ".devextra1" / "earlier.pgz").write_bytes(b"an earlier pack")
+    packed = run([TOOLS / "pack.sh"], repo, {"SHARED": str(shared), "COMPILE_CACHE": str(out)})
+    assert packed.returncode == 1 and "do not join into a compile cache" in packed.stderr
+    assert [p.name for p in (repo / ".devextra1").iterdir()] == ["earlier.pgz"]   # refused before anything is written
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    packed = run([TOOLS / "pack.sh"], repo, {"SHARED": str(shared), "COMPILE_CACHE": str(empty)})
+    assert packed.returncode == 1 and f"no compile_cache.tgz.part* in {empty}" in packed.stderr
+
+
+def test_pack_sends_a_compile_cache_that_does_not_fit_the_first_call_in_a_call_of_its_own(tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    (cache / "triton").mkdir(parents=True)
+    (cache / "triton" / "k.cubin").write_bytes(os.urandom(12000))        # about 12 KB compressed
+    assert save_cache(cache, out, part_bytes=4000).returncode == 0
+    # the first file, its folder (4 KiB on ext4, less elsewhere) and the 1,000 bytes of the working tree leave
+    # 4-8 KiB of the call
+    shared, repo = fake_shared(tmp_path, 64 * 1024 * 1024 - 4096 - 4096 - 1000), git_checkout(tmp_path)
+    packed = run([TOOLS / "pack.sh"], repo, {"SHARED": str(shared), "COMPILE_CACHE": str(out)})
+    assert packed.returncode == 0, packed.stderr
+    assert "the compile cache travels in .devextra2" in packed.stdout
+    assert sorted(p.name for p in (repo / ".devextra1").iterdir()) == ["train_docs_000.jsonl.zst"]
+    joined = b"".join(p.read_bytes() for p in sorted(out.glob("compile_cache.tgz.part*")))
+    assert (repo / ".devextra2" / "compile_cache.tgz").read_bytes() == joined
+    assert "pack.sh: .devextra2 " in packed.stdout            # checked to fit its call like the others

@@ -10,6 +10,8 @@
 # With held-out text carried (.devcarry/heldout, from pack.sh) it also writes a validation-only folder of its first
 # HELDOUT_DOCS (666) documents (data/make_shards.py --val-only) and gives the job its path as HELDOUT_PATH, for
 # rescoring artifacts on text of the training kind: EVAL_ONLY=1 DATA_PATH=$HELDOUT_PATH ARTIFACT_PATH=...
+# The job's runs compile into CACHE_DIR (/tmp/compile_cache), which starts with the cache an earlier lease saved
+# (tools/device/cache.sh) when the first call carried it.
 set -euo pipefail
 JOB="${1:?usage: start.sh JOB_SCRIPT}"
 WORK="${WORK:-/tmp/w}"; EXTRA="${EXTRA:-/tmp/extra}"
@@ -28,6 +30,21 @@ if [ ${#carried[@]} -gt 0 ]; then
         (cd "$WORK" && echo "start.sh: carried $(sha256sum "artifacts/$(basename "$a")")")
     done
 fi
+# The compile cache (tools/device/cache.sh): Triton's and Inductor's caches under CACHE_DIR, which the job's runs
+# use (TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR); one saved by an earlier lease, carried by the first call as
+# compile_cache.tgz (pack.sh COMPILE_CACHE), is unpacked there first, over what this machine has compiled already.
+CACHE_DIR="${CACHE_DIR:-/tmp/compile_cache}"; mkdir -p "$CACHE_DIR"
+if [ -f "$EXTRA/compile_cache.tgz" ]; then
+    origin=$(tar xzf "$EXTRA/compile_cache.tgz" -O ./ORIGIN 2>/dev/null) \
+        || die "the carried compile cache $EXTRA/compile_cache.tgz is not one cache.sh wrote (no ORIGIN, or corrupt)"
+    tar xzf "$EXTRA/compile_cache.tgz" -C "$CACHE_DIR" || die "the carried compile cache could not be unpacked"
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) || true
+    echo "start.sh: compile cache unpacked into $CACHE_DIR ($(find "$CACHE_DIR" -type f | wc -l) files): $origin;" \
+        "this machine: ${gpu:-no GPU}"
+else
+    echo "start.sh: no compile cache carried ($EXTRA/compile_cache.tgz): the lease's first compiles are paid in full"
+fi
+export TRITON_CACHE_DIR="$CACHE_DIR/triton" TORCHINDUCTOR_CACHE_DIR="$CACHE_DIR/inductor"
 cd "$WORK"
 source .devcarry/setup.sh > setup.out 2>&1; cat setup.out
 grep -q FAILED setup.out && die "setup failed"
