@@ -377,10 +377,11 @@ echo graph > "$TORCHINDUCTOR_CACHE_DIR/fxgraph/g1"
 """
 
 
-def save_cache(cache: Path, out: Path, part_bytes: int = 1000, max_parts: int = 20):
+def save_cache(cache: Path, out: Path, part_bytes: int = 1000, max_parts: int = 20, what: str = ""):
     out.mkdir(exist_ok=True)
-    return run([TOOLS / "cache.sh"], ROOT, {"CACHE_DIR": str(cache), "OUT": str(out),
-                                           "CACHE_PART_BYTES": str(part_bytes), "CACHE_MAX_PARTS": str(max_parts)})
+    env = {"CACHE_DIR": str(cache), "OUT": str(out), "CACHE_PART_BYTES": str(part_bytes),
+           "CACHE_MAX_PARTS": str(max_parts)}
+    return run([TOOLS / "cache.sh"], ROOT, {**env, "CACHE_WHAT": what} if what else env)
 
 
 def cache_files(cache: Path) -> dict:
@@ -408,7 +409,7 @@ def test_compile_cache_goes_from_one_lease_to_the_next(lease):
     assert len(parts) > 1 and all(p.stat().st_size <= 1000 for p in parts)
     assert [p.name for p in parts][:2] == ["compile_cache.tgz.part00", "compile_cache.tgz.part01"]
     origin = (cache / "ORIGIN").read_text()
-    assert origin.startswith("saved ") and origin.endswith("; 2 files\n")
+    assert origin.startswith("saved ") and origin.endswith("; triton inductor: 2 files\n")
     assert f"cache.sh: {parts[-1].name} {parts[-1].stat().st_size} bytes" in saved.stdout
 
     shared, repo = fake_shared(tmp, 1000), git_checkout(tmp)
@@ -437,7 +438,7 @@ def test_start_refuses_a_carried_compile_cache_it_cannot_read(lease):
 
 @pytest.mark.parametrize("setup, max_parts, message", [
     ("missing", 20, "no compile cache at"),
-    ("empty", 20, "is empty: no run compiled anything"),
+    ("empty", 20, "holds nothing of CACHE_WHAT=triton inductor"),
     ("large", 2, "more than CACHE_MAX_PARTS=2"),
 ])
 def test_cache_refuses_what_it_cannot_send(tmp_path, setup, max_parts, message):
@@ -449,6 +450,20 @@ def test_cache_refuses_what_it_cannot_send(tmp_path, setup, max_parts, message):
     saved = save_cache(cache, out, max_parts=max_parts)
     assert saved.returncode == 1 and message in saved.stderr
     assert list(out.iterdir()) == []                # no parts left behind to be mistaken for a cache
+
+
+def test_cache_sends_only_the_caches_asked_for(tmp_path):
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    for d in ("triton", "inductor", "elsewhere"):
+        (cache / d).mkdir(parents=True)
+        (cache / d / "f").write_text(d)
+    saved = save_cache(cache, out, part_bytes=10**6, what="triton")
+    assert saved.returncode == 0, saved.stderr
+    with tarfile.open(out / "compile_cache.tgz.part00") as tar:
+        assert sorted(m.name for m in tar.getmembers() if m.isfile()) == ["./ORIGIN", "./triton/f"]
+    assert (cache / "ORIGIN").read_text().endswith("; triton: 1 files\n")
+    refused = save_cache(cache, out, what="triton fxgraph")
+    assert refused.returncode == 1 and "fxgraph is neither triton nor inductor" in refused.stderr
 
 
 def test_pack_refuses_compile_cache_parts_that_do_not_join(tmp_path):
