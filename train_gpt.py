@@ -207,7 +207,8 @@ class Config:
     eval_mode: str = "window"  # window (plain, or sliding with EVAL_STRIDE) | stream (carried state, see section 9)
     eval_batch_tokens: int = 262_144  # tokens per forward pass per rank (windows; lanes x segment when streaming)
     stream_segment: int = 32768  # tokens per lane per forward pass (stream mode; 2048 when STREAM_RESET=1 and unset)
-    stream_lanes: int = 64  # lanes per rank (stream mode without TTT; TTT streams one lane)
+    stream_lanes: int = 64  # lanes in all, split over ranks, so a score does not depend on the GPU count (stream mode
+    #                         without TTT; TTT streams one lane)
     stream_warmup: int = 2048  # tokens before each lane's first target it reads, unscored, to prime its state (0 = off)
     stream_reset: bool = False  # restart every layer's state at each BOS (document start)
     ttt_enabled: bool = True  # score-first test-time training on the validation stream
@@ -681,9 +682,14 @@ def count_tokens(files: list[Path]) -> int:
 
 
 def load_val_tokens(cfg: Config) -> torch.Tensor:
-    tokens = np.concatenate([np.asarray(read_shard(f)) for f in shard_files(cfg.data_path, "val")])
+    files = shard_files(cfg.data_path, "val")
+    tokens = np.concatenate([np.asarray(read_shard(f)) for f in files])
     if cfg.val_max_tokens:
         tokens = tokens[: cfg.val_max_tokens]
+    if tokens.size < 2:  # no target to score: every evaluation would fail only after training
+        raise ValueError(f"the validation shards ({', '.join(str(f) for f in files)}) hold {tokens.size} token(s)"
+                         + (f" (VAL_MAX_TOKENS={cfg.val_max_tokens})" if cfg.val_max_tokens else "")
+                         + ": at least 2 are needed, a context and a target")
     if tokens.size and int(tokens.max()) >= cfg.vocab_size:
         raise ValueError(f"validation shards contain token id {int(tokens.max())} >= VOCAB_SIZE={cfg.vocab_size}: "
                          "shards and tokenizer do not match")
@@ -783,6 +789,40 @@ def load_tokenizer(cfg: Config):
         raise ValueError(f"tokenizer {cfg.tokenizer_path} has BOS id {sp.bos_id()} but BOS_ID={cfg.bos_id}; "
                          "BigramHash and SmearGate must know the document starts")
     return sp
+
+
+def check_tokenizer_wrote(sp, tokens: torch.Tensor, tokenizer_path: str, max_docs: int = 64) -> str:
+    """Refuses validation shards written with another tokenizer whose ids are all below VOCAB_SIZE (sp1024 shards
+    with sp8192's model and VOCAB_SIZE=8192): nothing else would notice, and the byte tables would count the wrong
+    pieces (13% fewer bytes on this text). A shard's document is [BOS] + encode(text), and re-encoding the decoded
+    ids of such a document gives the same ids back; with another model almost never. Checks up to `max_docs` whole
+    documents (followed by a BOS) without an unknown piece (whose text is lost): among the first 64 documents of the
+    shared validation text, each one without one (37 with sp1024, sp2048 and sp4096, all 64 with sp8192) round-trips
+    with its own model and none with another of the four. Returns the line to log."""
+    bos, unk = sp.bos_id(), sp.unk_id()
+    if bos < 0:
+        return f"tokenizer check: not made (tokenizer {tokenizer_path} has no BOS piece to split documents at)"
+    starts = torch.nonzero(tokens == bos).flatten().tolist()
+    docs = [tokens[a + 1: b].tolist() for a, b in zip(starts, starts[1:])][:max_docs]
+    docs = [d for d in docs if d and unk not in d]
+    same = sum(sp.encode(sp.decode(d)) == d for d in docs)
+    if len(docs) < 4:
+        return (f"tokenizer check: not made (only {len(docs)} whole validation document(s) without unknown pieces; "
+                "it needs 4)")
+    if 2 * same < len(docs):
+        raise ValueError(f"the validation shards were not written with TOKENIZER_PATH={tokenizer_path}: only {same} "
+                         f"of {len(docs)} documents re-encode to their own ids (a shard's documents are [BOS] + "
+                         "encode(text)); bits per byte would count the wrong pieces' bytes. Point DATA_PATH and "
+                         "TOKENIZER_PATH at the same vocabulary")
+    return f"tokenizer check: {same} of {len(docs)} whole validation documents re-encode to their own ids"
+
+
+def load_scoring_text(cfg: Config, device: torch.device) -> tuple[ByteTables, torch.Tensor, str]:
+    """The byte tables (on `device`) and the validation tokens, checked to be one tokenizer's, and the check's line
+    to log: what every score is computed from."""
+    sp = load_tokenizer(cfg)
+    tokens = load_val_tokens(cfg)
+    return build_byte_tables(sp).to(device), tokens, check_tokenizer_wrote(sp, tokens, cfg.tokenizer_path)
 
 
 def build_byte_tables(sp) -> ByteTables:
@@ -2419,10 +2459,16 @@ class Tally:
             self.hits.index_add_(0, where, torch.ones_like(where))
             self.nll_at.index_add_(0, where, nll[mask].double().cpu())
 
-    def result(self, rt: Runtime, expected: int, seconds: float) -> EvalResult:
+    def result(self, rt: Runtime, tokens: torch.Tensor, tables: ByteTables, seconds: float) -> EvalResult:
+        """The scores over all ranks, after checking that they cover every target of `tokens` (SPEC 4) and every
+        byte the tables give the whole stream (SPEC 3)."""
         nll, nbytes, n = all_reduce_sum([self.nll.item(), float(self.bytes.item()), float(self.count.item())], rt)
-        if int(n) != expected:
-            raise RuntimeError(f"evaluation scored {int(n)} targets, expected {expected}")
+        if int(n) != len(tokens) - 1:
+            raise RuntimeError(f"evaluation scored {int(n)} targets, expected {len(tokens) - 1}")
+        stream_bytes = int(tables.count(tokens[:-1].to(tables.base_bytes.device),
+                                        tokens[1:].to(tables.base_bytes.device)).sum())
+        if int(nbytes) != stream_bytes:
+            raise RuntimeError(f"evaluation counted {int(nbytes)} bytes, the stream's targets hold {stream_bytes}")
         return EvalResult(nll / n, nll / (math.log(2) * nbytes), int(n), int(nbytes), seconds)
 
 
@@ -2434,7 +2480,7 @@ def evaluate(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Co
     tally = tally or Tally(rt.device)
     windows = make_windows(len(tokens), cfg.eval_len, cfg.stride)
     score_windows(model, tokens, rank_share(windows, rt), tables, cfg, rt, tally)
-    return tally.result(rt, len(tokens) - 1, time.perf_counter() - t0)
+    return tally.result(rt, tokens, tables, time.perf_counter() - t0)
 
 
 @torch.no_grad()
@@ -2551,14 +2597,15 @@ def evaluate_stream(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, 
     """Each lane scores its span; it starts reading STREAM_WARMUP tokens earlier (inside the previous lane's span),
     so that its first targets do not see an empty state where windows would have given them context."""
     t0 = time.perf_counter()
-    lanes = stream_lanes(len(tokens), cfg.stream_lanes * rt.world_size)
+    # STREAM_LANES in all, not per rank: the cuts, so the score, are the same on any number of GPUs
+    lanes = stream_lanes(len(tokens), cfg.stream_lanes)
     mine = rank_share(lanes, rt)
     tally = tally or Tally(rt.device)
     group = max(1, cfg.eval_batch_tokens // cfg.stream_segment)  # lanes per forward pass: bounds the memory
     for g in range(0, len(mine), group):
         spans = mine[g: g + group]
         StreamScorer(model, len(spans), cfg, rt, tables.bos_id).run_warmed(tokens, spans, tables, tally)
-    return tally.result(rt, len(tokens) - 1, time.perf_counter() - t0)
+    return tally.result(rt, tokens, tables, time.perf_counter() - t0)
 
 
 # Score-first test-time training: the stream is split into chunks in order; each chunk is scored completely with no
@@ -2720,7 +2767,7 @@ def evaluate_ttt(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg
         f"{len(adapt_times)} ({sum(p.numel() for p in params):,} parameters, {cfg.ttt_params}); scoring "
         f"{sum(score_times):.1f}s, adaptation {sum(adapt_times):.1f}s; per chunk after the first (which compiles): "
         f"scoring {_median_ms(score_times[1:])}, adaptation {_median_ms(adapt_times[1:])} (medians)")
-    return tally.result(rt, len(tokens) - 1, time.perf_counter() - t0)
+    return tally.result(rt, tokens, tables, time.perf_counter() - t0)
 
 
 def evaluate_base(model: nn.Module, tokens: torch.Tensor, tables: ByteTables, cfg: Config, rt: Runtime,
@@ -3787,9 +3834,9 @@ def run_job(cfg: Config, rt: Runtime, log: Logger, run_id: str) -> None:
         log(f"WARNING: {log.path} holds an earlier run; this one is appended after it (the tools read a log's last "
             "run only; choose another RUN_ID to keep one run per log)")
     seed_everything(cfg.seed)
-    tables = build_byte_tables(load_tokenizer(cfg)).to(rt.device)
-    val_tokens = load_val_tokens(cfg)
+    tables, val_tokens, checked = load_scoring_text(cfg, rt.device)
     log(f"val_tokens:{len(val_tokens)} from {cfg.data_path}")
+    log(checked)
     t0 = time.perf_counter()
     if cfg.eval_only:
         summary = eval_only(cfg, rt, log, val_tokens, tables)

@@ -73,6 +73,46 @@ def test_val_tokens_beyond_vocab_are_rejected(tmp_path):
         tg.load_val_tokens(tg.Config(data_path=str(tmp_path), vocab_size=320))
 
 
+@pytest.mark.parametrize("tokens, max_tokens, needle", [
+    ([], 0, "hold 0 token(s): at least 2"), ([1], 0, "hold 1 token(s): at least 2"),
+    ([1, 5, 6], 1, "hold 1 token(s) (VAL_MAX_TOKENS=1): at least 2"),
+])
+def test_val_shards_without_a_target_are_refused_when_read(tmp_path, tokens, max_tokens, needle):
+    """Refused before training: every evaluation would fail after it (0 targets scored; a division by 0 bytes)."""
+    path = write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    with pytest.raises(ValueError) as err:
+        tg.load_val_tokens(tg.Config(data_path=str(tmp_path), vocab_size=320, val_max_tokens=max_tokens))
+    assert needle in str(err.value) and str(path) in str(err.value)
+
+
+def test_val_shards_of_another_tokenizer_are_refused_though_their_ids_fit(tiny_data, tmp_path):
+    """The tiny shards' ids are all below 400, so a 400-piece tokenizer passes the id and size checks; its byte
+    tables would count other pieces' bytes. Re-encoding the decoded documents tells them apart."""
+    cfg = tg.Config(data_path=tiny_data["data_path"], tokenizer_path=tiny_data["tokenizer_path"], vocab_size=320)
+    tables, tokens, line = tg.load_scoring_text(cfg, torch.device("cpu"))
+    docs = int((tokens == 1).sum()) - 1                      # whole documents: each followed by a BOS
+    assert line == f"tokenizer check: {docs} of {docs} whole validation documents re-encode to their own ids"
+    assert 4 <= docs <= 64
+    prefix = str(tmp_path / "other")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(synthetic_text(7, 300)), model_prefix=prefix, model_type="bpe", vocab_size=400,
+        pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True, character_coverage=1.0, minloglevel=2)
+    other = tg.Config(data_path=tiny_data["data_path"], tokenizer_path=prefix + ".model", vocab_size=400)
+    assert int(tg.load_val_tokens(other).max()) < 320             # the checks before this one all pass
+    with pytest.raises(ValueError, match=r"not written with TOKENIZER_PATH=.*other.model: only \d+ of \d+ doc"):
+        tg.load_scoring_text(other, torch.device("cpu"))
+
+
+def test_the_tokenizer_check_says_when_it_has_too_few_documents(tiny_tokenizer):
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer))
+    docs = [sp.encode(t) for t in synthetic_text(3, 4, words_per_doc=10)]
+    tokens = torch.tensor([i for d in docs for i in [1] + d])   # 4 documents, the last one not known to be whole
+    assert tg.check_tokenizer_wrote(sp, tokens, "tiny") == (
+        "tokenizer check: not made (only 3 whole validation document(s) without unknown pieces; it needs 4)")
+    assert tg.check_tokenizer_wrote(sp, torch.cat([tokens, torch.tensor([1])]), "tiny").startswith(
+        "tokenizer check: 4 of 4 ")
+
+
 def test_loader_gives_each_rank_its_own_contiguous_span(tmp_path):
     stream = np.arange(5000) % 1000
     write_shard(tmp_path / "fineweb_train_000000.bin", stream)

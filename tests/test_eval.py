@@ -95,3 +95,29 @@ def test_a_rank_with_no_windows_scores_nothing_and_pads_to_the_shape_asked(tiny_
     windows = tg.make_windows(len(tokens), 32, 8)[:3]
     tg.score_windows(model, tokens, windows, tables, cfg, rt, tg.Tally(rt.device), pad_to=5)
     assert shapes == [(5, 32)]
+
+
+def test_a_result_whose_targets_or_bytes_miss_the_stream_is_refused(tiny_tokenizer):
+    """Tally.result checks the scored targets against the stream's count and their bytes against its table bytes,
+    so a scorer that skipped a target, or counted one target's bytes with the wrong previous token, cannot report."""
+    import sentencepiece as spm
+
+    tables = tg.build_byte_tables(spm.SentencePieceProcessor(model_file=str(tiny_tokenizer)))
+    a, b = torch.nonzero(tables.has_leading_space).flatten()[:2].tolist()   # pieces that start a word
+    tokens = torch.tensor([1, a, b, a, 1, b, a, b])
+    x, y = tokens[None, :-1], tokens[None, 1:]
+    pos, nll = torch.arange(1, 8)[None], torch.ones(1, 7)
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
+    good = tg.Tally(rt.device)
+    good.add(nll, x, y, torch.ones(1, 7, dtype=torch.bool), tables, pos)
+    assert good.result(rt, tokens, tables, 0.0).bytes == int(tables.count(tokens[:-1], tokens[1:]).sum())
+    skipped = tg.Tally(rt.device)
+    skipped.add(nll, x, y, torch.arange(7)[None] != 3, tables, pos)
+    with pytest.raises(RuntimeError, match="scored 6 targets, expected 7"):
+        skipped.result(rt, tokens, tables, 0.0)
+    shifted = tg.Tally(rt.device)  # every target's previous token taken as BOS: no leading spaces counted
+    shifted.add(nll, torch.ones_like(x), y, torch.ones(1, 7, dtype=torch.bool), tables, pos)
+    expected = int(tables.count(tokens[:-1], tokens[1:]).sum())
+    assert int(shifted.bytes) < expected
+    with pytest.raises(RuntimeError, match=f"counted {int(shifted.bytes)} bytes, the stream's targets hold {expected}"):
+        shifted.result(rt, tokens, tables, 0.0)

@@ -122,7 +122,7 @@ MODES = {
     "stream": dict(eval_mode="stream", stream_lanes=3),
     "stream_reset": dict(eval_mode="stream", stream_reset=True, stream_lanes=3),
     "sliding_ttt": dict(eval_mode="window", eval_stride=8, ttt_enabled=True),
-    "stream_ttt": dict(eval_mode="stream", ttt_enabled=True),
+    "stream_ttt_carry": dict(eval_mode="stream", ttt_enabled=True, ttt_state="carry"),
     "stream_ttt_rebuild": dict(eval_mode="stream", ttt_enabled=True, ttt_state="rebuild"),
 }
 
@@ -152,7 +152,7 @@ def test_future_tokens_never_change_a_probability(mode, features):
     assert not torch.equal(a.nll_at[t + 1:], b.nll_at[t + 1:])
 
 
-@pytest.mark.parametrize("mode", ["sliding_ttt", "stream_ttt", "stream_ttt_rebuild"])
+@pytest.mark.parametrize("mode", ["sliding_ttt", "stream_ttt_carry", "stream_ttt_rebuild"])
 def test_ttt_trains_only_on_tokens_already_scored(mode, monkeypatch):
     tokens = stream_of_documents(8, seed=5)[:300]
     model = tiny_model(layout="GSGs")
@@ -185,7 +185,7 @@ def test_stream_ttt_scores_each_chunk_with_the_state_its_setting_names(state):
     tokens before it and the chunk."""
     tokens = stream_of_documents(8, seed=8)[:300]
     model = tiny_model(layout="GSGs")
-    cfg = stream_cfg(**MODES["stream_ttt"], ttt_state=state, stream_warmup=20)
+    cfg = stream_cfg(**{**MODES["stream_ttt_rebuild"], "ttt_state": state}, stream_warmup=20)
     tally = tg.Tally(torch.device("cpu"), track=len(tokens))
     errors = []
 
@@ -332,7 +332,39 @@ def _ttt_worker(rank, world, mode, out_path):
         torch.save((result.loss, result.tokens, max((g - flat).abs().max().item() for g in gathered), flat), out_path)
 
 
-@pytest.mark.parametrize("mode", ["sliding_ttt", "stream_ttt"])
+def _eval_worker(rank, world, mode, out_path):
+    import torch.distributed as dist
+
+    rt = tg.Runtime(rank, world, rank, torch.device("cpu"), 1)
+    tokens = stream_of_documents(8, seed=7)[:300]
+    tally = tg.Tally(torch.device("cpu"), track=len(tokens))
+    result = tg.evaluate_base(tiny_model(layout="GSGs"), tokens, tables(), stream_cfg(**MODES[mode]), rt, tally)
+    for t in (tally.hits, tally.nll_at):  # every rank's targets, position by position
+        dist.all_reduce(t)
+    if rank == 0:
+        torch.save((result.loss, result.tokens, result.bytes, tally.hits, tally.nll_at), out_path)
+
+
+@pytest.mark.parametrize("mode", ["sliding", "plain", "stream", "stream_reset"])
+def test_evaluation_split_over_ranks_scores_every_target_as_one_rank_does(mode, tmp_path):
+    """Windows and lanes shared out over 2 and 3 ranks: each target scored once, with the same loss as on one rank
+    (so an EVAL_ONLY rescoring on one GPU reproduces an 8-GPU score). Stream mode cuts STREAM_LANES (3) lanes in
+    all: before session 60 it cut 3 per rank, and a target's context depended on the number of ranks."""
+    results = {}
+    for world in (1, 2, 3):
+        out = tmp_path / f"world{world}.pt"
+        spawn_ranks(_eval_worker, world, mode, str(out))
+        results[world] = torch.load(out)
+    loss1, n1, bytes1, hits1, nll1 = results[1]
+    assert n1 == 299 and hits1[0] == 0 and (hits1[1:] == 1).all()
+    for world in (2, 3):
+        loss, n, nbytes, hits, nll = results[world]
+        assert (n, nbytes) == (n1, bytes1) and torch.equal(hits, hits1)
+        assert torch.allclose(nll, nll1, rtol=0, atol=1e-5), f"{world} ranks: {(nll - nll1).abs().max():.2e}"
+        assert loss == pytest.approx(loss1, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["sliding_ttt", "stream_ttt_carry", "stream_ttt_rebuild"])
 def test_ttt_on_two_ranks_keeps_weights_identical_and_matches_one_rank(mode, tmp_path):
     results = {}
     for world in (1, 2):

@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> None:
     rt = tg.init_runtime(cfg_a)
     if rt.world_size != 1:
         raise SystemExit("compare_artifacts.py runs as one process (python3, not torchrun)")
-    tables = tg.build_byte_tables(tg.load_tokenizer(cfg_a)).to(rt.device)
-    tokens = tg.load_val_tokens(cfg_a)
+    tables, tokens, checked = tg.load_scoring_text(cfg_a, rt.device)
+    print(checked)
     models = []
     for path, flag, cfg in sides:  # both read and checked before either is scored
         models.append(ebc.load_artifact_model(path, cfg, rt, console_log, "compare_artifacts")[1])

@@ -104,8 +104,8 @@ def main() -> None:
     if not window_cfg.artifact_path:
         raise SystemExit("set ARTIFACT_PATH to the artifact to score")
     path = Path(window_cfg.artifact_path)
-    tables = tg.build_byte_tables(tg.load_tokenizer(window_cfg)).to(rt.device)
-    tokens = tg.load_val_tokens(window_cfg)
+    tables, tokens, checked = tg.load_scoring_text(window_cfg, rt.device)
+    print(checked)
     n = len(tokens)
     mc, model = load_artifact_model(path, window_cfg, rt, log, "eval_by_context")
     require_streamable(mc, path)  # before the window pass, not after it

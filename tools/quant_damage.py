@@ -65,8 +65,8 @@ def main() -> None:
     path = Path(sys.argv[1])
     mc, state, info = tg.read_checkpoint(path)
     tg.require_model_matches(cfg, mc, "quant_damage.py", "checkpoint", path)
-    tables = tg.build_byte_tables(tg.load_tokenizer(cfg)).to(rt.device)
-    tokens = tg.load_val_tokens(cfg)
+    tables, tokens, checked = tg.load_scoring_text(cfg, rt.device)
+    print(checked)
     model = tg.build_model(mc, tg.resolve_backends(cfg, rt, mc, log, check=rt.cuda), rt)
     fwd = tg.maybe_compile(model, cfg, rt)
 
