@@ -325,6 +325,10 @@ class Config:
         need(self.grad_accum_steps >= 0, f"GRAD_ACCUM_STEPS={self.grad_accum_steps} must be >= 0 (0 = automatic)")
         need(self.train_log_every > 0, f"TRAIN_LOG_EVERY={self.train_log_every} must be positive")
         need(self.gptq_block > 0, f"GPTQ_BLOCK={self.gptq_block} must be positive")
+        need(self.gptq_damp > 0, f"GPTQ_DAMP={self.gptq_damp} must be positive (H + damp * mean(diag H) * I must be "
+             "positive definite when there are fewer calibration tokens than inputs)")
+        need(0 < self.kernel_check_tol <= 0.1, f"KERNEL_CHECK_TOL={self.kernel_check_tol} must be in (0, 0.1]: at 1 a "
+             "kernel that returns zeros would pass (KERNEL_CHECK=0 turns the checks off, with a warning)")
         need(self.ttt_seq_len >= 0, f"TTT_SEQ_LEN={self.ttt_seq_len} must be >= 0 (0 = EVAL_SEQ_LEN)")
         need(self.iterations > 0, f"ITERATIONS={self.iterations} must be positive")
         need(self.max_wallclock_seconds >= 0, f"MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds} must be >= 0")
@@ -1421,6 +1425,8 @@ class ParallelMixer(nn.Module):
 
     def forward(self, x: torch.Tensor, state: dict | None = None, stream: StreamContext | None = None):
         """x (B, T, D) -> (B, T, D); no streaming (full attention's state is unbounded)."""
+        if state is not None:  # both halves would keep their carried keys and conv tails under the same names
+            raise ValueError("a P layer (full attention and GDN side by side) cannot stream")
         return self.attn(x, state, stream) + self.gdn(x, state, stream)
 
 
@@ -2334,8 +2340,19 @@ def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], d
     return mc, payload["state"], {k: payload[k] for k in CHECKPOINT_INFO}
 
 
+_SCRIPT_SOURCE: list[bytes] = []
+
+
+def script_source() -> bytes:
+    """This script's bytes, read once (the run's header logs them first): the code a run logs and counts is the code
+    it runs, even if the file is edited while it trains."""
+    if not _SCRIPT_SOURCE:
+        _SCRIPT_SOURCE.append(Path(__file__).read_bytes())
+    return _SCRIPT_SOURCE[0]
+
+
 def code_bytes() -> int:
-    return len(Path(__file__).read_bytes())
+    return len(script_source())
 
 
 CLIP_FIT_SLACK_BYTES = 40_000  # MATRIX_CLIP_FIT stops this close under the limit: at lease 11's ~6 MB of artifact per
@@ -3033,6 +3050,8 @@ def resolve_backends(cfg: Config, rt: Runtime, mc: ModelConfig, log: Logger, che
                 require_close(log, f"swa({attn}){label} vs fp32 masked SDPA",
                               attention_kernel_errors(mc, attn, T, rt.device, cached=cached), cfg.kernel_check_tol,
                               f"attention backend {attn}{label}", "set ATTN_BACKEND=sdpa")
+    if check and rt.cuda and not cfg.kernel_check:
+        log(f"WARNING: KERNEL_CHECK=0: the fast kernels ({gdn}, {conv}, {attn}) run unchecked on this GPU")
     took = f"; kernel checks {time.perf_counter() - t0:.1f}s (first kernel compiles included)" if checked else ""
     backends = Backends(gdn, attn, conv)
     log(f"backends: {describe_backends(mc.layout, backends, mc.swa_window)}{took}")
@@ -3314,9 +3333,12 @@ def _train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA],
     def elapsed_ms() -> float:
         return 1000 * (time.perf_counter() - t_start) - paused_ms
 
-    def log_window() -> None:  # the mean training loss of the steps since the last line
+    def log_window() -> None:  # the mean training loss of the steps since the last line, over every rank's batches
         nonlocal window
         now = elapsed_ms()
+        if rt.distributed:  # every rank logs at the same steps (the cap stops all of them at one step)
+            dist.all_reduce(loss_sum)
+            loss_sum.div_(rt.world_size)
         log(f"step:{stats.steps}/{cfg.iterations} train_loss:{loss_sum.item() / window:.4f} train_time:{now:.0f}ms "
             f"step_avg:{now / stats.steps:.2f}ms tok/s:{stats.tokens / (now / 1000):.0f}")
         loss_sum.zero_()
@@ -3327,7 +3349,8 @@ def _train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA],
             sync(rt)
             p0 = time.perf_counter()
             with qat_paused(base):
-                log(evaluate(base, val_tokens, tables, cfg, rt).line(f"step:{stats.steps}/{cfg.iterations}"))
+                result = evaluate(base, val_tokens, tables, cfg, rt)  # the raw weights; the final scores use the EMA
+                log(result.line(f"step:{stats.steps}/{cfg.iterations} raw_weights"))
             paused_ms += 1000 * (time.perf_counter() - p0)
         # Under a cap the schedule reads the clock: every rank reads the slowest rank's, so all take the same learning
         # rate, switch QAT on and stop at the same step (each rank's clock started at its own moment). Without a cap
@@ -3363,7 +3386,7 @@ def _train(base: nn.Module, model: nn.Module, opts: Optimizers, emas: list[EMA],
                     f"its state was not written (above); RESUME_FROM={cfg.state_path} goes on from the last one"))
     if window:  # the steps since the last line: the end of training under the cap
         log_window()
-    stats.train_ms = elapsed_ms()
+    stats.train_ms = _rank_max(elapsed_ms(), rt)  # the slowest rank's clock, the one the cap was checked against
     loader.close()
     if stats.qat_from_step is not None:  # what follows (scores, calibration, export) sees the weights themselves
         set_qat(base, False)
@@ -3429,7 +3452,7 @@ def resolve_run_id(cfg: Config, rt: Runtime) -> str:
 
 
 def log_header(cfg: Config, rt: Runtime, log: Logger, run_id: str) -> None:
-    log(Path(__file__).read_text(encoding="utf-8"), console=False)
+    log(script_source().decode("utf-8"), console=False)
     log("=" * 100, console=False)
     log(f"run_id:{run_id}")
     for f in sorted(fields(cfg), key=lambda f: f.name):

@@ -408,3 +408,20 @@ def test_artifact_rebuilds_a_parallel_layer_and_a_layer_sharing_its_weights(tmp_
     x = torch.randint(0, 97, (1, 20))
     with torch.no_grad():
         assert torch.equal(fresh(x), quantized(x))
+
+
+def test_the_code_counted_is_the_script_as_first_read_though_the_file_changes(tmp_path):
+    """A run logs and counts the bytes of the code it runs: the script is read once (the run's header reads it
+    first), so an edit to the file while the run trains changes neither."""
+    import importlib.util
+    import shutil
+
+    copy = tmp_path / "train_copy.py"
+    shutil.copy(tg.__file__, copy)
+    spec = importlib.util.spec_from_file_location("train_copy", copy)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    original = copy.read_bytes()
+    assert module.script_source() == original and module.code_bytes() == len(original)
+    copy.write_bytes(original + b"# edited while the run trains\n")
+    assert module.script_source() == original and module.code_bytes() == len(original)

@@ -56,6 +56,10 @@ def test_preset_sets_values_and_env_still_wins():
     ({"GRAD_ACCUM_STEPS": "-1"}, "GRAD_ACCUM_STEPS=-1 must be >= 0"),
     ({"TRAIN_LOG_EVERY": "0"}, "TRAIN_LOG_EVERY=0 must be positive"),  # was a ZeroDivisionError after step 1
     ({"GPTQ_BLOCK": "0"}, "GPTQ_BLOCK=0 must be positive"),  # was an error at export, after the whole training
+    ({"GPTQ_DAMP": "0"}, "GPTQ_DAMP=0.0 must be positive"),  # likewise: Cholesky of a singular H
+    ({"GPTQ_DAMP": "-0.5"}, "GPTQ_DAMP=-0.5 must be positive"),
+    ({"KERNEL_CHECK_TOL": "1"}, "KERNEL_CHECK_TOL=1.0 must be in (0, 0.1]"),  # a kernel returning zeros passed
+    ({"KERNEL_CHECK_TOL": "0"}, "KERNEL_CHECK_TOL=0.0 must be in (0, 0.1]"),
     ({"TTT_SEQ_LEN": "-8"}, "TTT_SEQ_LEN=-8 must be >= 0"),  # TTT took no steps, silently
     ({"EVAL_MAX_SECONDS": "-1"}, "EVAL_MAX_SECONDS=-1.0 must be >= 0"),  # TTT adapted on no chunk, silently
     ({"GDN_EXPAND_V": "0"}, "GDN_HEAD_DIM*GDN_EXPAND_V=0.0 must be a positive integer"),  # GDN layers output zeros
@@ -222,6 +226,31 @@ def test_a_kernel_check_logs_its_errors_and_refuses_above_the_tolerance():
         tg.require_close(lines.append, "x", {"dx": 0.03}, 2e-2, "backend X", "set Y")
     with pytest.raises(RuntimeError, match=r"^path Z disagrees with the reference: \{'o': nan\}$"):
         tg.require_close(lines.append, "z", {"o": float("nan")}, 2e-2, "path Z")  # NaN is never within tolerance
+
+
+@pytest.mark.parametrize("impl", ["fla", "qla"])
+@pytest.mark.parametrize("lifted", [False, True])
+def test_the_gdn_kernel_check_refuses_errors_above_the_tolerance_and_never_lifts_the_guard_then(
+        monkeypatch, impl, lifted):
+    """check_gdn_kernel's own refusal (apart from require_close's): errors as a GPU would measure them."""
+    errors = {"o": 4e-3, "dq": 5e-3, "dk": 4e-3, "dv": 3e-3, "dg": 0.05, "dbeta": 4e-3}   # dg off
+    measured = (errors, lifted and impl == "fla")
+    monkeypatch.setattr(tg, "guarded_gdn_kernel_errors", lambda mc, T: measured)
+    monkeypatch.setattr(tg, "gdn_kernel_errors", lambda mc, T, device, impl: errors)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    cfg = tg.Config.from_env({"PRESET": "tiny"})
+    mc, lines = tg.ModelConfig.from_config(cfg), []
+    with pytest.raises(RuntimeError, match=r"GDN kernel check \(%s\) failed on a GPU: \{'dg': 0.05\} exceed 0.02; "
+                                           r"refusing to train" % impl):
+        tg.check_gdn_kernel(mc, cfg, lines.append, impl)
+    assert not any("guard is lifted" in line for line in lines)
+    assert f"kernel_check gdn({impl}) vs float64 reference: o:4.00e-03" in lines[-1]
+    errors["dg"] = float("nan")  # NaN is never within tolerance
+    with pytest.raises(RuntimeError, match="'dg': nan"):
+        tg.check_gdn_kernel(mc, cfg, lines.append, impl)
+    if not measured[1]:  # (a passing check that lifted the guard would import fla to lift it for the run)
+        errors["dg"] = 6e-3
+        tg.check_gdn_kernel(mc, cfg, lines.append, impl)  # all within the tolerance: no refusal
 
 
 @pytest.mark.parametrize("value", ["1.0", "0.9,-0.1", "0.9;0.99", "x"])

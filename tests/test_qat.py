@@ -161,12 +161,12 @@ def _skewed_clock_worker(rank, world, out_dir):
     tg.enable_qat(model, cfg)
     readings = iter(range(10 ** 9))
     tg.time = types.SimpleNamespace(perf_counter=lambda: next(readings) * 0.001 * (1 + rank))
-    seen = []
-    tg.train_step = lambda *args: seen.append((args[-1], tg.qat_is_on(model))) or torch.tensor(1.0)
+    seen, lines = [], []
+    tg.train_step = lambda *args: seen.append((args[-1], tg.qat_is_on(model))) or torch.tensor(1.0 + 2 * rank)
     tg.TrainLoader = lambda cfg, rt, skip=0: types.SimpleNamespace(close=lambda: None)
     stats = tg.train(model, None, None, [], cfg, tg.Runtime(rank, world, rank, torch.device("cpu"), 1),
-                     lambda msg: None, None, None)
-    torch.save((seen, stats.steps, stats.stopped_by_cap), f"{out_dir}/rank{rank}.pt")
+                     lines.append, None, None)
+    torch.save((seen, stats.steps, stats.stopped_by_cap, stats.train_ms, lines), f"{out_dir}/rank{rank}.pt")
 
 
 def test_every_rank_reads_the_slowest_clock_for_its_learning_rate_qat_and_stop(tmp_path):
@@ -174,8 +174,12 @@ def test_every_rank_reads_the_slowest_clock_for_its_learning_rate_qat_and_stop(t
     the same learning rate at every step, switch QAT on at the same step and stop at the same step, or their weights
     drift apart: before the fix each rank's learning rate followed its own clock."""
     spawn_ranks(_skewed_clock_worker, 2, str(tmp_path))
-    (seen0, steps0, capped0), (seen1, steps1, capped1) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    (seen0, steps0, capped0, ms0, lines0), (seen1, steps1, capped1, ms1, _) = (
+        torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     assert seen0 == seen1 and steps0 == steps1 == len(seen0) and capped0 and capped1
+    assert ms0 == ms1 > 0, "train_time is the slowest rank's clock, on every rank (rank 1's runs twice as fast)"
+    losses = {line.split("train_loss:")[1].split()[0] for line in lines0 if "train_loss:" in line}
+    assert losses == {"2.0000"}  # the mean of rank 0's 1.0 and rank 1's 3.0: every rank's batches
     lrs, qat = [lr for lr, _ in seen0], [on for _, on in seen0]
     assert lrs[0] == 1.0 and 0 < lrs[-1] < 0.2 and lrs == sorted(lrs, reverse=True)  # flat, then the warmdown
     assert any(qat) and not all(qat) and qat == sorted(qat)  # switched on once, late, and kept on

@@ -116,6 +116,17 @@ def test_streaming_rejects_full_attention_layers(layout):
         tg.evaluate_stream(model, stream_of_documents(3, 0), tables(), stream_cfg(), CPU)
 
 
+def test_a_parallel_layer_refuses_a_carried_state_itself():
+    """Below the model's refusal above: a P layer's two halves would keep their carried keys and conv tails under
+    the same names, each overwriting the other's."""
+    model = tiny_model(layout="GPAp")
+    mixer = next(m for m in model.mixers if isinstance(m, tg.ParallelMixer))
+    x = torch.randn(1, 8, model.mc.model_dim)
+    assert mixer(x).shape == x.shape
+    with pytest.raises(ValueError, match="a P layer .* cannot stream"):
+        mixer(x, {}, tg.StreamContext(layers=[{}]))
+
+
 MODES = {
     "sliding": dict(eval_mode="window", eval_stride=8),
     "plain": dict(eval_mode="window"),
