@@ -228,3 +228,28 @@ def test_ctrl_c_on_one_process_finishes_the_step_writes_the_state_and_stops(tmp_
             tg.train(model, model, opts, emas, cfg, rt, log, None, None)
         assert signal.getsignal(signal.SIGINT) is handler
     assert path.read_bytes() == before  # neither wrote a state
+
+
+@pytest.mark.parametrize("variant", ["normuon", "muon"])
+def test_warmup_steps_are_undone_before_the_timed_run(tiny_data, variant):
+    """WARMUP_STEPS real steps (for compilation) then the weights, the optimizer state (momentum, NorMuon's second
+    moments, Adam's moments and step counts) and the data position put back: the run then ends exactly as one that
+    had no warmup. The end-to-end tests cannot show this, since every run there warms up the same way."""
+    env = {"PRESET": "tiny", "DATA_PATH": tiny_data["data_path"], "VOCAB_SIZE": str(tiny_data["vocab_size"]),
+           "MUON_VARIANT": variant}
+    finals = {}
+    for warmup in (0, 3):
+        cfg = tg.Config.from_env({**env, "WARMUP_STEPS": str(warmup)})
+        rt = tg.Runtime(0, 1, 0, torch.device("cpu"), cfg.grad_accum_steps)
+        torch.manual_seed(0)
+        model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
+        opts = tg.build_optimizers(model, cfg, rt)
+        start = [p.detach().clone() for p in model.parameters()]
+        tg.warmup_then_restore(model, model, opts, cfg, rt, lambda msg: None)
+        assert all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
+        emas = [tg.EMA(model, cfg.ema_decay)]
+        tg.train(model, model, opts, emas, cfg, rt, lambda msg: None, None, None)
+        finals[warmup] = ([p.detach().clone() for p in model.parameters()], emas[0].shadow)
+    (w0, e0), (w3, e3) = finals[0], finals[3]
+    assert all(torch.equal(a, b) for a, b in zip(w0, w3)) and all(torch.equal(a, b) for a, b in zip(e0, e3))
+    assert not all(torch.equal(a, b) for a, b in zip(start, w3))  # the run itself trained
