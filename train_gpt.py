@@ -2823,8 +2823,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _gdn_check_inputs(mc: ModelConfig, B: int, T: int, device: torch.device, seed: int) -> list[torch.Tensor]:
-    """Inputs distributed like the layer's at initialization: unit q, k; decays from the A_log/dt_bias init ranges;
-    beta over the layer's range, (0, 2) with GDN_NEG_EIGVAL."""
+    """Inputs for the kernel checks: unit q, k; beta over the layer's range, (0, 2) with GDN_NEG_EIGVAL; decays
+    g = -A softplus(n - 3), A uniform in [1, 16], n normal: median -0.47, about ten times the layer's at its
+    initialization (-0.05), so a state fades within a few tokens (what gdn_stream_kernel_errors allows for). These
+    inputs are what the checks measured on the H100 and H200 (3-5e-3); slower decays are not yet measured there."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     H, K, V = mc.gdn_heads, mc.gdn_head_dim, int(mc.gdn_head_dim * mc.gdn_expand_v)
     q = F.normalize(torch.randn(B, T, H, K, generator=gen), dim=-1)
@@ -2870,7 +2872,13 @@ def gdn_stream_kernel_errors(mc: ModelConfig, T: int, device: torch.device, seed
     scale = mc.gdn_head_dim ** -0.5
     o, s1 = gdn_stream(impl, q, k, v, g, beta, scale, S, restarts)
     o_ref, s_ref = gdn_stream("torch", *(t.double() for t in (q, k, v, g, beta)), scale, S.double(), restarts)
-    return {"o": rel_err(o, o_ref), "state": rel_err(s1, s_ref)}
+    # The carried state and a restart reach only a piece's first tokens (the check's decays forget within a few):
+    # over a whole segment of 32,768 a kernel that dropped the state or ignored restarts stayed within 2e-2, so the
+    # first 64 outputs of every piece (a lane's start, and after each restart) are also compared on their own.
+    starts = torch.zeros(3, T, dtype=torch.bool, device=device)
+    for b, t0 in [(0, 0), (0, T // 3), (1, 0), (1, T // 2), (1, T // 2 + 1), (2, 0)]:
+        starts[b, t0: t0 + 64] = True
+    return {"o": rel_err(o, o_ref), "o_piece_starts": rel_err(o[starts], o_ref[starts]), "state": rel_err(s1, s_ref)}
 
 
 def gdn_conv_channels(mc: ModelConfig) -> list[int]:

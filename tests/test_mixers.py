@@ -195,6 +195,30 @@ def test_the_kernel_check_draws_beta_over_the_layers_range():
         assert beta.min() > 0 and lo < beta.max() <= hi, (flag, beta.min(), beta.max())  # bf16 may round to 2
 
 
+@pytest.mark.parametrize("fault", ["none", "state dropped", "restarts ignored", "state transposed"])
+def test_the_streaming_kernel_check_catches_a_kernel_that_mishandles_state_at_the_default_segment(monkeypatch, fault):
+    """EVAL_MODE=stream's check runs at STREAM_SEGMENT (32,768): over a whole segment a kernel that dropped the
+    carried state, ignored the restarts or read the state transposed (no shape error at K = V) stayed within the
+    tolerance (0.8-1.1e-2 here); the first outputs of every piece do not. A faithful float32 "kernel" passes."""
+    real = tg.gdn_stream
+
+    def stream(backend, q, k, v, g, beta, scale, S, restarts):
+        if backend != "faulty":
+            return real(backend, q, k, v, g, beta, scale, S, restarts)
+        S = {"state dropped": 0 * S, "state transposed": S.transpose(-1, -2)}.get(fault, S)
+        restarts = None if fault == "restarts ignored" else restarts
+        return real("torch", *(t.float() for t in (q, k, v, g, beta)), scale, S, restarts)
+
+    monkeypatch.setattr(tg, "gdn_stream", stream)
+    mc = tg.ModelConfig.from_config(tg.Config.from_env({"PRESET": "tiny", "GDN_HEADS": "4", "GDN_HEAD_DIM": "32"}))
+    errs = tg.gdn_stream_kernel_errors(mc, tg.Config().stream_segment, torch.device("cpu"), impl="faulty")
+    tol = tg.Config().kernel_check_tol
+    if fault == "none":
+        assert max(errs.values()) < 1e-5, errs
+    else:
+        assert errs["o"] < tol < 0.1 < errs["o_piece_starts"], errs  # the whole segment alone would have passed it
+
+
 @pytest.mark.parametrize("window", [0, 6])
 @pytest.mark.parametrize("H,KV", [(4, 2), (9, 3)])  # two query heads per KV head, and the default's three
 def test_xsa_removes_each_heads_component_along_its_own_value(window, H, KV):
