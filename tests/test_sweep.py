@@ -51,7 +51,7 @@ TOOL = [sys.executable, str(ROOT / "tools" / "sweep.py")]
 def sweep_cmd(tmp_path: Path, *args: str) -> list[str]:
     fake = tmp_path / "fake_train.py"
     fake.write_text(FAKE_SCRIPT)
-    return [*TOOL, "--script", str(fake), *args]
+    return [*TOOL, "--script", str(fake), "--allow-env", "FAKE_", *args]
 
 
 def run_sweep(tmp_path: Path, *args: str, fake: bool = True) -> subprocess.CompletedProcess:
@@ -534,3 +534,55 @@ def test_more_says_so_when_the_file_shrinks_and_goes_on(tmp_path):
     assert tool.returncode == 0, out + err
     assert "more.txt now has fewer lines than the 2 already read: only append" in err
     assert sorted(p.name for p in (tmp_path / "pids").iterdir()) == ["a", "b", "d"]
+
+
+def test_a_setting_train_gpt_does_not_read_is_refused_with_the_likely_one():
+    """train_gpt.py ignores environment variables it has no setting for: a misspelt setting would train the defaults
+    on the GPU's time."""
+    with pytest.raises(ValueError, match=r"MLP_MUTL in configuration .* is no train_gpt.py setting \(did you mean "
+                                         r"MLP_MULT\?\)"):
+        sweep.parse_config("RUN_ID=a MLP_MUTL=4")
+    with pytest.raises(ValueError, match=r"LAYUOT .*\(did you mean LAYOUT\?\)"):
+        sweep.parse_config("RUN_ID=a LAYUOT=AAAA")
+    assert sweep.parse_config("RUN_ID=a PRESET=tiny TORCH_LOGS=+dynamo CUDA_LAUNCH_BLOCKING=1 QK_GAIN_INIT=4") == {
+        "RUN_ID": "a", "PRESET": "tiny", "TORCH_LOGS": "+dynamo", "CUDA_LAUNCH_BLOCKING": "1", "QK_GAIN_INIT": "4"}
+
+
+@pytest.mark.parametrize("gpus, visible, slots", [
+    ("", "4,5", ["4", "5"]),          # every GPU this process sees, by the machine's numbers
+    ("1", "4,5", ["5"]),              # --gpus numbers them as torch in this process does
+    ("0,1", "GPU-aaaa,GPU-bbbb", ["GPU-aaaa", "GPU-bbbb"]),
+    ("3,5", None, ["3", "5"]),        # nothing inherited: the machine's numbers
+])
+def test_gpu_slots_go_through_an_inherited_cuda_visible_devices(gpus, visible, slots):
+    assert sweep.gpu_slots(gpus, visible) == slots
+
+
+@pytest.mark.parametrize("gpus, visible, message", [
+    ("0,0", None, "a GPU is named twice"),
+    ("2", "4,5", "2 not among the 2 GPUs of CUDA_VISIBLE_DEVICES=4,5"),
+])
+def test_gpu_slots_refuse_what_would_put_two_runs_on_one_gpu_or_none(gpus, visible, message):
+    with pytest.raises(ValueError, match=message):
+        sweep.gpu_slots(gpus, visible)
+
+
+def test_runs_scored_on_other_validation_text_are_not_averaged_with_the_others():
+    """The leases score on the web text and on held-out text of the training kind: the same settings and seeds
+    scored on both are two rows, the rarer text's named by its size."""
+    def summary(seed, tokens, nbytes, bpb):
+        return {"config": {"RUN_ID": f"r{seed}_{tokens}", "SEED": str(seed)}, "device": "H200", "seed": seed,
+                "steps": 10, "final": {"bpb": bpb, "tokens": tokens, "bytes": nbytes}}
+
+    runs = [summary(1, 1000, 3000, 1.30), summary(2, 1000, 3000, 1.32), summary(1, 1200, 2900, 1.10)]
+    groups = sweep.setting_groups(runs)
+    assert list(groups) == [("none", "H200"), ("none (scored on other text: 1,200 targets, 2,900 bytes)", "H200")]
+    assert [len(g) for g in groups.values()] == [2, 1]
+
+
+def test_where_a_training_run_writes_its_artifact_is_no_setting_of_what_it_trained():
+    runs = [{"config": {"RUN_ID": f"r{seed}", "SEED": str(seed), "ARTIFACT_PATH": f"ckpt/r{seed}.pgz"},
+             "device": "H200", "seed": seed, "final": {"bpb": 1.3}} for seed in (1, 2)]
+    assert {key: len(group) for key, group in sweep.setting_groups(runs).items()} == {("none", "H200"): 2}
+    rescoring = {"EVAL_ONLY": "True", "ARTIFACT_PATH": "ckpt/r1.pgz", "RUN_ID": "x"}
+    assert sweep.changed_settings(rescoring) == "EVAL_ONLY=True ARTIFACT_PATH=ckpt/r1.pgz"  # what a rescoring did

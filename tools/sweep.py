@@ -39,6 +39,7 @@ on a small corpus, a comparison is one of repeated text). Exit status: 0 when ev
 """
 
 import argparse
+import difflib
 import os
 import re
 import shlex
@@ -59,7 +60,7 @@ from make_submission import NoSummaryError, last_run, read_log, trained  # noqa:
 
 # Settings that name a run or its files rather than what was trained; the table never lists them as changes.
 NOT_SETTINGS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH", "CHECKPOINT_PATH", "STATE_PATH", "STATE_EVERY",
-                "RESUME_FROM"}
+                "RESUME_FROM"}  # (and ARTIFACT_PATH for a training run, which writes it: changed_settings)
 EVAL_SETTINGS = ("EVAL_", "TTT_", "STREAM_", "ARTIFACT_PATH", "VAL_MAX_TOKENS")  # what a rescoring's row lists
 EXPORT_SETTINGS = EVAL_SETTINGS + ("EXPORT_FROM", "QUANT_", "GPTQ_", "MATRIX_BITS", "MATRIX_CLIP_", "EMBED_BITS",
                                    "EMBED_CLIP_SIGMAS", "COMPRESSOR", "PACKING")  # ... and an EXPORT_FROM run's
@@ -81,13 +82,25 @@ class Run:
         return self.settings["RUN_ID"]
 
 
+# Environment variables a configuration may set besides train_gpt.py's settings (Config's fields and PRESET): those
+# of the libraries under it. Any other key is refused, since train_gpt.py would ignore it: a misspelt setting
+# (MLP_MUTL=4) would train the default on the GPU's time.
+ENV_PREFIXES = ["CUDA_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "NCCL_", "TRITON_", "PYTHON"]  # (+ --allow-env's)
+
+
 def parse_config(text: str) -> dict[str, str]:
     """'KEY=VALUE KEY=VALUE' (shell quoting allowed) -> {KEY: VALUE}; errors name the word that is wrong."""
     settings = {}
+    known = {f.name.upper() for f in fields(tg.Config)} | {"PRESET"}
     for word in shlex.split(text):
         key, sep, value = word.partition("=")
         if not sep or not key.isupper() or not key.replace("_", "").isalnum():
             raise ValueError(f"{word!r} in configuration {text!r} is not a KEY=VALUE setting")
+        if key not in known and not key.startswith(tuple(ENV_PREFIXES)):
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ValueError(f"{key} in configuration {text!r} is no train_gpt.py setting"
+                             + (f" (did you mean {close[0]}?)" if close else "")
+                             + f"; it would be ignored (library variables may start with {', '.join(ENV_PREFIXES)})")
         settings[key] = value
     if not settings.get("RUN_ID"):
         raise ValueError(f"configuration {text!r} has no RUN_ID (its log, logs/RUN_ID.txt, is where results are read)")
@@ -137,6 +150,32 @@ def check_configs(configs: list[dict[str, str]], workdir: Path,
                                  "the other's; give one of them another path")
             writers[path] = writer
     return writers
+
+
+def gpu_slots(gpus: str, visible: str | None) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value each slot's runs get. --gpus lists GPUs as this process sees them (0, 1, ... of
+    an inherited CUDA_VISIBLE_DEVICES, as torch numbers them), mapped through that variable so that a run lands on
+    the GPU meant and not on the machine's GPU of that number; without --gpus, every GPU this process sees."""
+    seen = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
+    if gpus.strip():
+        ids = [g.strip() for g in gpus.split(",") if g.strip()]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"--gpus {gpus}: a GPU is named twice (two runs at a time on it)")
+        if seen is None:
+            return ids
+        bad = [g for g in ids if not g.isdigit() or int(g) >= len(seen)]
+        if bad:
+            raise ValueError(f"--gpus {gpus}: {', '.join(bad)} not among the {len(seen)} GPUs of "
+                             f"CUDA_VISIBLE_DEVICES={visible} (numbered from 0)")
+        return [seen[int(g)] for g in ids]
+    if seen is not None:
+        return seen
+    import torch  # noqa: PLC0415
+
+    slots = [str(i) for i in range(torch.cuda.device_count())]
+    if not slots:
+        raise ValueError("no GPU is visible: name them with --gpus, or run on the CPU with --cpu N")
+    return slots
 
 
 def start(run: Run, slot: str, script: Path, workdir: Path) -> subprocess.Popen:
@@ -302,8 +341,9 @@ def changed_settings(config: dict[str, str]) -> str:
     defaults = tg.Config()
     listed = None if trained(config) else EVAL_SETTINGS if config.get("EVAL_ONLY") == "True" else EXPORT_SETTINGS
     config = as_run(config)
+    skip = NOT_SETTINGS | ({"ARTIFACT_PATH"} if listed is None else set())  # a rescoring's artifact is what it did
     words = [f"{key}={config[key]}" for key in (f.name.upper() for f in fields(tg.Config))
-             if key in config and key not in NOT_SETTINGS and config[key] != str(getattr(defaults, key.lower()))
+             if key in config and key not in skip and config[key] != str(getattr(defaults, key.lower()))
              and (listed is None or key.startswith(listed))]
     return " ".join(words) or "none"
 
@@ -365,14 +405,26 @@ def markdown(rows: list[list[str]], columns: list[str] = COLUMNS) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in rows])
 
 
+def validation_set(summary: dict) -> tuple[int, int] | None:
+    """The (targets, bytes) a run's scores cover: which validation text it was scored on (DATA_PATH is not a
+    setting here, and the held-out text of the leases is another set)."""
+    score = summary.get("final") or summary.get("pre_quant")
+    return (score["tokens"], score["bytes"]) if score and "tokens" in score and "bytes" in score else None
+
+
 def setting_groups(summaries: list[dict]) -> dict[tuple[str, str], list[dict]]:
     """The training runs grouped by what they trained (the same settings beyond the defaults, seed aside) on the same
-    device, in order of first appearance. Runs that did not train (rescorings, EXPORT_FROM) are left out: their seed
+    device and scored on the same validation text, in order of first appearance; a group scored on other text than
+    most runs says so after its settings. Runs that did not train (rescorings, EXPORT_FROM) are left out: their seed
     is not the model's."""
+    trained_runs = [s for s in summaries if trained(s["config"])]
+    common = Counter(map(validation_set, trained_runs)).most_common(1)
     groups: dict[tuple[str, str], list[dict]] = {}
-    for summary in summaries:
-        if trained(summary["config"]):
-            groups.setdefault((changed_settings(summary["config"]), summary["device"]), []).append(summary)
+    for summary in trained_runs:
+        settings, val = changed_settings(summary["config"]), validation_set(summary)
+        if common and val != common[0][0] and val is not None:
+            settings += f" (scored on other text: {val[0]:,} targets, {val[1]:,} bytes)"
+        groups.setdefault((settings, summary["device"]), []).append(summary)
     return groups
 
 
@@ -475,6 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--more", type=Path, default=None, metavar="FILE",
                    help="also run the configurations appended to FILE while the sweep runs, one per line (END stops)")
     p.add_argument("--script", type=Path, default=ROOT / "train_gpt.py", help=argparse.SUPPRESS)
+    p.add_argument("--allow-env", action="append", default=[], help=argparse.SUPPRESS)  # another script's variables
     args = p.parse_args(argv)
     if args.table and args.more:
         print("sweep: --more adds runs to a sweep; --table starts none", file=sys.stderr)
@@ -510,16 +563,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cpu < 0:
             raise ValueError(f"--cpu {args.cpu}: the number of runs at a time must be positive")
+        ENV_PREFIXES.extend(args.allow_env)
         runs = [Run(parse_config(text)) for text in args.configs]
         writers = check_configs([run.settings for run in runs], workdir)
         if args.more is not None:
             MoreConfigs.check_path(args.more)
-        slots = [""] * args.cpu if args.cpu else [s.strip() for s in args.gpus.split(",") if s.strip()]
-        if not slots:
-            import torch
-            slots = [str(i) for i in range(torch.cuda.device_count())]
-        if not slots:
-            raise ValueError("no GPU is visible: name them with --gpus, or run on the CPU with --cpu N")
+        slots = [""] * args.cpu if args.cpu else gpu_slots(args.gpus, os.environ.get("CUDA_VISIBLE_DEVICES"))
     except ValueError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
