@@ -1,5 +1,6 @@
 """The benchmark tool runs end to end (tiny configuration on the CPU) and reports both stacks and the breakdown."""
 
+import hashlib
 import json
 import math
 import os
@@ -366,10 +367,19 @@ def test_submission_summary_names_the_gdn_beta_range():
     assert "negative eigenvalues" in ms.model_summary({**c, "LAYOUT": "AAPA"})  # P's GDN half has them
 
 
+LOGGED_SCRIPT = '"""A stand-in for train_gpt.py, as a run logs it first."""\nprint("trained")\n'
+
+
+def _run_log(run_id: str, run: dict, script: str = LOGGED_SCRIPT) -> str:
+    """A train_gpt.py log in small: the code it ran, the rule, the run's lines and its summary."""
+    return f"{script}\n{'=' * 100}\nrun_id:{run_id}\nconfig LAYOUT=AAGA\nsummary {json.dumps(run)}\n"
+
+
 def _summary_run(seed, **over):
     run = dict(seed=seed, world_size=8, train_time_ms=590_000, budget_used_ms=599_000, total_bytes=15_900_000,
-               final=dict(bpb=1.1, loss=1.9, seconds=400.0), steps=7000, step_avg_ms=84.0, log=f"s{seed}.txt",
-               code_bytes=150_000, device="NVIDIA H100 80GB HBM3", torch="2.11", config={"LAYOUT": "AAGA"})
+               final=dict(bpb=1.1, loss=1.9, seconds=400.0, tokens=1_194_961, bytes=3_062_010), steps=7000,
+               step_avg_ms=84.0, log=f"s{seed}.txt", code_bytes=150_000, code_sha256="a",
+               device="NVIDIA H100 80GB HBM3", torch="2.11", config={"LAYOUT": "AAGA"})
     return {**run, **over}
 
 
@@ -380,7 +390,7 @@ def _summary_run(seed, **over):
     ({"device": "NVIDIA H100 PCIe"}, False),
     ({"budget_used_ms": 600_001}, False),
     ({"total_bytes": 16_000_001}, False),  # over the limit: never labelled a record, whatever the GPUs
-    ({"final": dict(bpb=1.1, loss=1.9, seconds=601.0)}, False),  # evaluation over 600 s
+    ({"final": dict(bpb=1.1, loss=1.9, seconds=601.0, tokens=1_194_961, bytes=3_062_010)}, False),  # eval > 600 s
     ({"resumed_from_step": 3000}, False),  # RESUME_FROM: the log holds only the training after step 3000
 ])
 def test_submission_is_a_record_only_when_every_check_holds(over, record):
@@ -403,6 +413,10 @@ def test_submission_is_a_record_only_when_every_check_holds(over, record):
     ({"code_bytes": 150_001}, "code_bytes 150000 vs 150001"),
     ({"device": "NVIDIA H200"}, "device NVIDIA H100 80GB HBM3 vs NVIDIA H200"),
     ({"world_size": 4}, "world_size 8 vs 4"),
+    ({"code_sha256": "b"}, "code_sha256 a vs b"),  # the same length, other code
+    ({"torch": "2.12"}, "torch 2.11 vs 2.12"),
+    ({"final": dict(bpb=1.0, loss=1.8, seconds=400.0, tokens=1_226_898, bytes=2_900_000)},  # the held-out text
+     "validation text (targets, bytes) (1194961, 3062010) vs (1226898, 2900000)"),
 ])
 def test_a_submission_is_seeds_of_one_configuration(over, differs):
     """Logs of different models, code or machines are not seeds of one submission: refused, naming what differs;
@@ -426,7 +440,7 @@ def test_an_artifact_over_the_limit_is_no_submission_and_an_earlier_file_is_kept
 
     run = _summary_run(1, total_bytes=ms.LIMIT_BYTES + 1)
     log = tmp_path / "over.txt"
-    log.write_text(f"run_id:over\nconfig LAYOUT=AAGA\nsummary {json.dumps(run)}\n")
+    log.write_text(_run_log("over", run))
     out = tmp_path / "submission.json"
     out.write_text("an earlier submission\n")
     cmd = [sys.executable, str(ROOT / "tools" / "make_submission.py"), str(log), "--author", "a", "--github-id", "g",
@@ -448,7 +462,7 @@ def test_a_failed_write_leaves_the_earlier_submission_whole(tmp_path, monkeypatc
     import make_submission as ms
 
     log = tmp_path / "s1.txt"
-    log.write_text(f"run_id:s1\nconfig LAYOUT=AAGA\nsummary {json.dumps(_summary_run(1))}\n")
+    log.write_text(_run_log("s1", _summary_run(1)))
     out = tmp_path / "submission.json"
     out.write_text("an earlier submission\n")
 
@@ -476,7 +490,7 @@ def test_a_log_that_did_not_train_is_no_submission(tmp_path, extra, message):
     log.write_text(f"run_id:x\nconfig LAYOUT=AAGA\nsummary {json.dumps(_summary_run(1, **extra))}\n")
     with pytest.raises(ValueError, match=re.escape(f"{log}: {message}")):
         ms.read_run(log)
-    log.write_text(f"run_id:x\nconfig LAYOUT=AAGA\nsummary {json.dumps(_summary_run(1))}\n")
+    log.write_text(_run_log("x", _summary_run(1)))
     assert ms.read_run(log)["total_bytes"] == _summary_run(1)["total_bytes"]
 
 
@@ -758,3 +772,64 @@ def test_bigram_buckets_reads_shards_as_one_stream_and_refuses_bad_counts(tmp_pa
     write_shard(tmp_path / "c.bin", [5, 6], magic=7)
     with pytest.raises(ValueError, match="not a challenge shard"):
         bb.main([str(tmp_path / "c.bin")])
+
+
+def test_a_submission_names_the_code_its_logs_ran(tmp_path):
+    """Each log's last run carries the code that ran at its head: two logs of other code (here the same length) are
+    no seeds of one submission, a log without its code or with only log_code.py's line for it is refused, and with
+    --script the file shipped must be that code."""
+    import argparse
+
+    import make_submission as ms
+
+    logs = {}
+    for seed, script in ((1, LOGGED_SCRIPT), (2, LOGGED_SCRIPT), (3, LOGGED_SCRIPT.replace("trained", "trainee"))):
+        logs[seed] = tmp_path / f"s{seed}.txt"
+        logs[seed].write_text(_run_log(f"s{seed}", _summary_run(seed, log=str(logs[seed]))))
+        if seed == 3:
+            logs[seed].write_text(_run_log("s3", _summary_run(3, log=str(logs[seed])), script))
+    runs = {seed: ms.read_run(path) for seed, path in logs.items()}
+    assert runs[1]["code_sha256"] == hashlib.sha256(LOGGED_SCRIPT.encode()).hexdigest() == runs[2]["code_sha256"]
+    assert len(LOGGED_SCRIPT) == len(LOGGED_SCRIPT.replace("trained", "trainee")) != 0
+    shipped = tmp_path / "train_gpt.py"
+    shipped.write_text(LOGGED_SCRIPT)
+    args = argparse.Namespace(author="a", github_id="g", name="n", blurb="b", date="2026-11-30", technique="t",
+                              script=shipped)
+    assert ms.build([runs[1], runs[2]], args)["seeds"] == [1, 2]
+    with pytest.raises(ValueError, match="are not seeds of one configuration: code_sha256"):
+        ms.build([runs[1], runs[3]], args)
+    shipped.write_text(LOGGED_SCRIPT + "# one more line\n")
+    with pytest.raises(ValueError, match="is not the code the logs ran"):
+        ms.build([runs[1], runs[2]], args)
+    two_runs = tmp_path / "two.txt"  # a log of two runs: the last run's code counts
+    two_runs.write_text(_run_log("t", _summary_run(1), LOGGED_SCRIPT.replace("trained", "trainee"))
+                        + _run_log("t", _summary_run(1)))
+    assert ms.read_run(two_runs)["code_sha256"] == runs[1]["code_sha256"]
+    bare = tmp_path / "bare.txt"
+    bare.write_text(f"run_id:x\nconfig LAYOUT=AAGA\nsummary {json.dumps(_summary_run(1))}\n")
+    with pytest.raises(ValueError, match="no copy of the code"):
+        ms.read_run(bare)
+    stripped = tmp_path / "stripped.txt"
+    line = (f"train_gpt.py elided: git blob {'1' * 40}, 99 bytes, sha256 {'2' * 64}, first in commit {'3' * 40}; "
+            "tools/log_code.py restore\n")  # as strip writes it, in the script's place
+    stripped.write_text(_run_log("x", _summary_run(1), line))
+    with pytest.raises(ValueError, match="was elided .*log_code.py restore"):
+        ms.read_run(stripped)
+
+
+def test_a_log_scored_on_part_of_the_validation_split_is_no_submission(tmp_path):
+    import make_submission as ms
+
+    log = tmp_path / "p.txt"
+    log.write_text(_run_log("p", _summary_run(1, partial_validation=True)))
+    with pytest.raises(ValueError, match="scored on part of the validation split"):
+        ms.read_run(log)
+
+
+def test_make_submission_names_a_missing_output_folder(tmp_path):
+    log = tmp_path / "s1.txt"
+    log.write_text(_run_log("s1", _summary_run(1)))
+    cmd = [sys.executable, str(ROOT / "tools" / "make_submission.py"), str(log), "--author", "a", "--github-id", "g",
+           "--name", "n", "--technique", "t", "--out", str(tmp_path / "nowhere" / "submission.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    assert proc.returncode == 1 and "the folder" in proc.stderr and "does not exist" in proc.stderr

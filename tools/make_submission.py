@@ -4,15 +4,18 @@
     python3 tools/make_submission.py logs/seed1337.txt logs/seed42.txt logs/seed7.txt \
         --author "Name" --github-id handle --name "GDN hybrid" --blurb "..." --out submission.json
 
-Each log must end with train_gpt.py's `summary {...}` line (a finished training run on the full validation split).
-The logs must be seeds of one configuration: the same settings but for SEED, RUN_ID and paths, the same code
-(bytes of train_gpt.py), the same GPUs. The track is 10min_16mb only if every run used 8 H100s (SXM, as the record
+Each log must end with train_gpt.py's `summary {...}` line (a finished training run on the full validation split)
+and hold the copy of the code that ran, which train_gpt.py logs first (a log that tools/log_code.py stripped is
+refused until `tools/log_code.py restore` puts it back). The logs must be seeds of one configuration: the same
+settings but for SEED, RUN_ID and paths, the same code (the logged copies' sha256; with --script FILE, FILE's
+too), the same GPUs and torch, scored on the same validation text (targets and bytes). The track is 10min_16mb only if every run used 8 H100s (SXM, as the record
 track requires) and every compliance check holds (training within 600 s, artifact + code within 16,000,000 bytes,
 evaluation within 600 s); otherwise non_record_16mb.
 """
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -36,17 +39,25 @@ def record_hardware(run: dict) -> bool:
     return run["world_size"] == RECORD_GPUS and "H100" in device and not any(s in device for s in ("PCIe", "NVL"))
 
 
+def validation_text(run: dict) -> tuple:
+    """The targets and bytes the run's final score covers: which validation text it was scored on."""
+    return run["final"].get("tokens"), run["final"].get("bytes")
+
+
 def require_one_configuration(runs: list[dict]) -> None:
     """The runs are seeds of one submission: refuses, naming the logs and what differs, runs whose settings (but for
-    PER_SEED_SETTINGS), code bytes, GPU or number of GPUs differ."""
+    PER_SEED_SETTINGS), code (bytes, and the logged copy's sha256), GPU, number of GPUs, torch or validation text
+    differ."""
     first = runs[0]
     for run in runs[1:]:
         keys = (set(first["config"]) | set(run["config"])) - PER_SEED_SETTINGS
         differ = {k: (first["config"].get(k), run["config"].get(k)) for k in sorted(keys)
                   if first["config"].get(k) != run["config"].get(k)}
-        for key in ("code_bytes", "device", "world_size"):
-            if first[key] != run[key]:
-                differ[key] = (first[key], run[key])
+        for key in ("code_bytes", "code_sha256", "device", "world_size", "torch"):
+            if first.get(key) != run.get(key):
+                differ[key] = (first.get(key), run.get(key))
+        if validation_text(first) != validation_text(run):
+            differ["validation text (targets, bytes)"] = (validation_text(first), validation_text(run))
         if differ:
             raise ValueError(f"{first['log']} and {run['log']} are not seeds of one configuration: "
                              + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in differ.items()))
@@ -94,8 +105,29 @@ def read_log(path: Path) -> dict:
     return summary
 
 
+def logged_code_sha256(path: Path) -> str:
+    """The sha256 of the code the log's last run logged at its head (train_gpt.py's first lines of a run: its own
+    bytes, then a rule and `run_id:`). Refuses a log without that copy, or with only tools/log_code.py's line for it,
+    since a submission's log shows the code that made it."""
+    from log_code import SCRIPT_START, runs, stub_at  # noqa: PLC0415 (train_gpt and torch; only needed here)
+
+    data = path.read_bytes()
+    ends = runs(data)
+    if not ends:
+        raise ValueError(f"{path}: no copy of the code at the head of its run (train_gpt.py logs its own bytes first)")
+    start, end = (ends[-2] if len(ends) > 1 else 0), ends[-1]
+    if stub_at(data, start, end)[1] is not None:
+        raise ValueError(f"{path}: its copy of the code was elided (tools/log_code.py strip); `python3 "
+                         f"tools/log_code.py restore {path}` puts it back, and a submission's log shows its code")
+    opening = SCRIPT_START.search(data, start, end)
+    if opening is None:
+        raise ValueError(f"{path}: no copy of the code at the head of its last run")
+    return hashlib.sha256(data[opening.start():end]).hexdigest()
+
+
 def read_run(path: Path) -> dict:
-    """The summary and the config of one finished training run's log; errors name the log and what is wrong."""
+    """The summary and the config of one finished training run's log, with the sha256 of the code it logged;
+    errors name the log and what is wrong."""
     summary = read_log(path)
     if summary.get("eval_only"):
         raise ValueError(f"{path}: an EVAL_ONLY rescoring log, not a training run")
@@ -107,6 +139,7 @@ def read_run(path: Path) -> dict:
     if summary["total_bytes"] > LIMIT_BYTES:
         raise ValueError(f"{path}: artifact + code is {summary['total_bytes']:,} bytes, over the {LIMIT_BYTES:,}-byte "
                          "limit that both tracks share; not a submission")
+    summary["code_sha256"] = logged_code_sha256(path)
     return summary
 
 
@@ -119,6 +152,12 @@ def build(runs: list[dict], args: argparse.Namespace) -> dict:
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"two logs share a seed: {seeds}")
     require_one_configuration(runs)
+    script = getattr(args, "script", None)
+    if script is not None:
+        sha = hashlib.sha256(script.read_bytes()).hexdigest()
+        if sha != runs[0]["code_sha256"]:
+            raise ValueError(f"{script} (sha256 {sha[:16]}…) is not the code the logs ran (sha256 "
+                             f"{runs[0]['code_sha256'][:16]}…): the submission's script must be the one that made them")
     bpbs = [r["final"]["bpb"] for r in runs]
     compliance = dict(
         train_under_600s=all(r.get("budget_used_ms", r["train_time_ms"]) <= TRAIN_LIMIT_MS for r in runs),
@@ -229,16 +268,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--technique", default="", help="technique_summary; default: derived from the config")
     p.add_argument("--date", default="", help="YYYY-MM-DD; default: today")
     p.add_argument("--out", type=Path, default=Path("submission.json"))
+    p.add_argument("--script", type=Path, default=None,
+                   help="the train_gpt.py the submission ships: refused unless the logs ran exactly it")
     args = p.parse_args(argv)
     try:
         runs = [read_run(path) for path in args.logs]
         sub = build(runs, args)
+        if not args.out.parent.is_dir():
+            raise ValueError(f"--out {args.out}: the folder {args.out.parent} does not exist")
     except (ValueError, OSError) as e:
         print(f"make_submission: {e}", file=sys.stderr)
         return 1
     tmp = args.out.with_name(args.out.name + f".tmp{os.getpid()}")  # an earlier file is never left half-written
     try:
         tmp.write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
+        with open(tmp, "rb") as f:  # on the disk before it replaces the earlier file
+            os.fsync(f.fileno())
         os.replace(tmp, args.out)
     finally:
         tmp.unlink(missing_ok=True)
