@@ -44,6 +44,21 @@ def test_a_damaged_or_foreign_copy_is_refused_by_name():
         pack_script.unpack(forged, "z.py")
 
 
+@pytest.mark.parametrize("change", [
+    (b'exec(compile(s, f, "exec"))\n', b'print("not the source")\n'),           # runs something else
+    (b'import base64, linecache, lzma\n', b'import base64, linecache, lzma, os\n'),  # ... a line before it
+    (b'exec(compile(s, f, "exec"))\n', b'exec(compile(s, f, "exec"))\nimport os\n'),  # a line after it
+])
+def test_a_copy_whose_other_lines_were_changed_is_refused(change):
+    """The payload decoding to the source says nothing about what the file does with it: every other byte must be
+    what pack_script.py writes."""
+    packed = pack_script.pack(SCRIPT.read_bytes())
+    old, new = change
+    assert old in packed
+    with pytest.raises(ValueError, match="its other lines are not the ones pack_script.py writes|not a copy written"):
+        pack_script.unpack(packed.replace(old, new, 1), "forged.py")
+
+
 def test_check_accepts_the_copy_and_names_a_copy_of_another_source(tmp_path, capsys):
     out = tmp_path / "build" / "train_gpt.py"
     assert pack_script.main(["--out", str(out)]) == 0

@@ -12,7 +12,8 @@ counts and logs the copy, and the clip fit gives the bytes it saves to the matri
     python3 tools/pack_script.py --check build/train_gpt.py   # is this file the packing of train_gpt.py?
 
 `--check` unpacks the file and compares the source it holds with `--src`, so it works on a copy packed elsewhere
-(xz's output can differ between library versions; the source it decodes to cannot). The copy's first lines name
+(xz's output can differ between library versions; the source it decodes to cannot), and requires every other byte
+of the file to be what this tool writes around that payload (the lines that run it included). The copy's first lines name
 the source's sha256 and size. Packing is deterministic for one xz library: the same source, the same bytes.
 """
 
@@ -62,6 +63,10 @@ def unpack(packed: bytes, name: str = "the file") -> bytes:
         raise ValueError(f"{name}: its packed source does not decode ({e}): the file is damaged") from e
     if hashlib.sha256(source).hexdigest() != m.group(1) or len(source) != int(m.group(2)):
         raise ValueError(f"{name}: its packed source does not match the sha256 and size in its header")
+    expected = (HEADER.format(sha=m.group(1), size=m.group(2)) + BODY.format(payload=m.group(3))).encode("ascii")
+    if packed != expected:  # what runs the source is the lines after the payload: any change there runs other code
+        raise ValueError(f"{name} holds the source, but its other lines are not the ones pack_script.py writes "
+                         "(the code that runs it was changed, or lines were added): it may not run that source")
     return source
 
 
