@@ -29,21 +29,30 @@ Input files (--val / --train), chosen by file name:
 --corpus-dir DIR is shorthand for --val DIR/val_docs*.jsonl.zst and
 --train DIR/train_docs_*.jsonl.zst (each sorted by name).
 
-Example:
+Examples:
     python3 data/make_shards.py --corpus-dir ../shared/data/corpus \\
-        --tokenizer data/tokenizers/fineweb_1024_bpe.model \\
-        --out-dir data/datasets/fineweb10B_sp1024
+        --tokenizer data/tokenizers/fineweb_1024_bpe.model --out-dir data/datasets/stand_in_sp1024
+    # training without train_docs_002, whose first documents are then held-out text of the training kind:
+    python3 data/make_shards.py --val ../shared/data/corpus/val_docs.jsonl.zst \\
+        --train ../shared/data/corpus/train_docs_000.jsonl.zst ../shared/data/corpus/train_docs_001.jsonl.zst \\
+        --tokenizer data/tokenizers/fineweb_1024_bpe.model --out-dir data/datasets/stand_in_2x
     python3 data/make_shards.py --val-only --val ../shared/data/corpus/train_docs_002.jsonl.zst \\
         --max-val-docs 666 --tokenizer data/tokenizers/fineweb_1024_bpe.model --out-dir heldout
     EVAL_ONLY=1 ARTIFACT_PATH=artifacts/<run>.pgz DATA_PATH=heldout python3 train_gpt.py   # rescore on it
+
+The shards and the manifest are written into a folder beside --out-dir and moved in when all are written, replacing
+an earlier export's (a failed export leaves --out-dir as it was); shards that no manifest covers (the challenge's
+download) are refused unless --force. A training document equal to a validation document is refused.
 """
 
 import argparse
+import hashlib
 import io
 import itertools
 import json
 import os
 import secrets
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -316,13 +325,29 @@ class SplitStats:
     hit_token_limit: bool = False  # True if the split stopped at its max_tokens
 
 
+def doc_key(text: str) -> bytes:
+    """A document's identity for the check that no validation document is also trained on."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
 def export_split(split: str, paths: Sequence[Path], sp: Any, out_dir: Path, *,
                  shard_tokens: int, max_tokens: int = 0, max_docs: int = 0,
-                 batch_docs: int = 512, num_threads: int = 1) -> SplitStats:
-    """Encode every document of `paths` and write the split's shards."""
+                 batch_docs: int = 512, num_threads: int = 1,
+                 keys: set[bytes] | None = None, held_out: set[bytes] | None = None) -> SplitStats:
+    """Encode every document of `paths` and write the split's shards. Each document's key goes into `keys`, and a
+    document whose key is in `held_out` (the validation split's) is refused: a trained-on text would be scored."""
     writer = ShardWriter(out_dir, split, shard_tokens, max_tokens)
     stats = SplitStats()
     for texts in batched(iter_split_documents(paths, max_docs), batch_docs):
+        for text in texts:
+            if not text.strip():  # (an empty document in both splits holds no text to leak)
+                continue
+            key = doc_key(text)
+            if held_out is not None and key in held_out:
+                raise CorpusError(f"{split}: a document of {[str(p) for p in paths]} is also a validation document "
+                                  f"(it begins {text[:60]!r}): training on it would score text the model saw")
+            if keys is not None:
+                keys.add(key)
         for doc in encode_documents(sp, texts, num_threads):
             kept = writer.add(doc)
             if kept:
@@ -412,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="documents per sp.encode call (default %(default)s)")
     parser.add_argument("--threads", type=_count, default=os.cpu_count() or 1,
                         help="SentencePiece encoding threads (default: all CPUs)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace shards in --out-dir that no make_shards manifest covers (e.g. a download)")
     parser.add_argument("--val-only", action="store_true",
                         help="write the validation split alone: other text to rescore an artifact on "
                         "(EVAL_ONLY=1 reads no training shard); no --train, --corpus-dir or train limit")
@@ -451,30 +478,54 @@ def build_manifest(args: argparse.Namespace, sp: Any, inputs: dict[str, list[Pat
     }
 
 
+def foreign_shards(out_dir: Path) -> list[Path]:
+    """Shards in out_dir that no make_shards manifest covers (e.g. the challenge's download): not ours to delete."""
+    if (out_dir / MANIFEST_NAME).is_file():
+        return []
+    return sorted(p for s in SPLITS for p in out_dir.glob(f"fineweb_{s}_*.bin") if p.is_file())
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Do the export described by `args`; return the manifest it wrote."""
+    """Do the export described by `args`; return the manifest it wrote. The shards and the manifest are written
+    into a temporary folder beside out_dir and moved in only when all of them are (the manifest last): a failed
+    export leaves out_dir as it was."""
     started = time.perf_counter()
     inputs = resolve_inputs(args)
     sp = load_tokenizer(args.tokenizer)
     if sp.bos_id() != 1:
         print(f"warning: {args.tokenizer} has bos_id {sp.bos_id()}; the challenge models use 1")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stale = remove_stale_outputs(args.out_dir)
-    if stale:
-        print(f"removed {len(stale)} stale file(s) from {args.out_dir}: "
-              + ", ".join(p.name for p in stale[:5]) + (" ..." if len(stale) > 5 else ""))
-    stats: dict[str, SplitStats] = {}
-    for split in inputs:
-        stats[split] = export_split(
-            split, inputs[split], sp, args.out_dir, shard_tokens=args.shard_tokens,
-            max_tokens=args.max_train_tokens if split == "train" else 0,
-            max_docs=args.max_train_docs if split == "train" else args.max_val_docs,
-            batch_docs=args.batch_docs, num_threads=args.threads)
-        s = stats[split]
-        print(f"{split}: {s.docs:,} docs, {s.tokens:,} tokens, {len(s.files)} shard(s)"
-              + (" (stopped at --max-train-tokens)" if s.hit_token_limit else ""), flush=True)
-    manifest = build_manifest(args, sp, inputs, stats)
-    _atomic_write(args.out_dir / MANIFEST_NAME, [json.dumps(manifest, indent=2).encode() + b"\n"])
+    foreign = foreign_shards(args.out_dir)
+    if foreign and not args.force:
+        raise CorpusError(f"{args.out_dir} holds {len(foreign)} shard(s) that make_shards.py did not write (no "
+                          f"{MANIFEST_NAME}), e.g. {foreign[0].name}: choose another --out-dir, or --force to "
+                          "replace them")
+    work = args.out_dir.parent / f".{args.out_dir.name}.make_shards{os.getpid()}.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    try:
+        stats: dict[str, SplitStats] = {}
+        val_keys: set[bytes] = set()
+        for split in inputs:  # val first: its documents' keys are refused in train
+            stats[split] = export_split(
+                split, inputs[split], sp, work, shard_tokens=args.shard_tokens,
+                max_tokens=args.max_train_tokens if split == "train" else 0,
+                max_docs=args.max_train_docs if split == "train" else args.max_val_docs,
+                batch_docs=args.batch_docs, num_threads=args.threads,
+                keys=val_keys if split == "val" else None, held_out=val_keys if split == "train" else None)
+            s = stats[split]
+            print(f"{split}: {s.docs:,} docs, {s.tokens:,} tokens, {len(s.files)} shard(s)"
+                  + (" (stopped at --max-train-tokens)" if s.hit_token_limit else ""), flush=True)
+        manifest = build_manifest(args, sp, inputs, stats)
+        _atomic_write(work / MANIFEST_NAME, [json.dumps(manifest, indent=2).encode() + b"\n"])
+        stale = remove_stale_outputs(args.out_dir)
+        if stale:
+            print(f"replaced {len(stale)} earlier file(s) in {args.out_dir}: "
+                  + ", ".join(p.name for p in stale[:5]) + (" ..." if len(stale) > 5 else ""))
+        for path in sorted(work.iterdir(), key=lambda p: p.name == MANIFEST_NAME):  # the manifest last
+            os.replace(path, args.out_dir / path.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     written = ", ".join(f"{split} {s.tokens:,} tokens / {len(s.files)} shard(s)" for split, s in stats.items())
     print(f"make_shards: {written}{' (no train split: --val-only)' if args.val_only else ''}, "
           f"vocab {sp.vocab_size()}, in {time.perf_counter() - started:.1f}s -> {args.out_dir}")

@@ -226,20 +226,63 @@ def test_max_docs(tokenizer, sp, corpus, tmp_path):
                           expected_stream(sp, corpus["train_docs"][:n_train]))
 
 
-def test_stale_shards_removed(tokenizer, sp, corpus, tmp_path, capsys):
+def test_an_earlier_exports_shards_are_replaced(tokenizer, sp, corpus, tmp_path, capsys):
+    """The shards of an earlier export into the folder (its manifest says so) go, those beyond the new count too;
+    other files stay."""
     out = tmp_path / "out"
-    out.mkdir()
-    stale = [out / "fineweb_train_000042.bin", out / "fineweb_val_000007.bin"]
-    for path in stale:
-        ms.write_shard(path, [1, 2, 3])
+    run_tool(tokenizer, out, corpus["val"], corpus["train"], "--shard-tokens", "64")  # many small shards
+    earlier = split_shards(out, "train") + split_shards(out, "val")
     keep = out / "notes.txt"
     keep.write_text("not a shard")
+    capsys.readouterr()
     run_tool(tokenizer, out, corpus["val"], corpus["train"])
-    assert not any(p.exists() for p in stale)
+    assert len(split_shards(out, "train")) == 1 and len(split_shards(out, "val")) == 1
     assert keep.read_text() == "not a shard"
     printed = capsys.readouterr().out
-    assert "stale" in printed and all(p.name in printed for p in stale)
+    assert f"replaced {len(earlier) + 1} earlier file(s)" in printed  # the shards and the manifest
     assert np.array_equal(read_split(out, "train"), expected_stream(sp, corpus["train_docs"]))
+    assert not list(tmp_path.glob(".out.make_shards*"))  # the working folder is gone
+
+
+def test_shards_no_manifest_covers_are_not_deleted_without_force(tokenizer, sp, corpus, tmp_path, capsys):
+    """Shards without a make_shards manifest (e.g. the challenge's download, in the folder of the docstring's
+    example) are refused, untouched; --force replaces them."""
+    out = tmp_path / "out"
+    out.mkdir()
+    foreign = [out / "fineweb_train_000042.bin", out / "fineweb_val_000007.bin"]
+    for path in foreign:
+        ms.write_shard(path, [1, 2, 3])
+    argv = ["--tokenizer", str(tokenizer), "--out-dir", str(out), "--val", str(corpus["val"]),
+            "--train", str(corpus["train"]), "--threads", "2"]
+    assert ms.main(argv) == 1
+    assert "holds 2 shard(s) that make_shards.py did not write" in capsys.readouterr().err
+    assert all(np.array_equal(ms.read_shard(p), [1, 2, 3]) for p in foreign)
+    assert ms.main([*argv, "--force"]) == 0
+    assert not any(p.exists() for p in foreign)
+    assert np.array_equal(read_split(out, "train"), expected_stream(sp, corpus["train_docs"]))
+
+
+def test_a_failed_export_leaves_the_folder_as_it_was(tokenizer, corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    run_tool(tokenizer, out, corpus["val"], corpus["train"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + '{"text": "cut off\n')
+    argv = ["--tokenizer", str(tokenizer), "--out-dir", str(out), "--val", str(corpus["val"]), "--train", str(bad)]
+    assert ms.main(argv) == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not list(tmp_path.glob(".out.make_shards*"))
+
+
+def test_a_validation_document_in_the_training_input_is_refused(tokenizer, corpus, tmp_path, capsys):
+    """The same file given as --val and --train (or any validation document among the training ones) would have
+    the model trained on text it is scored on."""
+    out = tmp_path / "out"
+    argv = ["--tokenizer", str(tokenizer), "--out-dir", str(out), "--val", str(corpus["val"]),
+            "--train", str(corpus["train"]), str(corpus["val"])]
+    assert ms.main(argv) == 1
+    assert "is also a validation document" in capsys.readouterr().err
+    assert not split_shards(out, "train") and not (out / ms.MANIFEST_NAME).exists()
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["jsonl", "jsonl.zst"])
@@ -298,8 +341,8 @@ def test_val_only_writes_the_validation_split_alone(tokenizer, sp, corpus, tmp_p
     n_val = len(corpus["val_docs"]) // 2
     run_tool(tokenizer, full, corpus["val"], corpus["train"], "--max-val-docs", str(n_val))
     out = tmp_path / "out"
-    out.mkdir()
-    ms.write_shard(out / "fineweb_train_000000.bin", [1, 2, 3])
+    run_tool(tokenizer, out, corpus["val"], corpus["train"])  # an earlier full export: its training shards must go
+    assert split_shards(out, "train")
     argv = ["--tokenizer", str(tokenizer), "--out-dir", str(out), "--val", str(corpus["val"]), "--val-only",
             "--max-val-docs", str(n_val), "--threads", "2", "--batch-docs", "7"]
     assert ms.main(argv) == 0
