@@ -22,6 +22,7 @@ Sections, in the order data flows:
 
 import contextlib
 import dataclasses
+import functools
 import glob
 import importlib.util
 import json
@@ -2340,15 +2341,11 @@ def read_checkpoint(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], d
     return mc, payload["state"], {k: payload[k] for k in CHECKPOINT_INFO}
 
 
-_SCRIPT_SOURCE: list[bytes] = []
-
-
+@functools.cache
 def script_source() -> bytes:
     """This script's bytes, read once (the run's header logs them first): the code a run logs and counts is the code
     it runs, even if the file is edited while it trains."""
-    if not _SCRIPT_SOURCE:
-        _SCRIPT_SOURCE.append(Path(__file__).read_bytes())
-    return _SCRIPT_SOURCE[0]
+    return Path(__file__).read_bytes()
 
 
 def code_bytes() -> int:
