@@ -57,6 +57,34 @@ def test_bench_train_reports_both_stacks_and_a_breakdown(tmp_path):
     assert all(v > 0 for v in bench["breakdown_ms"].values())
 
 
+def test_bench_breakdown_counts_an_mlp_per_layer_as_run(tmp_path):
+    """(GS)2 stores two MLPs and runs four: the MLP row is four calls' time (it counted the stored ones)."""
+    bench = run_bench(tmp_path, BENCH_STEPS="1", BENCH_COMPARE="0", LAYOUT="(GS)2")
+    assert {"gdn mixer x2", "swa mixer x2", "mlp x4"} <= set(bench["breakdown_ms"]), bench["breakdown_ms"]
+
+
+def test_bench_ttt_takes_a_compiled_module(monkeypatch):
+    """With compilation on (every GPU run), ttt_module returns a compiled module, which has no truth value: the
+    benchmark crashed on `fwd or model` before timing anything. Compiling is stubbed: only the choice is under test."""
+    cfg = tg.Config.from_env({"PRESET": "tiny", "COMPILE": "1"})
+    rt = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
+
+    class NoTruth(torch.nn.Module):  # like torch.compile's OptimizedModule around a GPT: len() raises
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def __len__(self):
+            raise TypeError("GPT does not support len()")
+
+        def forward(self, *a, **k):
+            return self.inner(*a, **k)
+
+    monkeypatch.setattr(tg, "maybe_compile", lambda model, cfg, rt: NoTruth(model))
+    rows = bench_train.bench_ttt(cfg, rt, tg.Backends("torch", "sdpa"), "1", 1)
+    assert {r["mode"] for r in rows} == {"eager", "compiled"} and all(r["ms"] > 0 for r in rows), rows
+
+
 def test_bench_variant_with_qat_frac_times_steps_with_qat_on(tmp_path):
     bench = run_bench(tmp_path, BENCH_STEPS="1", BENCH_COMPARE="0", BENCH_BREAKDOWN="0",
                       BENCH_VARIANTS="qat:QAT_FRAC=0.15")
@@ -548,7 +576,7 @@ def test_loss_diff_is_the_mean_over_the_ranges_steps_of_a_minus_b(tmp_path):
 
 @pytest.mark.parametrize("b_kwargs,differs", [
     (dict(seed=1338), "SEED: 1337 against 1338"),
-    (dict(world="2", accum="1"), "world size x gradient accumulation: 1 x 2 against 2 x 1"),
+    (dict(world="1", accum="4"), "spans per step (world size x gradient accumulation): 2 against 4"),
     (dict(data="2 shards, 187,071,400 tokens"), "training text: 1 shard(s), 93,535,700 tokens against 2 shard(s)"),
 ])
 def test_loss_diff_refuses_runs_that_did_not_see_the_same_batches(tmp_path, b_kwargs, differs):
@@ -559,6 +587,30 @@ def test_loss_diff_refuses_runs_that_did_not_see_the_same_batches(tmp_path, b_kw
     assert loss_diff.main([str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]) == 2
     with pytest.raises(ValueError, match=re.escape(differs)):
         loss_diff.check_same_batches(*(loss_diff.read_train_log(tmp_path / f"{r}.txt") for r in "ab"))
+
+
+def test_loss_diff_takes_one_process_accumulating_as_the_ranks_reading_the_same_spans(tmp_path):
+    """1 process x 2 micro-batches and 2 processes x 1 read the same spans of the stream at every step (the loader's
+    batches, drawn both ways here, are equal): loss_diff compares them."""
+    import loss_diff
+
+    shards = tmp_path / "data"
+    shards.mkdir()
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = tg.SHARD_MAGIC, tg.SHARD_VERSION, 5000
+    (shards / "fineweb_train_000000.bin").write_bytes(header.tobytes() + (np.arange(5000) % 1000).astype("<u2").tobytes())
+    cfg = tg.Config(data_path=str(shards), train_batch_tokens=256, train_seq_len=16, vocab_size=1000)
+    drawn = {}
+    for world, accum in ((1, 2), (2, 1)):
+        loaders = [tg.TrainLoader(cfg, tg.Runtime(r, world, r, torch.device("cpu"), accum)) for r in range(world)]
+        drawn[world] = [torch.cat([ld.next_batch()[0] for ld in loaders]) for _ in range(3 * accum)]
+        for ld in loaders:
+            ld.close()
+    one = [torch.cat(drawn[1][i: i + 2]) for i in range(0, 6, 2)]  # a step's two micro-batches
+    assert all(torch.equal(a, b) for a, b in zip(one, drawn[2]))
+    (tmp_path / "a.txt").write_text(_train_log("a", [3.0] * 20, 5, world="1", accum="2"))
+    (tmp_path / "b.txt").write_text(_train_log("b", [2.0] * 20, 5, world="2", accum="1"))
+    loss_diff.check_same_batches(*(loss_diff.read_train_log(tmp_path / f"{r}.txt") for r in "ab"))
 
 
 def test_loss_diff_reads_the_last_run_of_a_log_and_refuses_what_has_no_training_losses(tmp_path, capsys):
@@ -833,3 +885,24 @@ def test_make_submission_names_a_missing_output_folder(tmp_path):
            "--name", "n", "--technique", "t", "--out", str(tmp_path / "nowhere" / "submission.json")]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     assert proc.returncode == 1 and "the folder" in proc.stderr and "does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_lane_context_is_what_the_stream_scorer_had_read_for_each_target(reset):
+    """Against a loop over targets: the lane holding the target's input, the inputs before it in the lane and its
+    warmup, and with STREAM_RESET no further back than the latest BOS."""
+    import eval_by_context as ebc
+
+    gen = torch.Generator().manual_seed(3)
+    tokens = torch.randint(2, 50, (403,), generator=gen)
+    tokens[[0, 17, 18, 150, 301]] = 1  # BOS, two in a row among them
+    cfg = tg.Config(eval_mode="stream", stream_lanes=3, stream_warmup=40, stream_reset=reset)
+    ctx = ebc.lane_context(tokens, cfg, bos_id=1)
+    lanes = tg.stream_lanes(len(tokens), 3)
+    for t in range(1, len(tokens)):
+        i = t - 1  # the target's input
+        s = next(a for a, e in lanes if a <= i < e)
+        want = i - s + min(s, 40)
+        if reset:
+            want = min(want, i - max(j for j in range(i + 1) if tokens[j] == 1))
+        assert ctx[t] == want, (t, int(ctx[t]), want)

@@ -48,7 +48,7 @@ def layer_rows(model: tg.GPT, x: torch.Tensor, skip: int) -> list[dict]:
     def hook(mod, args, _out):
         q, k = mod.queries_keys(args[0])
         top_logit, top_p, entropy = query_stats(q.float(), k.float(), mod.window, skip)
-        gain = float(mod.q_gain.max()) if mod.q_gain is not None else 1.0
+        gain = float(mod.q_gain.abs().max()) if mod.q_gain is not None else 1.0  # a gain may be negative
         per_head = top_logit.transpose(0, 1).flatten(1).quantile(0.99, dim=1)
         flat = top_logit.flatten()
         rows.append(dict(window=mod.window, bound=round(math.sqrt(mod.head_dim) * gain, 3),

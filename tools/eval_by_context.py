@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Where streaming evaluation gains or loses against windows: one artifact scored both ways, target by target, with
-the targets grouped by how many earlier tokens of its lane the streaming scorer had seen.
+the targets grouped by how many earlier tokens of its lane the streaming scorer had seen (with STREAM_RESET, which
+restarts the state at each BOS, the tokens since the latest BOS when they are fewer).
 
     ARTIFACT_PATH=artifacts/run.pgz python3 tools/eval_by_context.py                 # stream vs sliding windows (512)
     ARTIFACT_PATH=artifacts/run.pgz EVAL_STRIDE=0 python3 tools/eval_by_context.py   # stream vs plain windows
@@ -30,12 +31,19 @@ import train_gpt as tg  # noqa: E402
 EDGES = (0, 128, 512, 2048, 4096, 8192, 16384, 32768)
 
 
-def lane_context(n_tokens: int, cfg: tg.Config) -> torch.Tensor:
-    """For every target index 1..n-1: how many earlier inputs the stream scorer had read in its lane, the lane's
-    warmup included (index 0 unused)."""
+def lane_context(tokens: torch.Tensor, cfg: tg.Config, bos_id: int) -> torch.Tensor:
+    """For every target index 1..n-1: how many earlier inputs the stream scorer's state holds for its input, the
+    lane's warmup included (index 0 unused): those read in its lane, and with STREAM_RESET, which restarts every
+    layer at each BOS, at most those since the latest BOS (0 at the BOS itself)."""
+    n_tokens = len(tokens)
     ctx = torch.zeros(n_tokens, dtype=torch.long)
     for s, e in tg.stream_lanes(n_tokens, cfg.stream_lanes):
         ctx[s + 1: e + 1] = torch.arange(e - s) + min(s, cfg.stream_warmup)
+    if cfg.stream_reset:
+        idx = torch.arange(n_tokens)
+        last_bos = torch.where(tokens.cpu() == bos_id, idx, torch.full_like(idx, -1)).cummax(dim=0).values
+        since = torch.where(last_bos >= 0, idx - last_bos, torch.full_like(idx, n_tokens))
+        ctx[1:] = torch.minimum(ctx[1:], since[:-1])  # target t's input is token t - 1
     return ctx
 
 
@@ -114,7 +122,7 @@ def main() -> None:
     res_s = tg.evaluate_stream(model, tokens, tables, stream_cfg, rt, tally_s)
     require_scored_once(tally_w, "window mode")
     require_scored_once(tally_s, "stream mode")
-    rows = bucket_rows(lane_context(n, stream_cfg), tally_w.nll_at, tally_s.nll_at, target_bytes(tokens, tables, rt))
+    rows = bucket_rows(lane_context(tokens, stream_cfg, tables.bos_id), tally_w.nll_at, tally_s.nll_at, target_bytes(tokens, tables, rt))
     sliding = window_cfg.stride < window_cfg.eval_len
     window_name = f"window {window_cfg.eval_len}" + (f" stride {window_cfg.stride}" if sliding else "")
     print(f"artifact {path} ({mc.layout}); {n} validation tokens; {window_name}; stream: {stream_cfg.stream_lanes} lanes "

@@ -12,8 +12,10 @@ loss minus B's: negative when A's training loss is lower.
 
 Two runs see the same batches when their data order and batch shapes match: the same SEED (it orders the shards),
 the same training text (the `train_data:` line: shards and tokens), TRAIN_BATCH_TOKENS and TRAIN_SEQ_LEN, and the
-same world size and gradient accumulation (the `runtime:` line; each micro-batch reads one token past its span). A
-pair that differs in any of these is refused, with what differs. The last run of each log is read (train_gpt.py
+same number of spans per step, world size times gradient accumulation (the `runtime:` line; each micro-step the
+ranks take consecutive spans of the stream, each reading one token past its own, so one process accumulating two
+micro-batches reads what two processes read in one). A pair that differs in any of these is refused, with what
+differs. A log of several ranks written before session 60 holds rank 0's loss alone, its share of each batch. The last run of each log is read (train_gpt.py
 appends a rerun of a RUN_ID to its log); it need not have finished.
 
 Each row also gives both runs' mean learning-rate multiplier over its steps (train_gpt.py's lr_multiplier: the
@@ -92,7 +94,10 @@ def read_train_log(path: Path) -> TrainLog:
     settings = {key: config.get(key, "(not logged)") for key in SAME_BATCH_SETTINGS}
     runtime = re.search(r"^runtime: world_size:(\d+) grad_accum_steps:(\d+)", text, flags=re.M)
     data = re.search(r"^train_data: (\d+) shards?, ([\d,]+) tokens", text, flags=re.M)  # older logs: "1 shards"
-    settings["world size x gradient accumulation"] = f"{runtime[1]} x {runtime[2]}" if runtime else "(not logged)"
+    # every micro-step the ranks take consecutive spans of the stream, so the batches depend on the product alone:
+    # 1 process accumulating 2 micro-batches reads the spans 2 processes read in one
+    settings["spans per step (world size x gradient accumulation)"] = (
+        str(int(runtime[1]) * int(runtime[2])) if runtime else "(not logged)")
     settings["training text"] = f"{data[1]} shard(s), {data[2]} tokens" if data else "(not logged)"
     # a resumed run's first step line averages the steps since the one it resumed after, its clock goes on from there
     resumed = re.search(r"^resume: .* after step (\d+) \((\d+)ms trained", text, flags=re.M)

@@ -40,17 +40,20 @@ def rounded(state: dict[str, torch.Tensor], mc: tg.ModelConfig, cfg: tg.Config, 
     """`state` with the tensors of `classes` rounded by the export's own serialization (round to nearest: no
     Hessians), read back, at the configured clips unless others are given."""
     part = {name: t for name, t in state.items() if tensor_class(name, t, cfg) in classes}
-    clips = dict(embed_clip_sigmas=embed_clip or cfg.embed_clip_sigmas,
-                 matrix_clip_sigmas=matrix_clip or cfg.matrix_clip_sigmas)
+    clips = dict(embed_clip_sigmas=cfg.embed_clip_sigmas if embed_clip is None else embed_clip,
+                 matrix_clip_sigmas=cfg.matrix_clip_sigmas if matrix_clip is None else matrix_clip)
     frames, _ = tg.serialize_state(part, mc, dataclasses.replace(cfg, **clips))
     return {**state, **tg.deserialize_state(frames, "quant_damage")[1]}
 
 
 def clips(var: str) -> list[float]:
     try:
-        return [float(c) for c in os.environ.get(var, "").split(",") if c.strip()]
+        values = [float(c) for c in os.environ.get(var, "").split(",") if c.strip()]
     except ValueError:
         raise SystemExit(f"{var} must list clips in sigmas, separated by commas") from None
+    if any(not v > 0 for v in values):
+        raise SystemExit(f"{var}={os.environ[var]}: every clip must be positive (sigmas of a row's spread)")
+    return values
 
 
 def main() -> None:
