@@ -688,7 +688,7 @@ def test_loss_diff_starts_a_resumed_runs_windows_and_clock_where_it_resumed(tmp_
     whole = _train_log("a", losses, 10, ms_per_step=7, schedule=schedule)
     head, _, steps = whole.partition("step:0/100 val_loss:7.0000 val_bpb:4.0000 train_time:0ms\n")
     resumed_lines = ["resume: state.pt after step 35 (245ms trained, 0 stream tokens read); the settings are the "
-                     f"same as then", f"step:40/100 train_loss:{sum(losses[35:40]) / 5:.6f} train_time:280ms "
+                     "same as then", f"step:40/100 train_loss:{sum(losses[35:40]) / 5:.6f} train_time:280ms "
                      "step_avg:7.00ms tok/s:1"]
     resumed_lines += [line for line in steps.splitlines() if int(line.split("/")[0][5:]) > 40]
     (tmp_path / "a.txt").write_text(whole)
