@@ -43,6 +43,11 @@ def test_quantize_rows_respects_range_and_error_bound():
     assert q.abs().max() <= 31 and scale.dtype == torch.float16
     err = (tg.dequantize_rows(q, scale) - w).abs()
     assert (err <= scale.float()[:, None] / 2 + 1e-6).all()  # nothing is clipped at 12.85 sigma
+    # the grid (SPEC 6): k * std(row) / qmax, stored in fp16; with a step of another size every bound above holds
+    assert torch.equal(scale, (12.85 * w.std(dim=1, unbiased=False) / 31).clamp_min(tg.MIN_SCALE).half())
+    q8, scale8 = tg.quantize_rows(w, 8, 12.85)
+    assert torch.equal(scale8, (12.85 * w.std(dim=1, unbiased=False) / 127).half())
+    assert torch.equal(q8, torch.round(w / scale8.float()[:, None]).clamp(-127, 127).to(torch.int8))
 
 
 def export(model, tmp_path, name="a.pgz", **cfg_kw):

@@ -67,6 +67,16 @@ def test_tokenizer_must_match_vocab_size(tiny_data):
         tg.load_tokenizer(tg.Config(tokenizer_path="/nonexistent.model"))
 
 
+def test_val_shards_are_read_in_order_as_one_stream(tmp_path):
+    write_shard(tmp_path / "fineweb_val_000001.bin", [1, 7, 8])
+    write_shard(tmp_path / "fineweb_val_000000.bin", [1, 4, 5, 6])
+    write_shard(tmp_path / "fineweb_train_000000.bin", [9, 9, 9])  # no training token among them
+    tokens = tg.load_val_tokens(tg.Config(data_path=str(tmp_path), vocab_size=320))
+    assert tokens.tolist() == [1, 4, 5, 6, 1, 7, 8]
+    assert tg.load_val_tokens(tg.Config(data_path=str(tmp_path), vocab_size=320, val_max_tokens=5)).tolist() == [
+        1, 4, 5, 6, 1]
+
+
 def test_val_tokens_beyond_vocab_are_rejected(tmp_path):
     write_shard(tmp_path / "fineweb_val_000000.bin", [1, 5, 900])
     with pytest.raises(ValueError, match="token id 900 >= VOCAB_SIZE=320"):

@@ -245,7 +245,19 @@ def test_warmup_steps_are_undone_before_the_timed_run(tiny_data, variant):
         model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
         opts = tg.build_optimizers(model, cfg, rt)
         start = [p.detach().clone() for p in model.parameters()]
-        tg.warmup_then_restore(model, model, opts, cfg, rt, lambda msg: None)
+        moved, real_step = [], tg.train_step
+
+        def step(*args):  # the warmup's steps, each seen to change the weights it is then to undo
+            loss = real_step(*args)
+            moved.append(not all(torch.equal(a, b) for a, b in zip(start, model.parameters())))
+            return loss
+
+        tg.train_step = step
+        try:
+            tg.warmup_then_restore(model, model, opts, cfg, rt, lambda msg: None)
+        finally:
+            tg.train_step = real_step
+        assert moved == [True] * warmup  # it ran WARMUP_STEPS real steps
         assert all(torch.equal(a, b) for a, b in zip(start, model.parameters()))
         emas = [tg.EMA(model, cfg.ema_decay)]
         tg.train(model, model, opts, emas, cfg, rt, lambda msg: None, None, None)

@@ -387,3 +387,16 @@ def test_ttt_on_two_ranks_keeps_weights_identical_and_matches_one_rank(mode, tmp
     assert n1 == n2 == 299
     assert loss2 == pytest.approx(loss1, rel=1e-5)
     assert torch.allclose(w1, w2, atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["mlp", "scalar", "gdn"])
+def test_ttt_adapts_only_the_parameters_ttt_params_selects(which):
+    """Score-first TTT with TTT_PARAMS: the selected parameters move, every other one is bit for bit as before."""
+    model = tiny_model(layout="GSGs")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    chosen = {id(p) for p in tg.ttt_parameters(model, which)}
+    cfg = stream_cfg(**MODES["sliding_ttt"], ttt_params=which)
+    tg.evaluate_ttt(model, stream_of_documents(8, seed=5)[:300], tables(), cfg, CPU, tg.Logger(None))
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    named = {n for n, p in model.named_parameters() if id(p) in chosen}
+    assert moved and moved <= named, sorted(moved - named)
