@@ -695,7 +695,7 @@ def load_val_tokens(cfg: Config) -> torch.Tensor:
         raise ValueError(f"the validation shards ({', '.join(str(f) for f in files)}) hold {tokens.size} token(s)"
                          + (f" (VAL_MAX_TOKENS={cfg.val_max_tokens})" if cfg.val_max_tokens else "")
                          + ": at least 2 are needed, a context and a target")
-    if tokens.size and int(tokens.max()) >= cfg.vocab_size:
+    if int(tokens.max()) >= cfg.vocab_size:
         raise ValueError(f"validation shards contain token id {int(tokens.max())} >= VOCAB_SIZE={cfg.vocab_size}: "
                          "shards and tokenizer do not match")
     return torch.from_numpy(tokens.astype(np.int64))
@@ -810,10 +810,10 @@ def check_tokenizer_wrote(sp, tokens: torch.Tensor, tokenizer_path: str, max_doc
     starts = torch.nonzero(tokens == bos).flatten().tolist()
     docs = [tokens[a + 1: b].tolist() for a, b in zip(starts, starts[1:])][:max_docs]
     docs = [d for d in docs if d and unk not in d]
-    same = sum(sp.encode(sp.decode(d)) == d for d in docs)
     if len(docs) < 4:
         return (f"tokenizer check: not made (only {len(docs)} whole validation document(s) without unknown pieces; "
                 "it needs 4)")
+    same = sum(sp.encode(sp.decode(d)) == d for d in docs)
     if 2 * same < len(docs):
         raise ValueError(f"the validation shards were not written with TOKENIZER_PATH={tokenizer_path}: only {same} "
                          f"of {len(docs)} documents re-encode to their own ids (a shard's documents are [BOS] + "
