@@ -72,6 +72,7 @@ MAX_SHARD_TOKENS = 2**31 - 1  # the token count is stored in an int32
 DEFAULT_SHARD_TOKENS = 100_000_000
 MANIFEST_NAME = "make_shards_manifest.json"
 SPLITS = ("val", "train")
+SHARD_PATTERNS = [f"fineweb_{s}_*.bin" for s in SPLITS]  # every shard this tool writes (or a download holds)
 
 
 class CorpusError(ValueError):
@@ -369,7 +370,7 @@ def export_split(split: str, paths: Sequence[Path], sp: Any, out_dir: Path, *,
 
 def remove_stale_outputs(out_dir: Path) -> list[Path]:
     """Delete old shards, leftover temp files and the old manifest; return them."""
-    patterns = [f"fineweb_{s}_*.bin" for s in SPLITS] + [MANIFEST_NAME]
+    patterns = SHARD_PATTERNS + [MANIFEST_NAME]
     patterns += [".fineweb_*.tmp", f".{MANIFEST_NAME}.*.tmp"]  # left by an interrupted run
     stale = sorted({p for pattern in patterns for p in out_dir.glob(pattern) if p.is_file()})
     for path in stale:
@@ -482,7 +483,7 @@ def foreign_shards(out_dir: Path) -> list[Path]:
     """Shards in out_dir that no make_shards manifest covers (e.g. the challenge's download): not ours to delete."""
     if (out_dir / MANIFEST_NAME).is_file():
         return []
-    return sorted(p for s in SPLITS for p in out_dir.glob(f"fineweb_{s}_*.bin") if p.is_file())
+    return sorted(p for pattern in SHARD_PATTERNS for p in out_dir.glob(pattern) if p.is_file())
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -39,11 +39,10 @@ def lane_context(tokens: torch.Tensor, cfg: tg.Config, bos_id: int) -> torch.Ten
     ctx = torch.zeros(n_tokens, dtype=torch.long)
     for s, e in tg.stream_lanes(n_tokens, cfg.stream_lanes):
         ctx[s + 1: e + 1] = torch.arange(e - s) + min(s, cfg.stream_warmup)
-    if cfg.stream_reset:
-        idx = torch.arange(n_tokens)
-        last_bos = torch.where(tokens.cpu() == bos_id, idx, torch.full_like(idx, -1)).cummax(dim=0).values
-        since = torch.where(last_bos >= 0, idx - last_bos, torch.full_like(idx, n_tokens))
-        ctx[1:] = torch.minimum(ctx[1:], since[:-1])  # target t's input is token t - 1
+    if cfg.stream_reset:  # the input's own position in its document: the target's, less one
+        from compare_artifacts import positions_in_document  # noqa: PLC0415 (it imports this file)
+
+        ctx[1:] = torch.minimum(ctx[1:], positions_in_document(tokens.cpu(), bos_id)[1:] - 1)
     return ctx
 
 
@@ -122,7 +121,8 @@ def main() -> None:
     res_s = tg.evaluate_stream(model, tokens, tables, stream_cfg, rt, tally_s)
     require_scored_once(tally_w, "window mode")
     require_scored_once(tally_s, "stream mode")
-    rows = bucket_rows(lane_context(tokens, stream_cfg, tables.bos_id), tally_w.nll_at, tally_s.nll_at, target_bytes(tokens, tables, rt))
+    rows = bucket_rows(lane_context(tokens, stream_cfg, tables.bos_id), tally_w.nll_at, tally_s.nll_at,
+                       target_bytes(tokens, tables, rt))
     sliding = window_cfg.stride < window_cfg.eval_len
     window_name = f"window {window_cfg.eval_len}" + (f" stride {window_cfg.stride}" if sliding else "")
     print(f"artifact {path} ({mc.layout}); {n} validation tokens; {window_name}; stream: {stream_cfg.stream_lanes} lanes "

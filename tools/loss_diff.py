@@ -15,8 +15,8 @@ the same training text (the `train_data:` line: shards and tokens), TRAIN_BATCH_
 same number of spans per step, world size times gradient accumulation (the `runtime:` line; each micro-step the
 ranks take consecutive spans of the stream, each reading one token past its own, so one process accumulating two
 micro-batches reads what two processes read in one). A pair that differs in any of these is refused, with what
-differs. A log of several ranks written before session 60 holds rank 0's loss alone, its share of each batch. The last run of each log is read (train_gpt.py
-appends a rerun of a RUN_ID to its log); it need not have finished.
+differs. A log of several ranks written before session 60 holds rank 0's loss alone, its share of each batch. The
+last run of each log is read (train_gpt.py appends a rerun of a RUN_ID to its log); it need not have finished.
 
 Each row also gives both runs' mean learning-rate multiplier over its steps (train_gpt.py's lr_multiplier: the
 warmup, then 1, then the warmdown over the last WARMDOWN_FRAC of the run in steps or wallclock, whichever is

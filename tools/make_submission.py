@@ -7,10 +7,10 @@
 Each log must end with train_gpt.py's `summary {...}` line (a finished training run on the full validation split)
 and hold the copy of the code that ran, which train_gpt.py logs first (a log that tools/log_code.py stripped is
 refused until `tools/log_code.py restore` puts it back). The logs must be seeds of one configuration: the same
-settings but for SEED, RUN_ID and paths, the same code (the logged copies' sha256; with --script FILE, FILE's
-too), the same GPUs and torch, scored on the same validation text (targets and bytes). The track is 10min_16mb only if every run used 8 H100s (SXM, as the record
-track requires) and every compliance check holds (training within 600 s, artifact + code within 16,000,000 bytes,
-evaluation within 600 s); otherwise non_record_16mb.
+settings but for SEED, RUN_ID and paths, the same code (the logged copies' sha256; with --script FILE, FILE's too),
+the same GPUs and torch, scored on the same validation text (targets and bytes). The track is 10min_16mb only if
+every run used 8 H100s (SXM, as the record track requires) and every compliance check holds (training within 600 s,
+artifact + code within 16,000,000 bytes, evaluation within 600 s); otherwise non_record_16mb.
 """
 
 import argparse
@@ -39,9 +39,11 @@ def record_hardware(run: dict) -> bool:
     return run["world_size"] == RECORD_GPUS and "H100" in device and not any(s in device for s in ("PCIe", "NVL"))
 
 
-def validation_text(run: dict) -> tuple:
-    """The targets and bytes the run's final score covers: which validation text it was scored on."""
-    return run["final"].get("tokens"), run["final"].get("bytes")
+def validation_text(run: dict) -> tuple[int, int] | None:
+    """The (targets, bytes) a run's scores cover: which validation text it was scored on (DATA_PATH is a per-seed
+    path, and the held-out text of the leases is another set); None for a summary without them."""
+    score = run.get("final") or run.get("pre_quant")
+    return (score["tokens"], score["bytes"]) if score and "tokens" in score and "bytes" in score else None
 
 
 def require_one_configuration(runs: list[dict]) -> None:

@@ -56,7 +56,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 import train_gpt as tg  # noqa: E402
-from make_submission import NoSummaryError, last_run, read_log, trained  # noqa: E402
+from make_submission import NoSummaryError, last_run, read_log, trained, validation_text  # noqa: E402
 
 # Settings that name a run or its files rather than what was trained; the table never lists them as changes.
 NOT_SETTINGS = {"RUN_ID", "SEED", "DATA_PATH", "TOKENIZER_PATH", "CHECKPOINT_PATH", "STATE_PATH", "STATE_EVERY",
@@ -85,18 +85,19 @@ class Run:
 # Environment variables a configuration may set besides train_gpt.py's settings (Config's fields and PRESET): those
 # of the libraries under it. Any other key is refused, since train_gpt.py would ignore it: a misspelt setting
 # (MLP_MUTL=4) would train the default on the GPU's time.
-ENV_PREFIXES = ["CUDA_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "NCCL_", "TRITON_", "PYTHON"]  # (+ --allow-env's)
+ENV_PREFIXES = ("CUDA_", "TORCH", "PYTORCH_", "OMP_", "MKL_", "NCCL_", "TRITON_", "PYTHON")
 
 
-def parse_config(text: str) -> dict[str, str]:
-    """'KEY=VALUE KEY=VALUE' (shell quoting allowed) -> {KEY: VALUE}; errors name the word that is wrong."""
+def parse_config(text: str, allow: tuple[str, ...] = ()) -> dict[str, str]:
+    """'KEY=VALUE KEY=VALUE' (shell quoting allowed) -> {KEY: VALUE}; errors name the word that is wrong. `allow`:
+    more prefixes of variables that are not train_gpt.py settings (another --script's)."""
     settings = {}
     known = {f.name.upper() for f in fields(tg.Config)} | {"PRESET"}
     for word in shlex.split(text):
         key, sep, value = word.partition("=")
         if not sep or not key.isupper() or not key.replace("_", "").isalnum():
             raise ValueError(f"{word!r} in configuration {text!r} is not a KEY=VALUE setting")
-        if key not in known and not key.startswith(tuple(ENV_PREFIXES)):
+        if key not in known and not key.startswith(ENV_PREFIXES + allow):
             close = difflib.get_close_matches(key, known, n=1)
             raise ValueError(f"{key} in configuration {text!r} is no train_gpt.py setting"
                              + (f" (did you mean {close[0]}?)" if close else "")
@@ -206,8 +207,9 @@ class MoreConfigs:
     lines (ending in a newline) not read before, so a line being written is taken once it is whole. Nothing about
     the file stops the sweep: a line that cannot be used is refused, a file that cannot be read is reported."""
 
-    def __init__(self, path: Path, workdir: Path, run_ids: list[str], writers: dict[Path, str]):
-        self.path, self.workdir = path, workdir
+    def __init__(self, path: Path, workdir: Path, run_ids: list[str], writers: dict[Path, str],
+                 allow: tuple[str, ...] = ()):
+        self.path, self.workdir, self.allow = path, workdir, allow
         self.run_ids = set(run_ids)  # in the sweep so far: a later line may not reuse one
         self.writers = writers  # the files they write (check_configs): nor one of those
         self.lines_read = 0
@@ -248,7 +250,7 @@ class MoreConfigs:
                 if text == "END":
                     self.ended = True
                     continue
-                settings = parse_config(text)
+                settings = parse_config(text, self.allow)
                 if settings["RUN_ID"] in self.run_ids:
                     raise ValueError(f"RUN_ID={settings['RUN_ID']} is already in this sweep")
                 self.writers = check_configs([settings], self.workdir, self.writers)
@@ -405,23 +407,16 @@ def markdown(rows: list[list[str]], columns: list[str] = COLUMNS) -> str:
     return "\n".join(lines + ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in rows])
 
 
-def validation_set(summary: dict) -> tuple[int, int] | None:
-    """The (targets, bytes) a run's scores cover: which validation text it was scored on (DATA_PATH is not a
-    setting here, and the held-out text of the leases is another set)."""
-    score = summary.get("final") or summary.get("pre_quant")
-    return (score["tokens"], score["bytes"]) if score and "tokens" in score and "bytes" in score else None
-
-
 def setting_groups(summaries: list[dict]) -> dict[tuple[str, str], list[dict]]:
     """The training runs grouped by what they trained (the same settings beyond the defaults, seed aside) on the same
     device and scored on the same validation text, in order of first appearance; a group scored on other text than
     most runs says so after its settings. Runs that did not train (rescorings, EXPORT_FROM) are left out: their seed
     is not the model's."""
     trained_runs = [s for s in summaries if trained(s["config"])]
-    common = Counter(map(validation_set, trained_runs)).most_common(1)
+    common = Counter(map(validation_text, trained_runs)).most_common(1)
     groups: dict[tuple[str, str], list[dict]] = {}
     for summary in trained_runs:
-        settings, val = changed_settings(summary["config"]), validation_set(summary)
+        settings, val = changed_settings(summary["config"]), validation_text(summary)
         if common and val != common[0][0] and val is not None:
             settings += f" (scored on other text: {val[0]:,} targets, {val[1]:,} bytes)"
         groups.setdefault((settings, summary["device"]), []).append(summary)
@@ -563,8 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cpu < 0:
             raise ValueError(f"--cpu {args.cpu}: the number of runs at a time must be positive")
-        ENV_PREFIXES.extend(args.allow_env)
-        runs = [Run(parse_config(text)) for text in args.configs]
+        runs = [Run(parse_config(text, tuple(args.allow_env))) for text in args.configs]
         writers = check_configs([run.settings for run in runs], workdir)
         if args.more is not None:
             MoreConfigs.check_path(args.more)
@@ -572,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"sweep: {e}", file=sys.stderr)
         return 2
-    more = MoreConfigs(args.more, workdir, [run.run_id for run in runs], writers) if args.more else None
+    more = (MoreConfigs(args.more, workdir, [run.run_id for run in runs], writers, tuple(args.allow_env))
+            if args.more else None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     run_all(runs, slots, args.script, workdir, more=more)
     rows, ok = zip(*(row_for(run, workdir) for run in runs))

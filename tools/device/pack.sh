@@ -65,11 +65,13 @@ rm -rf .devextra1 .devextra2 && mkdir .devextra1 && cp "$first" .devextra1/
 for a in $ARTIFACTS; do cp "$a" .devextra1/; done
 # every call sends the working tree (tracked and untracked-not-ignored files); .gpujobs, the lease's job, goes too
 tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s | awk '{s += $1} END {print s + 0}')
+carried() {  # the bytes a call carrying folder $1 sends beside the working tree (.gpujobs goes too)
+    local paths=("$1"); [ -d .gpujobs ] && paths+=(.gpujobs)
+    du -sb "${paths[@]}" | awk '{s += $1} END {print s}'
+}
 carries=(.devextra1 .devcarry)
 if [ -n "$cache_tgz" ]; then
-    paths=(.devextra1); [ -d .gpujobs ] && paths+=(.gpujobs)
-    size=$(du -sb "${paths[@]}" | awk '{s += $1} END {print s}')
-    if [ $((size + $(stat -c %s "$cache_tgz") + tree)) -le $LIMIT ]; then
+    if [ $(($(carried .devextra1) + $(stat -c %s "$cache_tgz") + tree)) -le $LIMIT ]; then
         cp "$cache_tgz" .devextra1/compile_cache.tgz
         echo "pack.sh: the compile cache travels in .devextra1"
     else
@@ -79,8 +81,7 @@ if [ -n "$cache_tgz" ]; then
     fi
 fi
 for carry in "${carries[@]}"; do
-    paths=("$carry"); [ -d .gpujobs ] && paths+=(.gpujobs)
-    size=$(du -sb "${paths[@]}" | awk '{s += $1} END {print s}')
+    size=$(carried "$carry")
     echo "pack.sh: $carry $size bytes + working tree $tree = $((size + tree)) of $LIMIT"
     [ $((size + tree)) -le $LIMIT ] || { echo "pack.sh: $carry does not fit beside the working tree" >&2; exit 1; }
 done
