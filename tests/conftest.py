@@ -79,17 +79,21 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def train_tokenizer(texts, prefix: Path, vocab_size: int = 320) -> Path:
+    """A SentencePiece BPE model of `vocab_size` pieces trained on `texts`, with the challenge's special ids and byte
+    fallback; returns its .model file."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=str(prefix), model_type="bpe", vocab_size=vocab_size, pad_id=0,
+        bos_id=1, eos_id=2, unk_id=3, byte_fallback=True, character_coverage=1.0, minloglevel=2)
+    return prefix.with_name(prefix.name + ".model")
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory) -> Path:
     """A 320-piece SentencePiece BPE model with the challenge's special ids and byte fallback."""
-    import sentencepiece as spm
-
-    folder = tmp_path_factory.mktemp("tok")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(synthetic_text(0, 300)), model_prefix=str(folder / "tiny"), model_type="bpe",
-        vocab_size=320, pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True, character_coverage=1.0,
-        minloglevel=2)
-    return folder / "tiny.model"
+    return train_tokenizer(synthetic_text(0, 300), tmp_path_factory.mktemp("tok") / "tiny")
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import torch
 
 import train_gpt as tg
 
-from conftest import synthetic_text
+from conftest import synthetic_text, train_tokenizer
 
 
 def write_shard(path, tokens, magic=tg.SHARD_MAGIC, version=tg.SHARD_VERSION, count=None):
@@ -103,11 +103,8 @@ def test_val_shards_of_another_tokenizer_are_refused_though_their_ids_fit(tiny_d
     docs = int((tokens == 1).sum()) - 1                      # whole documents: each followed by a BOS
     assert line == f"tokenizer check: {docs} of {docs} whole validation documents re-encode to their own ids"
     assert 4 <= docs <= 64
-    prefix = str(tmp_path / "other")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(synthetic_text(7, 300)), model_prefix=prefix, model_type="bpe", vocab_size=400,
-        pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True, character_coverage=1.0, minloglevel=2)
-    other = tg.Config(data_path=tiny_data["data_path"], tokenizer_path=prefix + ".model", vocab_size=400)
+    model = train_tokenizer(synthetic_text(7, 300), tmp_path / "other", vocab_size=400)
+    other = tg.Config(data_path=tiny_data["data_path"], tokenizer_path=str(model), vocab_size=400)
     assert int(tg.load_val_tokens(other).max()) < 320             # the checks before this one all pass
     with pytest.raises(ValueError, match=r"not written with TOKENIZER_PATH=.*other.model: only \d+ of \d+ doc"):
         tg.load_scoring_text(other, torch.device("cpu"))

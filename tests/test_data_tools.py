@@ -20,6 +20,8 @@ import pytest
 import sentencepiece as spm
 import zstandard
 
+from conftest import train_tokenizer
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_SP1024 = REPO_ROOT.parent / "shared" / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 SPEC_MAGIC, SPEC_VERSION, SPEC_HEADER_BYTES = 20240520, 1, 256 * 4  # from SPEC.md section 2
@@ -108,11 +110,7 @@ def run_tool(tok: Path, out_dir: Path, val: Path, train: Path, *extra: str) -> d
 def train_tiny_tokenizer(folder: Path) -> Path:
     """A small BPE model with the challenge's special ids and byte fallback."""
     lines = [line for doc in synthetic_docs(99, 200) for line in doc.splitlines() if line.strip()]
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(folder / "tiny"), model_type="bpe",
-        vocab_size=320, pad_id=0, bos_id=1, eos_id=2, unk_id=3, byte_fallback=True,
-        character_coverage=1.0, minloglevel=2)
-    return folder / "tiny.model"
+    return train_tokenizer(lines, folder / "tiny")
 
 
 @pytest.fixture(scope="session", params=["challenge_sp1024", "tiny_trained"])

@@ -594,11 +594,11 @@ def test_loss_diff_takes_one_process_accumulating_as_the_ranks_reading_the_same_
     batches, drawn both ways here, are equal): loss_diff compares them."""
     import loss_diff
 
+    from conftest import load_data_tool
+
     shards = tmp_path / "data"
     shards.mkdir()
-    header = np.zeros(256, dtype="<i4")
-    header[:3] = tg.SHARD_MAGIC, tg.SHARD_VERSION, 5000
-    (shards / "fineweb_train_000000.bin").write_bytes(header.tobytes() + (np.arange(5000) % 1000).astype("<u2").tobytes())
+    load_data_tool("make_shards").write_shard(shards / "fineweb_train_000000.bin", np.arange(5000) % 1000)
     cfg = tg.Config(data_path=str(shards), train_batch_tokens=256, train_seq_len=16, vocab_size=1000)
     drawn = {}
     for world, accum in ((1, 2), (2, 1)):

@@ -8,6 +8,8 @@ import torch
 
 import train_gpt as tg
 
+from test_model import tiny_model
+
 CPU = tg.Runtime(0, 1, 0, torch.device("cpu"), 1)
 
 
@@ -24,12 +26,10 @@ class OneBatch:
 
 
 def setup(**env):
-    cfg = tg.Config.from_env({"PRESET": "tiny", "GRAD_ACCUM_STEPS": "1", **env})
-    torch.manual_seed(0)
-    model = tg.GPT(tg.ModelConfig.from_config(cfg), tg.Backends("torch", "sdpa"))
-    for p in model.parameters():  # zero-initialized projections: give every path a gradient
-        if p.ndim == 2 and not p.abs().sum():
-            torch.nn.init.normal_(p, std=0.05)
+    """The tiny model (every projection given weight, so every path has a gradient) and its optimizers."""
+    env = {"LAYOUT": "GSGs", "GRAD_ACCUM_STEPS": "1", **env}
+    cfg = tg.Config.from_env({"PRESET": "tiny", "VOCAB_SIZE": "97", **env})
+    model = tiny_model(**env)
     return cfg, model, tg.build_optimizers(model, cfg, CPU)
 
 
